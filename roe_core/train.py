@@ -1,0 +1,306 @@
+"""Training RoE (ROE_METHOD.md): three stages, soft mixing, annealed routers, the sparsity hinge.
+
+    python -m roe_core.train --model embedded --data data/scenes/train.json --images data/scenes/images \
+        --out runs/roe --steps 600 --batch-size 8 --bf16
+    accelerate launch -m roe_core.train ...       # the same script on several GPUs
+
+| stage | steps      | routing weights                                   | trained                      |
+| 0     | 0-30%      | random hard routes, P(skip) = rho                 | adapters                     |
+| 1     | 30-50%     | softmax((logits + [b, 0]) / T), T and b annealed  | routers, routing tokens, adapters |
+| 2     | 50-100%    | b = 0, T keeps decaying to ~0.01                  | + backbone at a lower LR     |
+
+Checkpoints (every --save-every steps and at the end) are safetensors + JSON only, in --out:
+roe_config.json + roe.safetensors (the RoE parts), backbone.safetensors (when the backbone trains),
+optimizer.safetensors + trainer_state.json (to resume with --resume).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from .conversation import IMAGE_PLACEHOLDER, ConversationEncoder
+from .images import load_image
+from .model import RoEModel
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 600
+    batch_size: int = 8
+    lr: float = 4e-4                 # RoE parts (release: 4e-4)
+    backbone_lr: float = 2e-6        # stage 2 backbone (release: 2e-6); 0 keeps it frozen
+    backbone: str = "language_model"  # what "backbone" means: language_model | lora | none
+    rho: float = 0.3                 # target skip ratio
+    sparsity_weight: float = 1.0     # lambda
+    stage1_start: float = 0.3
+    stage2_start: float = 0.5
+    t0: float = 10.0                 # initial router temperature
+    anneal_every: float = 0.005      # fraction of training between two annealing steps
+    t_decay: float = 0.95
+    b_decay: float = 0.85
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    save_every: int = 100
+    log_every: int = 10
+    bf16: bool = False
+
+
+class RouteSchedule:
+    """Routing weights of each stage. w_skip(logits, step) -> (B, T) skip weight per turn."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.b0 = 1.0 - math.sqrt(2.0 * cfg.rho)   # P(u_skip > u_run + b0) = (1 - b0)^2 / 2 = rho
+
+    def stage(self, step: int) -> int:
+        f = step / max(1, self.cfg.steps)
+        return 0 if f < self.cfg.stage1_start else (1 if f < self.cfg.stage2_start else 2)
+
+    def anneal_count(self, step: int) -> int:
+        start = self.cfg.stage1_start * self.cfg.steps
+        return max(0, int((step - start) // max(1e-9, self.cfg.anneal_every * self.cfg.steps)))
+
+    def temperature(self, step: int) -> float:
+        return self.cfg.t0 * self.cfg.t_decay ** self.anneal_count(step)
+
+    def bias(self, step: int) -> float:
+        s = self.stage(step)
+        return self.b0 if s == 0 else (self.b0 * self.cfg.b_decay ** self.anneal_count(step) if s == 1 else 0.0)
+
+    def weights(self, logits: Tensor, step: int) -> Tensor:
+        if self.stage(step) == 0:   # router bypassed: random hard routes
+            u = torch.rand(logits.shape, device=logits.device)
+            return (u[..., 1] > u[..., 0] + self.b0).to(logits.dtype)
+        bias = torch.tensor([self.bias(step), 0.0], device=logits.device, dtype=torch.float32)
+        return ((logits.float() + bias) / self.temperature(step)).softmax(-1)[..., 1].to(logits.dtype)
+
+
+def roe_loss(model: RoEModel, batch, w_skip_fn, rho: float, lam: float) -> dict[str, Tensor]:
+    """Per sample: CE_i + lam * exp(-5 CE_i).detach() * max(0, rho - s_i), averaged over the batch.
+    The LM head runs only where an answer token is predicted."""
+    x = model.layout(batch.input_ids, batch.token_ok, batch.turn_ids, batch.image_keys,
+                     batch.question_keys, batch.pixel_values)
+    h, w_skip, turn_valid = model.soft_forward(x, w_skip_fn)          # (B,S,d), (B,L,T), (B,T)
+    target = batch.answer_mask[:, 1:]                                  # token p+1 is predicted at p
+    b_idx, p_idx = target.nonzero(as_tuple=True)
+    logits = model.base.lm_head(h[b_idx, p_idx])                       # (N, V)
+    tok_ce = F.cross_entropy(logits.float(), batch.input_ids[b_idx, p_idx + 1], reduction="none")
+    B = h.shape[0]
+    n_tok = torch.zeros(B, device=h.device).index_add_(0, b_idx, torch.ones_like(tok_ce))
+    ce = torch.zeros(B, device=h.device).index_add_(0, b_idx, tok_ce) / n_tok.clamp(min=1)
+    tv = turn_valid.float()[:, None, :]                                # (B,1,T)
+    skip = (w_skip.float() * tv).sum((1, 2)) / (tv.sum((1, 2)) * w_skip.shape[1])   # s_i
+    sp = F.relu(rho - skip)
+    loss = (ce + lam * torch.exp(-5 * ce).detach() * sp).mean()
+    return {"loss": loss, "ce": ce.mean().detach(), "sparsity": sp.mean().detach(),
+            "skip_ratio": skip.mean().detach()}
+
+
+class LlavaJsonDataset(Dataset):
+    """LLaVA conversation JSON: [{"image": "x.png", "conversations": [{"from": "human", "value":
+    "<image>\\nQ"}, {"from": "gpt", "value": "A"}, ...]}, ...]. Records without an image are skipped."""
+
+    def __init__(self, json_path: str | Path, image_folder: str | Path | None = None, max_turns: int = 4):
+        records = json.loads(Path(json_path).read_text())
+        self.folder = Path(image_folder) if image_folder else Path(json_path).parent
+        self.items = []
+        for r in records:
+            conv = r.get("conversations", [])
+            if "image" not in r or len(conv) < 2:
+                continue
+            turns = []
+            for human, gpt in zip(conv[0::2], conv[1::2]):
+                if human.get("from") != "human" or gpt.get("from") != "gpt":
+                    raise ValueError(f"record {r.get('id')}: turns must alternate human/gpt")
+                q = human["value"].replace(IMAGE_PLACEHOLDER, "").strip()
+                turns.append((q, gpt["value"].strip()))
+            self.items.append((r["image"], turns[:max_turns]))
+        if not self.items:
+            raise ValueError(f"{json_path}: no usable records (need 'image' and human/gpt 'conversations')")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i):
+        image, turns = self.items[i]
+        return load_image(self.folder / image), turns
+
+
+def make_collate(encoder: ConversationEncoder):
+    def collate(items):
+        images, turns = zip(*items)
+        return encoder.collate([encoder.encode(t) for t in turns], list(images))
+    return collate
+
+
+def backbone_parameters(model: RoEModel, which: str) -> list[torch.nn.Parameter]:
+    if which == "none":
+        return []
+    if which == "lora":
+        return [p for n, p in model.base.named_parameters() if "lora_" in n]
+    if which == "language_model":
+        return list(model.lm.parameters())
+    raise ValueError(f"backbone must be language_model, lora or none, not {which!r}")
+
+
+def set_trainable(model: RoEModel, stage: int, backbone: list) -> None:
+    """Stage 0: adapters. Stage 1: + routers and routing tokens. Stage 2: + backbone."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in model.adapters.parameters():
+        p.requires_grad_(True)
+    if stage >= 1:
+        for p in model.routers.parameters():
+            p.requires_grad_(True)
+        model.routing_tokens.requires_grad_(True)
+    if stage >= 2:
+        for p in backbone:
+            p.requires_grad_(True)
+
+
+def save_checkpoint(out: Path, model: RoEModel, optimizer, step: int, cfg: TrainConfig, backbone_names,
+                    log_tail: dict) -> None:
+    """All safetensors + JSON: the RoE folder, the trained backbone tensors, AdamW moments."""
+    model.save_roe(out)
+    named = dict(model.named_parameters())
+    if backbone_names:
+        save_file({n: named[n].detach().contiguous().cpu() for n in backbone_names}, str(out / "backbone.safetensors"))
+    opt_tensors, opt_steps = {}, {}
+    names = {id(p): n for n, p in named.items()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer.state.get(p)
+            if st:
+                n = names[id(p)]
+                opt_tensors[f"{n}.exp_avg"] = st["exp_avg"].contiguous().cpu()
+                opt_tensors[f"{n}.exp_avg_sq"] = st["exp_avg_sq"].contiguous().cpu()
+                opt_steps[n] = float(st["step"])
+    save_file(opt_tensors, str(out / "optimizer.safetensors"))
+    state = {"step": step, "config": asdict(cfg), "opt_steps": opt_steps, "last": log_tail,
+             "rng": {"python": random.getstate()[1][:1]}}  # informative only
+    (out / "trainer_state.json").write_text(json.dumps(state, indent=1))
+
+
+def load_checkpoint(out: Path, model: RoEModel, optimizer) -> int:
+    state = json.loads((out / "trainer_state.json").read_text())
+    roe = load_file(str(out / "roe.safetensors"))
+    model.load_state_dict(roe, strict=False)
+    if (out / "backbone.safetensors").is_file():
+        model.load_state_dict(load_file(str(out / "backbone.safetensors")), strict=False)
+    opt = load_file(str(out / "optimizer.safetensors"))
+    named = dict(model.named_parameters())
+    for n, s in state["opt_steps"].items():
+        p = named[n]
+        optimizer.state[p] = {"step": torch.tensor(s), "exp_avg": opt[f"{n}.exp_avg"].to(p.device),
+                              "exp_avg_sq": opt[f"{n}.exp_avg_sq"].to(p.device)}
+    return int(state["step"])
+
+
+def train(model: RoEModel, encoder: ConversationEncoder, dataset: Dataset, cfg: TrainConfig,
+          out: str | Path, resume: bool = False, progress: bool = True) -> list[dict]:
+    """Trains in place; returns the log (one dict every log_every steps)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", cpu=not torch.cuda.is_available())
+    set_seed(cfg.seed)
+    schedule = RouteSchedule(cfg)
+    backbone = backbone_parameters(model, cfg.backbone) if cfg.backbone_lr > 0 else []
+    backbone_ids = {id(p) for p in backbone}
+    named = dict(model.named_parameters())
+    backbone_names = [n for n, p in named.items() if id(p) in backbone_ids]
+    groups = [{"params": model.roe_parameters(), "lr": cfg.lr}]
+    if backbone:
+        groups.append({"params": backbone, "lr": cfg.backbone_lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    start = load_checkpoint(out, model, optimizer) if resume and (out / "trainer_state.json").is_file() else 0
+
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, collate_fn=make_collate(encoder),
+                        generator=torch.Generator().manual_seed(cfg.seed), drop_last=len(dataset) > cfg.batch_size)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    core: RoEModel = accelerator.unwrap_model(model)
+    core.train()
+    epoch_len = len(loader)
+    log, history_path = [], out / "train_log.jsonl"
+    bar = tqdm(total=cfg.steps, initial=start, disable=not (progress and accelerator.is_main_process),
+               desc="RoE training", dynamic_ncols=True)
+    step, t_last = start, time.perf_counter()
+    while step < cfg.steps:
+        epoch, skip = divmod(step, epoch_len)
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+        for batch in batches:
+            if step >= cfg.steps:
+                break
+            set_trainable(core, schedule.stage(step), backbone)
+            with accelerator.autocast():
+                stats = roe_loss(core, batch, lambda i, lg: schedule.weights(lg, step), cfg.rho, cfg.sparsity_weight)
+            accelerator.backward(stats["loss"])
+            if cfg.max_grad_norm:
+                accelerator.clip_grad_norm_([p for p in core.parameters() if p.requires_grad], cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            row = {k: float(v.detach()) for k, v in stats.items()}
+            row.update(step=step, stage=schedule.stage(step - 1), temperature=schedule.temperature(step - 1),
+                       bias=schedule.bias(step - 1))
+            bar.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row['ce']:.3f}", skip=f"{row['skip_ratio']:.2f}",
+                            stage=row["stage"])
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                row["s_per_step"] = (time.perf_counter() - t_last) / cfg.log_every
+                t_last = time.perf_counter()
+                log.append(row)
+                if accelerator.is_main_process:
+                    with history_path.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+            if accelerator.is_main_process and (step % cfg.save_every == 0 or step == cfg.steps):
+                save_checkpoint(out, core, optimizer, step, cfg, backbone_names, row)
+    bar.close()
+    core.eval()
+    return log
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="embedded", help="embedded | tiny | local LLaVA folder | hub id")
+    ap.add_argument("--roe", default=None, help="start from these RoE parts (folder); default: fresh")
+    ap.add_argument("--data", required=True, help="LLaVA conversation JSON")
+    ap.add_argument("--images", default=None, help="image folder (default: the JSON's folder)")
+    ap.add_argument("--out", required=True, help="output folder (checkpoints, train_log.jsonl)")
+    ap.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    for f in TrainConfig.__dataclass_fields__.values():
+        if f.name == "bf16":
+            ap.add_argument("--bf16", action="store_true", help="bf16 autocast")
+        else:
+            ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    args = ap.parse_args(argv)
+    cfg = TrainConfig(**{k: getattr(args, k) for k in TrainConfig.__dataclass_fields__})
+
+    from .pipeline import RoEPipeline
+    pipe = RoEPipeline.load(args.model, roe=args.roe, device="auto", dtype="float32")
+    pipe.model.config.base_model = args.model
+    pipe.model.config.extra.update(train_data=str(args.data), train_steps=cfg.steps, rho=cfg.rho)
+    dataset = LlavaJsonDataset(args.data, args.images)
+    train(pipe.model, pipe.encoder, dataset, cfg, args.out, resume=args.resume)
+    print(f"saved RoE parts to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""The benchmark runs end to end in --quick mode on a tiny model and writes every key."""
+import json
+
+from roe_core import bench
+
+
+def test_quick_bench_writes_every_key(tmp_path):
+    r = bench.run(model="tiny", quick=True, out=tmp_path, n=24, timing_n=4, max_new_tokens=4)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved == json.loads(json.dumps(r))
+    for key in ("speedup_bs1", "speedup_bs16", "ideal_speedup", "by_type"):
+        assert key in saved
+    for key in ("accuracy", "skip_ratio", "distinct_routes"):
+        assert key in saved["roe"]
+    assert "accuracy" in saved["dense"]
+    assert saved["n_questions"] == 24
+    assert 0.0 <= saved["roe"]["skip_ratio"] <= 1.0
+    assert saved["speedup_bs1"] > 0 and saved["ideal_speedup"] >= 1.0
+    assert sum(v["n"] for v in saved["by_type"].values()) == 24
+    assert set(saved["by_type"]) <= set(bench.scenes.QTYPES)
+    assert (tmp_path / "results.md").read_text().startswith("# RoE benchmark")

@@ -1,0 +1,98 @@
+"""Training: the three-stage schedule, the loss, end-to-end steps, resume."""
+import json
+import math
+
+import pytest
+import torch
+
+from roe_core import scenes
+from roe_core.conversation import ConversationEncoder
+from roe_core.model import RoEModel
+from roe_core.tiny import tiny_llava
+from roe_core.train import LlavaJsonDataset, RouteSchedule, TrainConfig, roe_loss, train
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("scenes")
+    path = scenes.export_llava_json("train", 8, out, image_size=32)
+    return path, out / "images"
+
+
+def fresh(seed=0):
+    base, tok, proc = tiny_llava(seed=seed)
+    torch.manual_seed(seed)
+    return RoEModel(base), ConversationEncoder.for_model(base, tok, proc)
+
+
+def test_schedule_follows_the_method():
+    cfg = TrainConfig(steps=1000, rho=0.3)
+    s = RouteSchedule(cfg)
+    assert [s.stage(k) for k in (0, 299, 300, 499, 500, 999)] == [0, 0, 1, 1, 2, 2]
+    assert s.temperature(300) == pytest.approx(10.0)
+    assert s.temperature(305) == pytest.approx(9.5)           # every 0.5% of training: T *= 0.95
+    assert 0.005 < s.temperature(999) < 0.02                    # ~0.01 at the end
+    assert s.bias(310) == pytest.approx(s.b0 * 0.85 ** 2)       # b *= 0.85 in stage 1
+    assert s.bias(600) == 0.0                                   # b = 0 in stage 2
+    # stage 0: random hard routes with P(skip) = (1 - b)^2 / 2 = rho
+    w = s.weights(torch.zeros(200_000, 1, 2), step=0)
+    assert set(w.unique().tolist()) <= {0.0, 1.0}
+    assert w.mean().item() == pytest.approx(0.3, abs=0.01)
+
+
+def test_dataset_reads_llava_json(toy_data):
+    path, images = toy_data
+    ds = LlavaJsonDataset(path, images)
+    image, turns = ds[0]
+    assert image.mode == "RGB" and len(turns) >= 1
+    assert all("<image>" not in q for q, _ in turns)
+    records = json.loads(path.read_text())
+    assert turns[0][1] == records[0]["conversations"][1]["value"]
+
+
+def test_training_lowers_the_loss_and_resumes(toy_data, tmp_path):
+    path, images = toy_data
+    model, enc = fresh()
+    ds = LlavaJsonDataset(path, images)
+    batch = enc.collate([enc.encode(t) for _, t in ds.items], [ds[i][0] for i in range(len(ds))])
+    dense = lambda i, lg: torch.zeros(lg.shape[:2])              # noqa: E731  every layer runs
+    with torch.no_grad():
+        before = roe_loss(model, batch, dense, 0.3, 1.0)["ce"].item()
+    cfg = TrainConfig(steps=12, batch_size=8, lr=3e-3, backbone_lr=3e-3, save_every=6, log_every=3,
+                      stage1_start=0.0, stage2_start=0.0)
+    train(model, enc, ds, cfg, tmp_path, progress=False)
+    with torch.no_grad():
+        after = roe_loss(model, batch, dense, 0.3, 1.0)["ce"].item()
+    assert after < before - 0.05
+    state = json.loads((tmp_path / "trainer_state.json").read_text())
+    assert state["step"] == 12
+    assert {"roe_config.json", "roe.safetensors", "optimizer.safetensors"} <= {p.name for p in tmp_path.iterdir()}
+    # resume: a fresh model picks up the saved parts and optimizer and runs only the missing steps
+    model2, _ = fresh(seed=1)
+    cfg2 = TrainConfig(**{**cfg.__dict__, "steps": 15})
+    log = train(model2, enc, ds, cfg2, tmp_path, resume=True, progress=False)
+    assert [r["step"] for r in log] == [15]
+    rows = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 6, 9, 12, 15]
+
+
+def test_sparsity_hinge_moves_skip_ratio_toward_target(toy_data):
+    path, images = toy_data
+    model, enc = fresh()
+    ds = LlavaJsonDataset(path, images)
+    batch = enc.collate([enc.encode(t) for _, t in ds.items], [ds[i][0] for i in range(len(ds))])
+    # routers start far from the target: a +3 bias on the run logit, P(skip) ~ 0.05
+    biased = lambda i, lg: (lg.float() + torch.tensor([3.0, 0.0])).softmax(-1)[..., 1]  # noqa: E731
+    with torch.no_grad():
+        s0 = roe_loss(model, batch, biased, 0.3, 1.0)
+    # lambda * exp(-5 CE) is ~1e-10 for a random model; scale lambda so the hinge has weight ~1
+    lam = math.exp(5 * s0["ce"].item())
+    opt = torch.optim.AdamW(list(model.routers.parameters()) + [model.routing_tokens], lr=5e-2)
+    for _ in range(15):
+        stats = roe_loss(model, batch, biased, 0.3, lam)
+        stats["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+    assert s0["skip_ratio"].item() < 0.1
+    assert stats["skip_ratio"].item() > s0["skip_ratio"].item() + 0.05
+    assert stats["sparsity"].item() < s0["sparsity"].item()
