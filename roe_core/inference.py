@@ -155,6 +155,12 @@ class Generation:
     timing: Timing | None = None
 
 
+def layout_batch(model: RoEModel, batch: Batch) -> DecoderInputs:
+    """Moves a collated batch to the model's device and lays it out for the decoder."""
+    b = batch.to(next(model.parameters()).device)
+    return model.layout(b.input_ids, b.token_ok, b.turn_ids, b.image_keys, b.question_keys, b.pixel_values)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -166,12 +172,10 @@ def generate(model: RoEModel, batch: Batch, route: Route = "auto", max_new_token
              callback=None) -> Generation:
     """Greedy decoding of a batch under RoE. callback(step, tokens (B,)) streams each new token."""
     device = next(model.parameters()).device
-    batch = batch.to(device)
     threshold = model.config.threshold if threshold is None else threshold
     stop = torch.tensor(sorted(stop_ids or ()), dtype=torch.long, device=device)
     t0 = time.perf_counter()
-    x = model.layout(batch.input_ids, batch.token_ok, batch.turn_ids, batch.image_keys,
-                     batch.question_keys, batch.pixel_values)
+    x = layout_batch(model, batch)
     logits, state = prefill(model, x, route, threshold, trace_l1)
     token = logits.argmax(-1)
     _sync(device)
@@ -205,10 +209,7 @@ def generate(model: RoEModel, batch: Batch, route: Route = "auto", max_new_token
 @torch.inference_mode()
 def prefill_l1(model: RoEModel, batch: Batch, route: Route = "dense") -> Tensor:
     """Per-layer L1 distances (B, L) of one prefill under `route` (the dense path by default)."""
-    device = next(model.parameters()).device
-    batch = batch.to(device)
-    x = model.layout(batch.input_ids, batch.token_ok, batch.turn_ids, batch.image_keys,
-                     batch.question_keys, batch.pixel_values)
+    x = layout_batch(model, batch)
     _, state = prefill(model, x, route, trace_l1=True)
     return state.l1
 
@@ -216,10 +217,7 @@ def prefill_l1(model: RoEModel, batch: Batch, route: Route = "dense") -> Tensor:
 @torch.inference_mode()
 def all_logits(model: RoEModel, batch: Batch, route: Route = "dense") -> Tensor:
     """Logits of every ordinary position (B, S, V) under a route: for parity tests and scoring."""
-    device = next(model.parameters()).device
-    batch = batch.to(device)
-    x = model.layout(batch.input_ids, batch.token_ok, batch.turn_ids, batch.image_keys,
-                     batch.question_keys, batch.pixel_values)
+    x = layout_batch(model, batch)
     h = x.embeds
     forced = forced_route(route, h.shape[0], model.num_layers, h.device)
     pos_emb = model.rotary(h, x.position_ids)

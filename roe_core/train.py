@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .conversation import IMAGE_PLACEHOLDER, ConversationEncoder
 from .images import load_image
+from .inference import layout_batch
 from .model import RoEModel
 
 
@@ -90,8 +91,7 @@ class RouteSchedule:
 def roe_loss(model: RoEModel, batch, w_skip_fn, rho: float, lam: float) -> dict[str, Tensor]:
     """Per sample: CE_i + lam * exp(-5 CE_i).detach() * max(0, rho - s_i), averaged over the batch.
     The LM head runs only where an answer token is predicted."""
-    x = model.layout(batch.input_ids, batch.token_ok, batch.turn_ids, batch.image_keys,
-                     batch.question_keys, batch.pixel_values)
+    x = layout_batch(model, batch)
     h, w_skip, turn_valid = model.soft_forward(x, w_skip_fn)          # (B,S,d), (B,L,T), (B,T)
     target = batch.answer_mask[:, 1:]                                  # token p+1 is predicted at p
     b_idx, p_idx = target.nonzero(as_tuple=True)
