@@ -43,8 +43,8 @@ class Batch:
     answer_mask: Tensor      # (B, S) bool: tokens whose next-token prediction is trained
     pixel_values: Tensor | None
 
-    def to(self, device) -> "Batch":
-        return Batch(*(t.to(device) if isinstance(t, Tensor) else t for t in
+    def to(self, device, **kwargs) -> "Batch":   # accelerate may pass non_blocking=...
+        return Batch(*(t.to(device, **kwargs) if isinstance(t, Tensor) else t for t in
                        (self.input_ids, self.token_ok, self.turn_ids, self.image_keys,
                         self.question_keys, self.answer_mask, self.pixel_values)))
 
