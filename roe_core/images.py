@@ -36,6 +36,9 @@ def load_image(source, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_BYTES)
             img = Image.open(io.BytesIO(data))
         except UnidentifiedImageError:
             raise InputError(f"{name} is not an image PIL can read (PNG, JPEG, GIF, WebP, BMP, TIFF...)") from None
+        except Image.DecompressionBombError:   # PIL refuses far-oversized images at open already
+            raise InputError(f"{name} is far too large (a decompression bomb?); the limit is "
+                             f"{max_pixels / 1e6:.0f} megapixels") from None
         if img.width * img.height > max_pixels:
             raise InputError(f"{name} is {img.width}x{img.height} pixels; the limit is {max_pixels / 1e6:.0f} megapixels")
         try:

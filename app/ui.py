@@ -1,0 +1,505 @@
+"""The RoE Explorer page: chat about an image on the left, what each answer's route did on the right.
+
+build_demo(pipe) lays the page out top to bottom as it appears and wires its events; the handlers
+(class Explorer, below it) turn (this user's Conversation, inputs) into outputs. One model is shared by
+every user; its calls share one queue (concurrency_id="model", one at a time). Each user's conversation
+lives in that user's gr.State.
+
+Endpoints (gradio_client api_names; the conversation state travels with the client's session):
+    /ask        image, question              -> status, chat, trace, 4 figures... (streams the answer)
+    /speed      measure                      -> speed figure, table, summary of the last turn
+    /whatif     how, layers, threshold       -> what-if summary, table, route figure, speed figure
+    /new_scene                               -> status, ..., image, suggested question
+    /set_image  image                        -> status, ... (a new image starts a new conversation)
+    /reset                                   -> status, ... (same image, no turns)
+    /export                                  -> CSV file, JSON file, status
+    /answer     image, question, history_json, route, threshold -> JSON {answer, trace} (stateless)
+"""
+from __future__ import annotations
+
+import atexit
+import base64
+import hashlib
+import json
+import logging
+import queue
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+from PIL import Image
+
+from roe_core import InputError, RoEPipeline
+from roe_core.images import MAX_BYTES
+
+from . import figures as F
+from .examples import load_examples, scene_sample
+from .session import Conversation, Turn, WhatIf, file_key
+
+log = logging.getLogger("roe_explorer")
+
+# Every event that runs the model, or writes a conversation, waits in this one queue: one model call at
+# a time, and no handler can overwrite a conversation that another one of its user's requests is changing.
+MODEL = dict(concurrency_id="model", concurrency_limit=1)
+
+L1_CAPTION = (
+    "**L1 distance** (the paper's Fig. 1), measured at prefill for each decoder layer: the mean over tokens "
+    "of mean<sub>j</sub> |h<sub>out</sub> − h<sub>in</sub>|<sub>j</sub>, between the layer's input and output "
+    "hidden states. "
+    "A low value means the layer barely changes this example's features. Dotted grey: every layer run; "
+    "blue: the path this turn took, each layer ● executed or ◆ skipped through its adapter."
+)
+SPEED_PENDING = "_Speed: the same turn is then run with every layer, interleaved, to time both paths…_"
+SPEED_OFF = ("_Speed not measured for this turn: press **Measure speed now** (or tick the box) to time it against "
+             "every layer._")
+
+CSS = """
+#header h1 { margin-bottom: 0.1em; }
+#model-info { font-size: 0.92em; }
+.caption { font-size: 0.85em; color: #4b5563; }
+"""
+
+
+def launch_options() -> dict:
+    """Arguments for demo.launch() that belong to the page (gradio 6 takes them at launch)."""
+    return dict(theme=gr.themes.Soft(primary_hue="blue", neutral_hue="slate"), css=CSS,
+                max_file_size=MAX_BYTES)
+
+
+def build_demo(pipe: RoEPipeline, max_new_tokens: int = 48, speed_repeats: int = 3,
+               notice: str | None = None) -> gr.Blocks:
+    """The whole page. notice: a warning shown under the title (e.g. why a fallback model is loaded)."""
+    ex = Explorer(pipe, max_new_tokens, speed_repeats)
+    L = ex.num_layers
+    examples = load_examples()
+
+    # uploads, scenes and exports older than a day leave gradio's cache (checked hourly)
+    with gr.Blocks(title="RoE Explorer", fill_width=True, delete_cache=(3600, 86400)) as demo:
+        conv = gr.State(Conversation())
+        gr.Markdown("# RoE Explorer · Routing Experts, layer by layer\n"
+                    "Ask about an image. For every answer the router decides, from your question alone, which "
+                    "decoder layers run and which are skipped through a small adapter; the panels show what that "
+                    "route did and what it saved.", elem_id="header")
+        gr.Markdown(model_markdown(pipe.info), elem_id="model-info")
+        if notice:
+            gr.Markdown(f"> ⚠️ **{notice}**")
+
+        with gr.Row(equal_height=False):
+            # ---- left: the conversation ----
+            with gr.Column(scale=4, min_width=360):
+                image = gr.Image(type="filepath", label="Image (changing it starts a new conversation)",
+                                 sources=["upload", "clipboard"], height=260, elem_id="image")
+                with gr.Row():
+                    new_scene_btn = gr.Button("New scene", size="sm", elem_id="new-scene")
+                    reset_btn = gr.Button("New conversation", size="sm")
+                chat = gr.Chatbot(label="Conversation", height=320, placeholder="Answers stream here.", elem_id="chat")
+                with gr.Row():
+                    question = gr.Textbox(label="question", placeholder="Ask a question about the image…",
+                                          show_label=False, scale=5, lines=1, max_lines=4, elem_id="question")
+                    ask_btn = gr.Button("Ask", variant="primary", scale=1, min_width=80, elem_id="ask")
+                status = gr.Markdown(label="status", elem_id="status")
+                if examples:
+                    gr.Examples([[e["image"], e["question"]] for e in examples], inputs=[image, question],
+                                label="Examples: generated scenes, each with a suggested question",
+                                example_labels=[f"{e['qtype']}: {e['question']}" for e in examples])
+
+            # ---- right: what this turn's route did ----
+            with gr.Column(scale=7):
+                with gr.Row():
+                    with gr.Column(min_width=320):
+                        l1_plot = gr.Plot(F.empty_figure("Ask a question: each layer's L1 change appears here"),
+                                          label="l1_figure", show_label=False, elem_id="l1-plot")
+                        gr.Markdown(L1_CAPTION, elem_classes="caption")
+                    with gr.Column(min_width=320):
+                        route_plot = gr.Plot(F.empty_figure("Ask a question: the expert path appears here"),
+                                             label="route_figure", show_label=False, elem_id="route-plot")
+                        gr.Markdown("One square per decoder layer: **blue** executed, **orange** skipped through "
+                                    "its adapter. Bars: the router's probability of running each layer (hover "
+                                    "for values); a layer runs when it is above the threshold.",
+                                    elem_classes="caption")
+                with gr.Row():
+                    with gr.Column(min_width=320):
+                        usage_plot = gr.Plot(F.empty_figure("Adapter usage over the conversation appears here"),
+                                             label="usage_figure", show_label=False, elem_id="usage-plot")
+                        adapters_md = gr.Markdown(label="adapters", elem_classes="caption")
+                    with gr.Column(min_width=320):
+                        speed_plot = gr.Plot(F.empty_figure("Speed against every layer appears here"),
+                                             label="speed_figure", show_label=False, elem_id="speed-plot")
+                        speed_md = gr.Markdown(label="speed_summary", elem_id="speed-summary")
+                speed_table = gr.Dataframe(headers=SPEED_HEADERS, label="speed_table", interactive=False,
+                                           wrap=True, show_label=False, max_height=220,
+                                           column_widths=["17%", "9%", "10%", "9%", "8%", "47%"])
+                with gr.Row():
+                    measure = gr.Checkbox(value=True, label="Measure speed against every layer after each answer",
+                                          scale=3)
+                    speed_btn = gr.Button("Measure speed now", size="sm", scale=1)
+
+        with gr.Accordion("What if… re-answer the last question on another route", open=True):
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=4):
+                    how = gr.Radio([("the layers ticked below", "layers"),
+                                    ("the router at this threshold", "threshold")], value="layers",
+                                   label="Re-answer with")
+                    layers = gr.CheckboxGroup([(str(i), i) for i in range(L)], value=list(range(L)),
+                                              label="Layers to execute (unticked: skipped through the adapter; "
+                                                    "filled in with the last route)", elem_id="whatif-layers")
+                    threshold = gr.Slider(0.0, 1.0, value=0.5, step=0.01, label="Router threshold "
+                                          "(a layer runs when p_run is above it)")
+                    whatif_btn = gr.Button("Re-answer the last question", variant="primary", elem_id="whatif-go")
+                with gr.Column(scale=7):
+                    whatif_md = gr.Markdown("_Ask a question first; then switch layers or move the threshold._",
+                                            label="whatif_summary", elem_id="whatif-summary")
+                    whatif_table = gr.Dataframe(headers=WHATIF_HEADERS, label="whatif_table", interactive=False,
+                                                wrap=True, show_label=False, max_height=220,
+                                                column_widths=["22%", "10%", "11%", "10%", "47%"])
+                    with gr.Row():
+                        whatif_route = gr.Plot(F.empty_figure("The what-if route appears here", 220),
+                                               label="whatif_route_figure", show_label=False)
+                        whatif_speed = gr.Plot(F.empty_figure("Its speed against every layer appears here", 220),
+                                               label="whatif_speed_figure", show_label=False)
+
+        with gr.Accordion("Export and raw trace", open=False):
+            with gr.Row():
+                export_btn = gr.Button("Export this conversation's traces")
+                export_csv = gr.File(label="CSV (one row per turn × layer)")
+                export_json = gr.File(label="JSON")
+            export_md = gr.Markdown(label="export_status")
+            trace_json = gr.JSON(label="trace (this turn)", open=False)
+
+        # The stateless endpoint (/answer) reads and writes these; they are never shown.
+        with gr.Group(visible=False):
+            api_image = gr.File(label="image")
+            api_question = gr.Textbox(label="question")
+            api_history = gr.Textbox(label="history_json", value="[]")
+            api_route = gr.Textbox(label="route", value="auto")
+            api_threshold = gr.Number(label="threshold", value=None)
+            api_result = gr.Textbox(label="result_json")
+            api_btn = gr.Button()
+
+        # ---- events ----
+        turn_views = [chat, trace_json, l1_plot, route_plot, usage_plot, adapters_md, layers, threshold,
+                      speed_plot, speed_table, speed_md]
+        speed_outputs = [conv, speed_plot, speed_table, speed_md]
+
+        asked = gr.on([ask_btn.click, question.submit], ex.ask, [conv, image, question],
+                      [conv, status, *turn_views, question], api_name="ask", preprocess=False, **MODEL)
+        asked.then(ex.speed, [conv, measure], speed_outputs, api_name="speed", **MODEL)
+        speed_btn.click(ex.speed_now, conv, speed_outputs, api_visibility="private", **MODEL)
+
+        image.change(ex.set_image, [conv, image], [conv, status, *turn_views, image], api_name="set_image",
+                     preprocess=False, **MODEL)
+        new_scene_btn.click(ex.new_scene, conv, [conv, status, *turn_views, image, question], api_name="new_scene",
+                            **MODEL)
+        reset_btn.click(ex.reset, conv, [conv, status, *turn_views], api_name="reset", **MODEL)
+
+        layers.input(lambda: "layers", None, how, queue=False, api_visibility="private")
+        threshold.input(lambda: "threshold", None, how, queue=False, api_visibility="private")
+        whatif_btn.click(ex.whatif, [conv, how, layers, threshold],
+                         [conv, whatif_md, whatif_table, whatif_route, whatif_speed], api_name="whatif", **MODEL)
+
+        export_btn.click(ex.export, conv, [export_csv, export_json, export_md], api_name="export",
+                         concurrency_limit=None)
+        api_btn.click(ex.answer_json, [api_image, api_question, api_history, api_route, api_threshold], api_result,
+                      api_name="answer", **MODEL)
+    demo.queue(max_size=64)
+    return demo
+
+
+SPEED_HEADERS = ["path", "layers run", "latency (s)", "tokens/s", "tokens", "answer"]
+WHATIF_HEADERS = ["path", "layers run", "latency (s)", "tokens/s", "answer"]
+N_TURN_VIEWS = 11   # chat, trace, l1, route, usage, adapters, layers, threshold, speed plot, table, summary
+
+
+def model_markdown(info: dict) -> str:
+    """What is loaded, where, and what it knows: one line from pipe.info."""
+    parts = [f"**Model** `{info.get('model')}`", f"**device** {info.get('device')} ({info.get('dtype')})",
+             f"**decoder layers** {info.get('num_layers')}", f"**RoE parts** {info.get('roe', '—')}"]
+    if info.get("trained_on"):
+        parts.append(f"**trained on** {info['trained_on']}")
+    shown = {"model", "device", "dtype", "num_layers", "roe", "trained_on"}
+    parts += [f"**{k.replace('_', ' ')}** {v}" for k, v in info.items()
+              if k not in shown and isinstance(v, (str, int, float)) and len(str(v)) < 120]
+    text = " · ".join(parts)
+    if info.get("model") == "embedded":
+        text += ("\n\nThe embedded model learned from generated scenes of coloured shapes (like the examples): it "
+                 "is not a photo model. `python app.py --model <LLaVA folder or hub id> --roe <RoE folder>` "
+                 "loads a full LLaVA.")
+    return text
+
+
+class Explorer:
+    """The page's handlers. Each takes this user's Conversation first and returns the new one first."""
+
+    def __init__(self, pipe: RoEPipeline, max_new_tokens: int = 48, speed_repeats: int = 3):
+        self.pipe = pipe
+        self.max_new_tokens = max_new_tokens
+        self.speed_repeats = speed_repeats
+        self.num_layers = int(pipe.info["num_layers"])
+        self.workdir = Path(tempfile.mkdtemp(prefix="roe_explorer_"))   # rendered scenes, exports
+        atexit.register(shutil.rmtree, self.workdir, ignore_errors=True)  # gradio serves its own copies
+
+    # ---- the conversation ----
+    def ask(self, conv: Conversation, image, question: str):
+        """Answers `question` about `image`, streaming the text; a new image starts a new conversation.
+        Bad input leaves the conversation as it was and says why."""
+        question = (question or "").strip()
+        try:
+            path = upload_path(image, self.workdir)
+            if path is None:
+                raise InputError("there is no image: upload one, pick an example or press New scene")
+            if not question:
+                raise InputError("the question is empty: type one (or pick an example)")
+            if conv.image is not None and (not Path(path).is_file() or file_key(path) == conv.image_key):
+                here = conv   # the same image (or its upload aged out of gradio's cache: the page still shows it)
+            else:
+                here = Conversation.about(path, upload_name(image))
+            answer = None
+            for item in stream_answer(self.pipe, here.image, question, here.history(),
+                                      max_new_tokens=self.max_new_tokens):
+                if isinstance(item, str):
+                    yield (gr.skip(), "", here.chat_messages(pending=(question, item)),
+                           *[gr.skip()] * (N_TURN_VIEWS - 1), gr.skip())
+                else:
+                    answer = item
+            new = here.with_turn(Turn(question, answer.text, answer.trace))
+            yield (new, "", *self.views(new), "")
+        except Exception as e:  # noqa: BLE001  (every failure is shown; the app keeps serving)
+            yield (conv, problem("Could not answer", e), *self.views(conv), question)
+
+    def set_image(self, conv: Conversation, image):
+        """A new image (upload, example, new scene) starts a new conversation; the same image changes nothing."""
+        path = upload_path(image, self.workdir)
+        if path is None or not Path(path).is_file() or (conv.image is not None
+                                                        and file_key(path) == conv.image_key):
+            return (gr.skip(),) * (3 + N_TURN_VIEWS)
+        try:
+            new = Conversation.about(path, upload_name(image))
+        except Exception as e:  # noqa: BLE001
+            previous = conv.image_path if conv.image_path and Path(conv.image_path).is_file() else None
+            return (conv, problem("Could not use that image", e), *self.views(conv), previous)
+        return (new, f"New conversation about **{new.image_name}**.", *self.views(new), gr.skip())
+
+    def new_scene(self, conv: Conversation):
+        """A random scene from the scene generator, with a suggested question."""
+        seed, img, qa = scene_sample()
+        path = self.workdir / f"scene-{seed}.png"
+        img.save(path)
+        new = Conversation.about(path, f"scene {seed}")
+        status = (f"New scene (seed {seed}) with a suggested question; the scene generator's own answer "
+                  f"is **{qa.answer}**")
+        return (new, status, *self.views(new), str(path), qa.question)
+
+    def reset(self, conv: Conversation):
+        new = conv.cleared()
+        return (new, "New conversation about the same image." if new.image is not None else "", *self.views(new))
+
+    # ---- what this turn's route did ----
+    def views(self, conv: Conversation) -> tuple:
+        """Everything shown about the last turn (and the conversation), in the order of build_demo's turn_views."""
+        last = conv.last
+        chat = conv.chat_messages()
+        if last is None:
+            return (chat, None, F.empty_figure("Ask a question: each layer's L1 change appears here"),
+                    F.empty_figure("Ask a question: the expert path appears here"),
+                    F.empty_figure("Adapter usage over the conversation appears here"), "",
+                    list(range(self.num_layers)), gr.skip(),
+                    F.empty_figure("Speed against every layer appears here"), None, "")
+        t = last.trace
+        trace = {"turn": len(conv.turns), "question": last.question, "answer": last.answer, **t.to_dict()}
+        used = ", ".join(map(str, t.adapters_used)) or "none"
+        adapters = (f"**Adapters this turn:** layers {used} ({len(t.adapters_used)} of {len(t.route)}) were skipped "
+                    f"and their adapters stood in. Map: every turn of this conversation (orange = skipped); bars: how "
+                    f"often each layer was skipped across its {len(conv.turns)} turn(s).")
+        return (chat, trace, F.plot_layer_l1(t), F.plot_route(t), F.plot_adapter_usage([x.trace for x in conv.turns]),
+                adapters, [i for i, r in enumerate(t.route) if r], t.threshold, *speed_views(last.speed))
+
+    def speed(self, conv: Conversation, measure: bool = True):
+        """Times the last turn with its route and with every layer (interleaved repeats), once per turn."""
+        last = conv.last
+        if last is None:
+            return conv, gr.skip(), gr.skip(), ""
+        if last.speed is not None:
+            return (conv, *speed_views(last.speed))
+        if not measure:
+            return conv, gr.skip(), gr.skip(), SPEED_OFF
+        try:
+            cmp = self.pipe.compare(conv.image, last.question, conv.history(-1), route="auto",
+                                    threshold=last.trace.threshold, max_new_tokens=self.max_new_tokens,
+                                    repeats=self.speed_repeats)
+        except Exception as e:  # noqa: BLE001
+            return conv, gr.skip(), gr.skip(), problem("Could not measure the speed", e)
+        new = conv.with_speed(cmp)
+        return (new, *speed_views(cmp))
+
+    def speed_now(self, conv: Conversation):
+        return self.speed(conv, True)
+
+    def whatif(self, conv: Conversation, how: str, layers: list[int], threshold: float):
+        """Re-answers the last question on a hand-picked route or at another router threshold, timed
+        against every layer."""
+        last = conv.last
+        if last is None:
+            return conv, problem("Nothing to re-answer", "ask a question first"), None, gr.skip(), gr.skip()
+        L = self.num_layers
+        try:
+            if how == "threshold":
+                route, thr = "auto", float(threshold)
+                what = f"the router at threshold **{thr:.2f}**"
+            else:
+                keep = {int(i) for i in (layers or [])}
+                route, thr = [i in keep for i in range(L)], last.trace.threshold
+                what = f"layers **{', '.join(map(str, sorted(keep))) or 'none'}** executed by hand"
+            cmp = self.pipe.compare(conv.image, last.question, conv.history(-1), route=route, threshold=thr,
+                                    max_new_tokens=self.max_new_tokens, repeats=self.speed_repeats)
+        except Exception as e:  # noqa: BLE001
+            return conv, problem("Could not re-answer", e), None, gr.skip(), gr.skip()
+        new = conv.with_whatif(WhatIf(len(conv.turns) - 1, how, cmp))
+        w = cmp.roe.trace
+        same = "the **same** answer" if cmp.roe.text == last.answer else "a **different** answer"
+        md = (f"**Turn {len(conv.turns)}, re-answered with {what}:** {w.layers_executed} of {L} layers ran "
+              f"(the router's route ran {last.trace.layers_executed}); {same}; **{cmp.speedup:.2f}×** the speed of "
+              f"every layer (medians of {cmp.repeats} interleaved run(s)).")
+        orig = last.speed
+        rows = [["router's route (this turn)", last.trace.layers_executed,
+                 round(orig.roe_s, 4) if orig else None,
+                 round(F.tokens_per_s(orig.roe.trace.new_tokens, orig.roe_s), 1) if orig else None, last.answer],
+                ["what-if", w.layers_executed, round(cmp.roe_s, 4),
+                 round(F.tokens_per_s(w.new_tokens, cmp.roe_s), 1), cmp.roe.text],
+                ["every layer (dense)", cmp.dense.trace.layers_executed, round(cmp.dense_s, 4),
+                 round(F.tokens_per_s(cmp.dense.trace.new_tokens, cmp.dense_s), 1), cmp.dense.text]]
+        return (new, md, pd.DataFrame(rows, columns=WHATIF_HEADERS), F.plot_route(w, label="What-if path"),
+                F.plot_speed(cmp, label="what-if"))
+
+    # ---- export ----
+    def export(self, conv: Conversation):
+        """The conversation's traces as CSV (one row per turn x layer) and JSON."""
+        if not conv.turns:
+            return None, None, problem("Nothing to export", "ask a question first")
+        csv_path, json_path = conv.export(self.workdir / "exports")
+        rows = len(conv.rows())
+        return (str(csv_path), str(json_path),
+                f"Exported {len(conv.turns)} turn(s) and {len(conv.whatifs)} what-if(s): {rows} rows.")
+
+    # ---- the stateless endpoint ----
+    def answer_json(self, image, question: str, history_json: str = "[]", route: str = "auto",
+                    threshold: float | None = None) -> str:
+        """(image file, question, history as JSON [[q, a], ...], route "auto" | "dense" | JSON list of
+        booleans, threshold or None) -> JSON {"answer", "trace", "num_layers", "model"} or {"error"}."""
+        try:
+            path = upload_path(image, self.workdir)
+            if path is None:
+                raise InputError("there is no image")
+            ans = self.pipe.answer(path, question, parse_history(history_json), parse_route(route),
+                                   None if threshold is None else float(threshold),
+                                   max_new_tokens=self.max_new_tokens)
+            return json.dumps({"answer": ans.text, "trace": ans.trace.to_dict(), "num_layers": self.num_layers,
+                               "model": self.pipe.info.get("model")})
+        except Exception as e:  # noqa: BLE001
+            return json.dumps({"error": message_of(e)})
+
+
+def speed_views(cmp) -> tuple:
+    """(speed figure, table, summary) of a SpeedComparison, or placeholders while it is being measured."""
+    if cmp is None:
+        return F.empty_figure("Timing the route against every layer…"), None, SPEED_PENDING
+    rows = []
+    for name, a, secs in (("RoE route", cmp.roe, cmp.roe_s), ("every layer (dense)", cmp.dense, cmp.dense_s)):
+        rows.append([name, a.trace.layers_executed, round(secs, 4), round(F.tokens_per_s(a.trace.new_tokens, secs), 1),
+                     a.trace.new_tokens, a.text])
+    md = (f"**{cmp.speedup:.2f}×** the speed of every layer: {cmp.roe_s:.3f} s against {cmp.dense_s:.3f} s "
+          f"(medians of {cmp.repeats} interleaved run(s) each, measured live on this turn). "
+          + ("Same answer." if cmp.roe.text == cmp.dense.text else "The answers differ (below)."))
+    return F.plot_speed(cmp), pd.DataFrame(rows, columns=SPEED_HEADERS), md
+
+
+def stream_answer(pipe: RoEPipeline, image, question: str, history, every: float = 0.05, **kw):
+    """pipe.answer in a worker thread: yields the text so far (at most every `every` s), then the Answer."""
+    q: queue.Queue = queue.Queue()
+
+    def work():
+        try:
+            q.put(("done", pipe.answer(image, question, history, on_token=lambda s: q.put(("text", s)), **kw)))
+        except BaseException as e:  # noqa: BLE001  (re-raised in the caller's thread)
+            q.put(("error", e))
+
+    threading.Thread(target=work, name="roe-answer", daemon=True).start()
+    shown = 0.0
+    while True:
+        kind, value = q.get()
+        if kind == "error":
+            raise value
+        if kind == "done":
+            yield value
+            return
+        if time.perf_counter() - shown >= every:
+            shown = time.perf_counter()
+            yield value
+
+
+def upload_path(value, workdir: Path) -> str | None:
+    """The server path of an uploaded file, from an unprocessed component value (FileData dict or path)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        if value.get("path"):
+            return value["path"]
+        url = value.get("url") or ""
+        if url.startswith("data:"):   # pasted images may arrive inline
+            data = base64.b64decode(url.split(",", 1)[1])
+            path = workdir / f"pasted-{hashlib.sha1(data).hexdigest()[:16]}"
+            path.write_bytes(data)
+            return str(path)
+    return None
+
+
+def upload_name(value) -> str | None:
+    return value.get("orig_name") if isinstance(value, dict) else None
+
+
+def parse_history(text) -> list[tuple[str, str]]:
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return []
+    pairs = json.loads(text) if isinstance(text, str) else text
+    if not isinstance(pairs, list):
+        raise InputError("history_json must be a JSON list of [question, answer] pairs")
+    out = []
+    for p in pairs:
+        if isinstance(p, dict):
+            p = (p.get("question"), p.get("answer"))
+        if not (isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(s, str) for s in p)):
+            raise InputError("history_json must be a JSON list of [question, answer] pairs of strings")
+        out.append((p[0], p[1]))
+    return out
+
+
+def parse_route(route) -> str | list[bool]:
+    """"auto", "dense", or a JSON list of booleans / 0-1 per layer."""
+    route = (route or "auto") if isinstance(route, str) else route
+    if isinstance(route, str) and route.strip() in ("auto", "dense"):
+        return route.strip()
+    items = json.loads(route) if isinstance(route, str) else route
+    if not isinstance(items, list):
+        raise InputError('route must be "auto", "dense" or a JSON list of booleans, one per layer')
+    return [bool(x) for x in items]
+
+
+def message_of(e: BaseException) -> str:
+    if isinstance(e, (InputError, json.JSONDecodeError)):
+        return str(e)
+    if isinstance(e, Image.DecompressionBombError):   # raised by PIL while opening, before load_image's own check
+        return f"the image is too large to open safely (a decompression bomb?): {e}"
+    log.exception("unexpected error", exc_info=e)
+    return f"{type(e).__name__}: {e}"
+
+
+def problem(what: str, e) -> str:
+    """A message for the page (and a toast); the conversation is never touched by it."""
+    msg = (e if isinstance(e, str) else message_of(e)).rstrip(".")
+    gr.Warning(f"{what}: {msg}")
+    return f"> ⚠️ **{what}:** {msg}. The conversation so far is kept."

@@ -1,0 +1,93 @@
+"""The page in a real browser (headless Chromium via Playwright): upload an image, ask, see the answer and
+the four figures; saves a screenshot to tests/artifacts/screenshot.png.
+
+ROE_APP_TEST_MODEL=embedded takes the screenshot with the real model (default: the tiny one);
+ROE_SCREENSHOT=docs/screenshot.png ROE_APP_TEST_MODEL=embedded refreshes the README screenshot.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+import app  # noqa: F401  (environment before gradio)
+from roe_core import RoEPipeline
+
+CHROMIUM = "/usr/bin/chromium"
+REPO = Path(__file__).resolve().parent.parent
+IMAGE = REPO / "assets" / "examples" / "3-count.png"
+SCREENSHOT = Path(os.environ.get("ROE_SCREENSHOT") or REPO / "tests" / "artifacts" / "screenshot.png")
+
+pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")   # gradio's queue, pandas 3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def url():
+    if not Path(CHROMIUM).exists():
+        pytest.skip("install Chromium: apt-get install -y chromium")
+    from app.ui import build_demo, launch_options
+
+    model = os.environ.get("ROE_APP_TEST_MODEL", "tiny")
+    demo = build_demo(RoEPipeline.load(model), max_new_tokens=12 if model == "tiny" else 24, speed_repeats=1)
+    _, local_url, _ = demo.launch(prevent_thread_lock=True, server_port=free_port(), quiet=True,
+                                  **launch_options())
+    yield local_url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def page(url):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        page = browser.new_page(viewport={"width": 1600, "height": 1000}, device_scale_factor=1)
+        page.set_default_timeout(30_000)
+        page.goto(url)
+        page.locator("#header").wait_for()
+        yield page
+        browser.close()
+
+
+def test_examples_and_new_scene_fill_in_an_image_and_a_question(page):
+    page.get_by_text("colour: What is the colour of the cross?").click()
+    page.locator("#status").get_by_text("New conversation about").wait_for()
+    assert page.locator("#question textarea").input_value() == "What is the colour of the cross?"
+    page.locator("#new-scene").click()
+    page.locator("#status").get_by_text("New scene (seed").wait_for()
+    assert page.locator("#question textarea").input_value().endswith("?")
+
+
+def test_upload_ask_and_see_the_route(page):
+    page.locator("#image input[type=file]").set_input_files(str(IMAGE))
+    page.locator("#status").get_by_text(f"New conversation about {IMAGE.name}").wait_for()
+
+    page.locator("#question textarea").fill("How many blue objects are there?")
+    page.locator("#ask").click()
+
+    # the answer, then the four figures of this turn (their titles are drawn once data arrives)
+    page.locator("#chat").get_by_text("How many blue objects are there?").wait_for()
+    for plot, title in (("#l1-plot", "Fig. 1"), ("#route-plot", "Expert path"),
+                        ("#usage-plot", "Adapter usage"), ("#speed-plot", "Speed")):
+        page.locator(plot).locator(".gtitle").filter(has_text=title).wait_for()
+    page.locator("#speed-summary").get_by_text("the speed of every layer").wait_for()
+    assert page.locator("#chat .message").count() >= 2
+    assert page.locator("#status").inner_text().strip() == ""
+
+    # what if layer 0 were switched (the checkbox switches the what-if to "layers")
+    page.locator("#whatif-layers").get_by_text("0", exact=True).click()
+    page.locator("#whatif-go").click()
+    page.locator("#whatif-summary").get_by_text("re-answered with").wait_for()
+
+    page.wait_for_timeout(500)   # let plotly finish its transitions
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+    assert SCREENSHOT.stat().st_size > 20_000

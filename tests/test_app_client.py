@@ -1,0 +1,304 @@
+"""The app end to end through gradio_client, on the tiny random model: answers, figures, bad input that
+never loses the conversation, several users at once, the stateless /answer endpoint, export."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import socket
+import struct
+import threading
+import zlib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import app  # noqa: F401  (environment before gradio)
+from roe_core import RoEPipeline
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "assets" / "examples"
+IMAGE, OTHER_IMAGE = EXAMPLES / "3-count.png", EXAMPLES / "2-colour.png"
+# /ask, /set_image, /new_scene, /reset return these first (then the question box or the image)
+VIEWS = ["status", "chat", "trace", "l1", "route", "usage", "adapters", "layers", "threshold",
+         "speed_fig", "speed_table", "speed_md"]
+
+gradio_client = pytest.importorskip("gradio_client")
+# gradio's queue uses pandas options that pandas 3 deprecates; PIL warns about the 12000x12000 upload we refuse
+pytestmark = [pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning"),
+              pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")]
+handle_file = gradio_client.handle_file
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    from app.ui import build_demo, launch_options
+
+    pipe = RoEPipeline.load("tiny")
+    demo = build_demo(pipe, max_new_tokens=6, speed_repeats=1)
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_port=free_port(), quiet=True, **launch_options())
+    yield url, pipe.info["num_layers"]
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def url(server):
+    return server[0]
+
+
+@pytest.fixture(scope="module")
+def L(server):
+    return server[1]
+
+
+def new_client(url):
+    return gradio_client.Client(url, verbose=False)
+
+
+def ask(client, image, question) -> dict:
+    out = client.predict(handle_file(str(image)) if image is not None else None, question, api_name="/ask")
+    return dict(zip(VIEWS + ["question"], out))
+
+
+def figure(value) -> dict:
+    """A gr.Plot value from the client -> the plotly figure dict."""
+    return json.loads(value["plot"])
+
+
+def traces(value) -> dict:
+    return {t.get("name"): t for t in figure(value)["data"]}
+
+
+def texts(chat) -> list[str]:
+    return [part["text"] for m in chat for part in m["content"] if part.get("type") == "text"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    """Good images in every awkward mode, and bad files of every kind."""
+    d = tmp_path_factory.mktemp("uploads")
+    base = Image.open(IMAGE).convert("RGB")
+    out = {}
+    for name, img, fmt in (("rgba.png", base.convert("RGBA"), "PNG"), ("gray.png", base.convert("L"), "PNG"),
+                           ("palette.png", base.convert("P"), "PNG"), ("cmyk.jpg", base.convert("CMYK"), "JPEG"),
+                           ("gray16.png", base.convert("L").convert("I;16"), "PNG")):
+        img.save(d / name, fmt)
+        out[name] = d / name
+    frames = [base, base.transpose(Image.FLIP_LEFT_RIGHT)]
+    frames[0].save(d / "animated.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    out["animated.gif"] = d / "animated.gif"
+    (d / "notes.png").write_text("this is not an image")
+    out["not_an_image"] = d / "notes.png"
+    data = IMAGE.read_bytes()
+    (d / "truncated.png").write_bytes(data[: len(data) // 2])
+    out["truncated"] = d / "truncated.png"
+    (d / "huge.png").write_bytes(png_header(12000, 12000))
+    out["huge"] = d / "huge.png"
+    (d / "bomb.png").write_bytes(png_header(30000, 30000))
+    out["bomb"] = d / "bomb.png"
+    return out
+
+
+def png_header(w: int, h: int) -> bytes:
+    """A PNG that declares w x h 1-bit pixels but carries almost no data (what matters is what it claims)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
+
+
+# ---------------------------------------------------------------------------------------------------
+
+def test_a_turn_answers_and_every_figure_carries_its_trace(url, L):
+    c = new_client(url)
+    job = c.submit(handle_file(str(IMAGE)), "How many blue objects are there?", api_name="/ask")
+    r = dict(zip(VIEWS + ["question"], job.result()))
+    assert len(job.outputs()) >= 2                                   # streamed: partial answer(s), then the turn
+    assert r["status"] == "" and r["question"] == ""
+    assert texts(r["chat"])[0] == "How many blue objects are there?" and len(r["chat"]) == 2
+    t = r["trace"]
+    assert t["turn"] == 1 and len(t["route"]) == L and len(t["p_run"]) == L and len(t["l1_dense"]) == L
+    assert texts(r["chat"])[1] == (t["answer"] or "…")
+    run = [i for i, x in enumerate(t["route"]) if x]
+    skip = [i for i, x in enumerate(t["route"]) if not x]
+
+    l1 = traces(r["l1"])
+    assert list(l1["every layer run (dense)"]["y"]) == pytest.approx(t["l1_dense"])
+    assert list(l1["executed"]["x"]) == run and list(l1["skipped (adapter)"]["x"]) == skip
+    lane = [x for x in figure(r["route"])["data"] if x.get("yaxis") in (None, "y")]
+    assert sorted(i for x in lane for i in x["x"]) == list(range(L))
+    assert next(x for x in lane if x["name"] == "executed")["customdata"] == pytest.approx([t["p_run"][i] for i in run])
+    z = traces(r["usage"])["skip map"]["z"]
+    assert [list(row) for row in z] == [[0 if x else 1 for x in t["route"]]]
+    assert r["layers"] == run and r["threshold"] == t["threshold"]
+    assert "measur" in r["speed_md"] or "time both paths" in r["speed_md"]
+
+    s = dict(zip(["speed_fig", "speed_table", "speed_md"], c.predict(True, api_name="/speed")))
+    rows = s["speed_table"]["data"]
+    assert [row[0] for row in rows] == ["RoE route", "every layer (dense)"]
+    assert rows[0][1] == len(run) and rows[1][1] == L
+    bars = traces(s["speed_fig"])
+    assert list(bars["latency (s)"]["y"]) == pytest.approx([rows[0][2], rows[1][2]], abs=1e-3)
+    assert "the speed of every layer" in s["speed_md"]
+
+    r2 = ask(c, IMAGE, "And how many circles?")
+    assert r2["trace"]["turn"] == 2 and len(r2["chat"]) == 4
+    assert len(traces(r2["usage"])["skip map"]["z"]) == 2           # turns x layers
+
+
+def test_bad_input_shows_a_message_and_keeps_the_conversation(url, files):
+    c = new_client(url)
+    first = ask(c, IMAGE, "Is there a circle?")
+    assert first["status"] == ""
+    cases = [
+        (IMAGE, "   ", "question is empty"),
+        (None, "Is there a circle?", "no image"),
+        (IMAGE, "x" * 700, "reads at most"),
+        (files["not_an_image"], "q?", "not an image"),
+        (files["truncated"], "q?", "corrupt or truncated"),
+        (files["huge"], "q?", "12000x12000"),
+        (files["bomb"], "q?", "decompression bomb"),
+    ]
+    for image, question, expected in cases:
+        r = ask(c, image, question)
+        assert expected in r["status"], (expected, r["status"])
+        assert "conversation so far is kept" in r["status"]
+        assert texts(r["chat"]) == texts(first["chat"]), expected       # the earlier turn is still there
+        assert r["question"] == question.strip()                       # and so is what was typed
+    # the app keeps serving, the conversation goes on from where it was
+    r = ask(c, IMAGE, "Is there a square?")
+    assert r["status"] == "" and r["trace"]["turn"] == 2 and texts(r["chat"])[0] == "Is there a circle?"
+
+
+def test_a_bad_upload_does_not_replace_the_image(url, files):
+    c = new_client(url)
+    ask(c, IMAGE, "Is there a circle?")
+    out = dict(zip(VIEWS + ["image"], c.predict(handle_file(str(files["not_an_image"])), api_name="/set_image")))
+    assert "Could not use that image" in out["status"] and len(out["chat"]) == 2
+    assert Path(out["image"]).read_bytes() == IMAGE.read_bytes()       # the page shows the old image again
+    out = dict(zip(VIEWS + ["image"], c.predict(handle_file(str(OTHER_IMAGE)), api_name="/set_image")))
+    assert "New conversation" in out["status"] and out["chat"] == []
+
+
+def test_a_conversation_that_outgrows_the_context_says_so(url):
+    c = new_client(url)
+    q = "Describe " + "the scene " * 22            # ~230 characters = tokens for the tiny model (512 max)
+    assert ask(c, IMAGE, q)["status"] == ""
+    r = ask(c, IMAGE, q)
+    r = r if r["status"] else ask(c, IMAGE, q)
+    assert "start a new conversation" in r["status"] and r["trace"]["turn"] >= 1
+    out = dict(zip(VIEWS, c.predict(api_name="/reset")))
+    assert out["chat"] == [] and ask(c, IMAGE, "Short?")["status"] == ""
+
+
+@pytest.mark.parametrize("name", ["rgba.png", "gray.png", "palette.png", "cmyk.jpg", "gray16.png", "animated.gif"])
+def test_every_image_mode_is_answered(url, files, L, name):
+    out = json.loads(new_client(url).predict(handle_file(str(files[name])), "What is in the image?", "[]", "auto",
+                                             None, api_name="/answer"))
+    assert "error" not in out, out
+    assert len(out["trace"]["route"]) == L
+
+
+def test_changing_the_image_starts_a_new_conversation(url, files):
+    c = new_client(url)
+    ask(c, IMAGE, "one?")
+    r = ask(c, files["rgba.png"], "two?")
+    assert r["trace"]["turn"] == 1 and texts(r["chat"])[0] == "two?"
+    scene = c.predict(api_name="/new_scene")
+    out = dict(zip(VIEWS + ["image", "question"], scene))
+    assert out["chat"] == [] and out["question"].endswith("?") and "New scene" in out["status"]
+    r = ask(c, out["image"], out["question"])
+    assert r["trace"]["turn"] == 1 and texts(r["chat"])[0] == out["question"]
+
+
+def test_users_each_get_their_own_conversation(url):
+    a, b = new_client(url), new_client(url)
+    ask(a, IMAGE, "A asks first?")
+    jobs = {}
+
+    def go(name, client, image, q):
+        jobs[name] = ask(client, image, q)
+    threads = [threading.Thread(target=go, args=("a", a, IMAGE, "A asks again?")),
+               threading.Thread(target=go, args=("b", b, OTHER_IMAGE, "B asks once?"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert texts(jobs["a"]["chat"])[::2] == ["A asks first?", "A asks again?"]
+    assert texts(jobs["b"]["chat"])[::2] == ["B asks once?"]
+    assert jobs["a"]["trace"]["turn"] == 2 and jobs["b"]["trace"]["turn"] == 1
+    assert len(traces(jobs["a"]["usage"])["skip map"]["z"]) == 2
+    assert len(traces(jobs["b"]["usage"])["skip map"]["z"]) == 1
+
+
+def test_whatif_and_export(url, L):
+    c = new_client(url)
+    ask(c, IMAGE, "How many?")
+    md, table, route, speed = c.predict("layers", [0, 2], 0.5, api_name="/whatif")
+    rows = table["data"]
+    assert [row[0] for row in rows] == ["router's route (this turn)", "what-if", "every layer (dense)"]
+    assert rows[1][1] == 2 and rows[2][1] == L
+    lane = {x["name"]: list(x["x"]) for x in figure(route)["data"] if x.get("yaxis") in (None, "y")}
+    assert lane["executed"] == [0, 2]
+    assert "layers **0, 2** executed by hand" in md
+    md, table, _, _ = c.predict("threshold", [], 0.0, api_name="/whatif")
+    assert table["data"][1][1] == L                                      # threshold 0: every layer runs
+
+    csv_path, json_path, status = c.predict(api_name="/export")
+    import pandas as pd
+    df = pd.read_csv(csv_path)
+    assert len(df) == 3 * L and set(df.kind) == {"turn", "what-if (layers)", "what-if (threshold)"}
+    data = json.loads(Path(json_path).read_text())
+    assert len(data["turns"]) == 1 and len(data["what_ifs"]) == 2 and "Exported 1 turn" in status
+    assert new_client(url).predict(api_name="/export")[:2] == (None, None)  # nothing yet: a message, no files
+
+
+def test_stateless_answer_endpoint(url, L):
+    c = new_client(url)
+    out = json.loads(c.predict(handle_file(str(IMAGE)), "How many blue objects are there?", "[]", "auto", None,
+                               api_name="/answer"))
+    assert isinstance(out["answer"], str) and len(out["trace"]["route"]) == L and out["num_layers"] == L
+    forced = [True, False] * (L // 2)
+    out = json.loads(c.predict(handle_file(str(IMAGE)), "And now?", json.dumps([["How many?", "Two."]]),
+                               json.dumps(forced), 0.5, api_name="/answer"))
+    assert out["trace"]["route"] == forced and out["trace"]["route_mode"] == "forced"
+    out = json.loads(c.predict(handle_file(str(IMAGE)), "q", "[]", "dense", None, api_name="/answer"))
+    assert out["trace"]["route"] == [True] * L
+    for history, route, expected in (("not json", "auto", "Expecting value"), ("[]", "[1, 0]", "booleans")):
+        out = json.loads(c.predict(handle_file(str(IMAGE)), "q", history, route, None, api_name="/answer"))
+        assert expected in out["error"]
+
+
+@pytest.fixture(scope="module")
+def entry():
+    """app.py as a module (the name `app` is the package)."""
+    spec = importlib.util.spec_from_file_location("roe_app_main", REPO / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_missing_model_path_exits_with_a_clear_error(entry, capsys):
+    assert entry.main(["--model", "/no/such/llava-folder"]) != 0
+    assert "does not exist" in capsys.readouterr().err
+    assert entry.main(["--model", "tiny", "--roe", "/no/such/roe-folder"]) != 0
+    assert "/no/such/roe-folder" in capsys.readouterr().err
+
+
+def test_the_embedded_model_falls_back_to_tiny_and_says_why(entry, monkeypatch):
+    real_load = RoEPipeline.load
+
+    def load(model="embedded", **kw):
+        if model == "embedded":
+            raise ImportError("no embedded model in this checkout")
+        return real_load(model, **kw)
+    monkeypatch.setattr(RoEPipeline, "load", staticmethod(load))
+    pipe, notice = entry.load_pipeline(entry.parse_args([]))
+    assert pipe.info["model"] == "tiny"
+    assert "embedded model could not be loaded" in notice and "no embedded model in this checkout" in notice
