@@ -149,10 +149,10 @@ class RoEModel(nn.Module):
         super().__init__()
         text_cfg = base.config.text_config
         if config is None:
-            config = RoEConfig(
-                base_model=str(getattr(base.config, "_name_or_path", "") or ""),
-                num_layers=text_cfg.num_hidden_layers, hidden_size=text_cfg.hidden_size, **overrides,
-            )
+            config = RoEConfig(**{
+                "base_model": str(getattr(base.config, "_name_or_path", "") or ""),
+                "num_layers": text_cfg.num_hidden_layers, "hidden_size": text_cfg.hidden_size, **overrides,
+            })
         if config.num_layers != text_cfg.num_hidden_layers or config.hidden_size != text_cfg.hidden_size:
             raise ValueError(
                 f"RoE parts were made for {config.num_layers} layers of width {config.hidden_size}; "

@@ -1,0 +1,112 @@
+"""Shared fixtures: a tiny random LLaVA wrapped in RoE, its encoder, a few images, reference helpers."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from PIL import Image
+from transformers import GenerationConfig
+
+from roe_core.conversation import Batch, ConversationEncoder
+from roe_core.model import DecoderInputs, RoEModel
+from roe_core.tiny import tiny_llava
+
+# different lengths on purpose: a batch of them is left padded
+QUESTIONS = ["What colour is the circle?", "How many?", "Is there a large red square left of the small blue circle?"]
+
+
+@dataclass
+class Tiny:
+    model: RoEModel
+    enc: ConversationEncoder
+
+    @property
+    def base(self):
+        return self.model.base
+
+    def batch(self, questions, images, histories=None, last_turn_only=True) -> Batch:
+        histories = histories or [()] * len(questions)
+        convs = [self.enc.encode(list(h) + [(q, None)]) for q, h in zip(questions, histories)]
+        return self.enc.collate(convs, images, last_turn_only=last_turn_only)
+
+    def layout(self, b: Batch) -> DecoderInputs:
+        return self.model.layout(b.input_ids, b.token_ok, b.turn_ids, b.image_keys, b.question_keys, b.pixel_values)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine OpenMP oversubscription
+    makes them 10x slower. Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def make_tiny():
+    """make_tiny(attn="sdpa", seed=0, num_layers=6) -> Tiny: fresh random base + fresh RoE parts, fp32, eval."""
+    def make(attn: str = "sdpa", seed: int = 0, num_layers: int = 6) -> Tiny:
+        base, tok, proc = tiny_llava(num_layers=num_layers, seed=seed, attn_implementation=attn)
+        torch.manual_seed(seed)
+        return Tiny(RoEModel(base), ConversationEncoder.for_model(base, tok, proc))
+    return make
+
+
+@pytest.fixture
+def tiny(make_tiny) -> Tiny:
+    return make_tiny()
+
+
+@pytest.fixture(scope="session")
+def images() -> list[Image.Image]:
+    """Four different 16x16 RGB noise images (the processor resizes them to 8x8)."""
+    g = torch.Generator().manual_seed(0)
+    return [Image.fromarray((torch.rand(16, 16, 3, generator=g) * 255).byte().numpy()) for _ in range(4)]
+
+
+@torch.no_grad()
+def _diversify_routers(t: Tiny, b: Batch, scale: float = 3.0) -> None:
+    """Random routers barely tell examples apart (the routing tokens' own vectors dominate their
+    hidden states). Point each router along the spread of its inputs over batch `b` with no offset,
+    so the examples of `b` take different routes under "auto"."""
+    from roe_core.inference import prefill
+
+    seen = {}
+    hooks = [r.register_forward_hook(lambda m, inp, out, i=i: seen.__setitem__(i, torch.cat(inp, -1).flatten(0, -2)))
+             for i, r in enumerate(t.model.routers)]
+    prefill(t.model, t.layout(b), "dense")
+    for h in hooks:
+        h.remove()
+    g = torch.Generator().manual_seed(1)
+    for i, r in enumerate(t.model.routers):
+        z = seen[i].float()                              # (B*T, 2d) router inputs
+        mean, dz = z.mean(0), z - z.mean(0)
+        u = dz.T @ torch.randn(z.shape[0], generator=g)  # a direction inside the spread
+        u = u - (u @ mean) / (mean @ mean) * mean        # orthogonal to the mean: the average input sits on the boundary
+        spread = (dz @ u).std()
+        r.proj.weight.zero_()
+        # layer 0's router reads the bare routing tokens (no spread): make it run
+        r.proj.weight[0] = scale * u / spread if spread > 1e-6 else scale * mean / (mean @ mean)
+
+
+@pytest.fixture
+def diversify_routers():
+    return _diversify_routers
+
+
+@torch.no_grad()
+def _hf_greedy(base, b: Batch, n: int) -> list[list[int]]:
+    """n greedy tokens per example from the unmodified transformers model (eos_token_id=[]: never stops early)."""
+    gc = GenerationConfig(do_sample=False, max_new_tokens=n, eos_token_id=[],
+                          pad_token_id=0, bos_token_id=1)
+    dev = next(base.parameters()).device
+    out = base.generate(input_ids=b.input_ids.to(dev), attention_mask=b.token_ok.long().to(dev),
+                        pixel_values=b.pixel_values.to(dev, next(base.parameters()).dtype), generation_config=gc)
+    return out[:, b.input_ids.shape[1]:].tolist()
+
+
+@pytest.fixture
+def hf_greedy():
+    return _hf_greedy
