@@ -57,13 +57,13 @@ def layer_l1(h_out: Tensor, h_in: Tensor, token_ok: Tensor, R: int) -> Tensor:
 
 
 def prefill(model: RoEModel, x: DecoderInputs, route: Route = "auto", threshold: float | None = None,
-            trace_l1: bool = False) -> tuple[Tensor, DecodeState]:
+            trace_l1: bool = False, max_new_tokens: int = 0) -> tuple[Tensor, DecodeState]:
     """Runs the prompt, deciding each example's route layer by layer. Returns (last logits (B, V), state)."""
     h = x.embeds
     B, L, R = h.shape[0], model.num_layers, x.num_routing
     threshold = model.config.threshold if threshold is None else threshold
     forced = forced_route(route, B, L, h.device)
-    cache = RoutedKVCache(L)
+    cache = RoutedKVCache(L, capacity=h.shape[1] + max_new_tokens)
     pos_emb = model.rotary(h, x.position_ids)
     runs, probs, plans, l1s = [], [], [], []
     for i in range(L):
@@ -176,7 +176,7 @@ def generate(model: RoEModel, batch: Batch, route: Route = "auto", max_new_token
     stop = torch.tensor(sorted(stop_ids or ()), dtype=torch.long, device=device)
     t0 = time.perf_counter()
     x = layout_batch(model, batch)
-    logits, state = prefill(model, x, route, threshold, trace_l1)
+    logits, state = prefill(model, x, route, threshold, trace_l1, max_new_tokens)
     token = logits.argmax(-1)
     _sync(device)
     t1 = time.perf_counter()

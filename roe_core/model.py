@@ -84,27 +84,37 @@ class SkipAdapter(nn.Module):
 class RoutedKVCache:
     """Keys/values per decoder layer. Layer i holds only the examples routed through it, in batch
     order, so a skipped layer holds nothing for that example. Routes never change after prefill,
-    so each layer's batch stays the same size while decoding. Duck-types `Cache.update`."""
+    so each layer's batch stays the same size while decoding. With `capacity` (prompt + new tokens)
+    each layer's buffer is allocated once at prefill and written in place, instead of re-copied
+    at every step. Duck-types `Cache.update`."""
 
-    def __init__(self, num_layers: int):
+    def __init__(self, num_layers: int, capacity: int = 0):
+        self.capacity = capacity
         self.keys: list[Tensor | None] = [None] * num_layers
         self.values: list[Tensor | None] = [None] * num_layers
+        self.lengths = [0] * num_layers
 
     def update(self, key: Tensor, value: Tensor, layer_idx: int, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        if self.keys[layer_idx] is None:
-            self.keys[layer_idx], self.values[layer_idx] = key, value
-        else:  # (b, kv_heads, T, head_dim): append along time
-            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], key], dim=-2)
-            self.values[layer_idx] = torch.cat([self.values[layer_idx], value], dim=-2)
-        return self.keys[layer_idx], self.values[layer_idx]
+        i, n, t = layer_idx, self.lengths[layer_idx], key.shape[-2]   # key: (b, kv_heads, t, head_dim)
+        k_buf, v_buf = self.keys[i], self.values[i]
+        if k_buf is None or n + t > k_buf.shape[-2]:
+            size = max(self.capacity, n + t)
+            new_k = key.new_empty(*key.shape[:2], size, key.shape[-1])
+            new_v = value.new_empty(*value.shape[:2], size, value.shape[-1])
+            if n:
+                new_k[:, :, :n], new_v[:, :, :n] = k_buf[:, :, :n], v_buf[:, :, :n]
+            self.keys[i], self.values[i] = k_buf, v_buf = new_k, new_v
+        k_buf[:, :, n:n + t] = key
+        v_buf[:, :, n:n + t] = value
+        self.lengths[i] = n + t
+        return k_buf[:, :, :n + t], v_buf[:, :, :n + t]
 
     def batch_size(self, layer_idx: int) -> int:
         k = self.keys[layer_idx]
         return 0 if k is None else k.shape[0]
 
     def seq_length(self, layer_idx: int) -> int:
-        k = self.keys[layer_idx]
-        return 0 if k is None else k.shape[-2]
+        return self.lengths[layer_idx]
 
 
 def additive_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
