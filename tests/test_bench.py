@@ -1,7 +1,11 @@
 """The benchmark runs end to end in --quick mode on a tiny model and writes every key."""
 import json
 
+import pytest
+
 from roe_core import bench
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_quick_bench_writes_every_key(tmp_path):

@@ -11,6 +11,8 @@ from roe_core.model import RoEModel
 from roe_core.tiny import tiny_llava
 from roe_core.train import LlavaJsonDataset, RouteSchedule, TrainConfig, roe_loss, train
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def toy_data(tmp_path_factory):
