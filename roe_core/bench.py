@@ -116,7 +116,7 @@ def run(model: str = "embedded", roe: str | None = None, n: int = 1008, quick: b
         out: str | Path = "bench", device: str = "auto", max_new_tokens: int = 24, repeats: int = 5,
         timing_n: int = 48, batch_size: int = 16) -> dict:
     if quick:
-        n, repeats, timing_n = min(n, 48), 2, 16
+        n, repeats, timing_n = min(n, 24), 2, 8
     torch.manual_seed(0)
     pipe = RoEPipeline.load(model, roe=roe, device=device)
     qs = test_questions(n)
@@ -165,6 +165,9 @@ def run(model: str = "embedded", roe: str | None = None, n: int = 1008, quick: b
             "bs1_seconds": bs1, "bs16_seconds": bs16,
             "bs1_examples_per_s": {r: len(tq) / s for r, s in med["bs1"].items()},
             "bs16_examples_per_s": {r: len(tq) / s for r, s in med["bs16"].items()},
+            # each path generates its own full answer; answers of different lengths cost differently
+            "mean_new_tokens": {"auto": statistics.mean(t.new_tokens for t in r_tr[:timing_n]),
+                                "dense": statistics.mean(t.new_tokens for t in d_tr[:timing_n])},
         },
         "by_type": {
             k: {"n": len(v["dense"]), "difficulty": scenes.DIFFICULTY.get(k),
@@ -197,7 +200,8 @@ def markdown(r: dict) -> str:
         f"| examples/s, batch 16 (mixed routes) | {r['timing']['bs16_examples_per_s']['dense']:.2f} | {r['timing']['bs16_examples_per_s']['auto']:.2f} |",
         "", f"speedup_bs1 = **{r['speedup_bs1']:.3f}**, speedup_bs16 = **{r['speedup_bs16']:.3f}**, "
         f"ideal_speedup = {r['ideal_speedup']:.3f} (layers only: {r['ideal_speedup_layers']:.3f}); "
-        f"bs1 reaches {100 * r['speedup_bs1_fraction_of_ideal']:.0f}% of ideal.", "",
+        f"bs1 reaches {100 * r['speedup_bs1_fraction_of_ideal']:.0f}% of ideal. Mean answer length in the timed set: "
+        f"RoE {r['timing']['mean_new_tokens']['auto']:.1f}, dense {r['timing']['mean_new_tokens']['dense']:.1f} tokens.", "",
         "| type | difficulty | n | dense acc | RoE acc | mean layers executed |", "|---|---|---|---|---|---|",
     ]
     for k, v in r["by_type"].items():
@@ -211,7 +215,7 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--roe", default=None)
     ap.add_argument("--n", type=int, default=1008, help="test questions (fixed seed)")
-    ap.add_argument("--quick", action="store_true", help="48 questions, fewer repeats: < 60 s on 2 cores")
+    ap.add_argument("--quick", action="store_true", help="24 questions, 8 timed, fewer repeats: < 60 s on 2 cores")
     ap.add_argument("--out", default="bench")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--max-new-tokens", type=int, default=24)
