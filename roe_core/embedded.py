@@ -257,9 +257,9 @@ def pixel_cache(n: int, split: str = "train"):
     """(pixel_values fp16 (n, 3, 64, 64), samples) for the first n scenes of a split; cached in runs/."""
     from .scenes import make_split, render
     samples = make_split(split, n)
-    path = RUNS / "cache" / f"{split}_{n}_{IMAGE_SIZE}.pt"
+    path = RUNS / "cache" / f"{split}_{n}_{IMAGE_SIZE}.safetensors"
     if path.is_file():
-        return torch.load(path), samples
+        return load_file(str(path))["pixel_values"], samples
     proc = image_processor()
     chunks = []
     from tqdm.auto import tqdm
@@ -268,7 +268,7 @@ def pixel_cache(n: int, split: str = "train"):
         chunks.append(proc(images=ims, return_tensors="pt")["pixel_values"].half())
     pv = torch.cat(chunks)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(pv, path)
+    save_file({"pixel_values": pv.contiguous()}, str(path))
     return pv, samples
 
 
@@ -341,6 +341,28 @@ def _batch_targets(t, idx):
     return {k: v[idx] for k, v in t.items()}
 
 
+def save_stage_checkpoint(folder: Path, model: nn.Module, opt, step: int, names: list[str] | None = None) -> None:
+    """Resume state of a stage, safetensors + JSON: the trained tensors (all of `model`'s parameters,
+    or those named) and the AdamW moments."""
+    from .train import save_optimizer
+    folder.mkdir(parents=True, exist_ok=True)
+    named = dict(model.named_parameters())
+    keep = names if names is not None else list(named)
+    save_file({n: named[n].detach().contiguous().cpu() for n in keep}, str(folder / "params.safetensors"))
+    save_optimizer(opt, named, folder / "optimizer.safetensors")
+    (folder / "state.json").write_text(json.dumps({"step": step}))
+
+
+def load_stage_checkpoint(folder: Path, model: nn.Module, opt) -> int:
+    from .train import load_optimizer
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, v in load_file(str(folder / "params.safetensors")).items():
+            named[n].copy_(v)
+    load_optimizer(opt, named, folder / "optimizer.safetensors")
+    return int(json.loads((folder / "state.json").read_text())["step"])
+
+
 def log_row(stage: str, row: dict) -> None:
     LOGS.mkdir(parents=True, exist_ok=True)
     with (LOGS / f"{stage}.jsonl").open("a") as f:
@@ -356,12 +378,10 @@ def stage_vision(args) -> None:
     vt = vision_targets(vsamples)
     model = VisionPretrainer()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr or 1e-3, weight_decay=0.05)
-    ck = RUNS / "vision" / "state.pt"
+    ck = RUNS / "vision"
     start = 0
-    if args.resume and ck.is_file():
-        st = torch.load(ck)
-        model.load_state_dict(st["model"]), opt.load_state_dict(st["opt"])
-        start = st["step"]
+    if args.resume and (ck / "state.json").is_file():
+        start = load_stage_checkpoint(ck, model, opt)
     elif args.resume and (ASSETS / VISION_FILE).is_file():
         model.vit.load_state_dict({k: v.float() for k, v in load_file(str(ASSETS / VISION_FILE)).items()}, strict=False)
         start = read_state().get("vision", {}).get("step", 0)
@@ -404,8 +424,7 @@ def stage_vision(args) -> None:
                 row.update({f"val_{k}": v for k, v in evaluate().items()})
             log_row("vision", row)
         if step % args.save_every == 0 or step == args.steps:
-            ck.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, ck)
+            save_stage_checkpoint(ck, model, opt, step)
             _save_half(model.vit.state_dict(), ASSETS / VISION_FILE)
             write_state("vision", step=step, target_steps=args.steps, done=step >= args.steps)
     bar.close()
@@ -558,25 +577,17 @@ def stage_lm(stage: str, args) -> None:
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     for g in opt.param_groups:
         g["lr0"] = g["lr"]
-    ck = RUNS / stage / "state.pt"
+    ck = RUNS / stage
     start = 0
     names = {id(p): n for n, p in base.named_parameters()}
-    if args.resume and ck.is_file():
-        st = torch.load(ck)
-        named = dict(base.named_parameters())
-        with torch.no_grad():
-            for n, v in st["params"].items():
-                named[n].copy_(v)
-        opt.load_state_dict(st["opt"])
-        start = st["step"]
+    if args.resume and (ck / "state.json").is_file():
+        start = load_stage_checkpoint(ck, base, opt)
     elif args.resume:
         start = read_state().get(stage, {}).get("step", 0)
     base.train()
 
     def save(step, done=False, **info):
-        ck.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"params": {names[id(p)]: p.detach().clone() for p in params}, "opt": opt.state_dict(),
-                    "step": step}, ck)
+        save_stage_checkpoint(ck, base, opt, step, [names[id(p)] for p in params])
         save_vision_parts(base)
         if stage == "finetune":
             _save_half(lora_state(base), ASSETS / LORA_FILE)

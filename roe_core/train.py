@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
@@ -170,6 +170,29 @@ def set_trainable(model: RoEModel, stage: int, backbone: list) -> None:
             p.requires_grad_(True)
 
 
+def save_optimizer(optimizer, named: dict[str, torch.nn.Parameter], path: Path) -> None:
+    """AdamW moments as safetensors (keyed by parameter name), step counts in its metadata."""
+    names = {id(p): n for n, p in named.items()}
+    tensors, steps = {}, {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer.state.get(p)
+            if st:
+                n = names[id(p)]
+                tensors[f"{n}.exp_avg"] = st["exp_avg"].contiguous().cpu()
+                tensors[f"{n}.exp_avg_sq"] = st["exp_avg_sq"].contiguous().cpu()
+                steps[n] = float(st["step"])
+    save_file(tensors, str(path), metadata={"steps": json.dumps(steps)})
+
+
+def load_optimizer(optimizer, named: dict[str, torch.nn.Parameter], path: Path) -> None:
+    with safe_open(str(path), framework="pt") as f:
+        for n, s in json.loads(f.metadata()["steps"]).items():
+            p = named[n]
+            optimizer.state[p] = {"step": torch.tensor(s), "exp_avg": f.get_tensor(f"{n}.exp_avg").to(p.device),
+                                  "exp_avg_sq": f.get_tensor(f"{n}.exp_avg_sq").to(p.device)}
+
+
 def save_checkpoint(out: Path, model: RoEModel, optimizer, step: int, cfg: TrainConfig, backbone_names,
                     log_tail: dict) -> None:
     """All safetensors + JSON: the RoE folder, the trained backbone tensors, AdamW moments."""
@@ -177,34 +200,17 @@ def save_checkpoint(out: Path, model: RoEModel, optimizer, step: int, cfg: Train
     named = dict(model.named_parameters())
     if backbone_names:
         save_file({n: named[n].detach().contiguous().cpu() for n in backbone_names}, str(out / "backbone.safetensors"))
-    opt_tensors, opt_steps = {}, {}
-    names = {id(p): n for n, p in named.items()}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            st = optimizer.state.get(p)
-            if st:
-                n = names[id(p)]
-                opt_tensors[f"{n}.exp_avg"] = st["exp_avg"].contiguous().cpu()
-                opt_tensors[f"{n}.exp_avg_sq"] = st["exp_avg_sq"].contiguous().cpu()
-                opt_steps[n] = float(st["step"])
-    save_file(opt_tensors, str(out / "optimizer.safetensors"))
-    state = {"step": step, "config": asdict(cfg), "opt_steps": opt_steps, "last": log_tail,
-             "rng": {"python": random.getstate()[1][:1]}}  # informative only
+    save_optimizer(optimizer, named, out / "optimizer.safetensors")
+    state = {"step": step, "config": asdict(cfg), "last": log_tail}
     (out / "trainer_state.json").write_text(json.dumps(state, indent=1))
 
 
 def load_checkpoint(out: Path, model: RoEModel, optimizer) -> int:
     state = json.loads((out / "trainer_state.json").read_text())
-    roe = load_file(str(out / "roe.safetensors"))
-    model.load_state_dict(roe, strict=False)
+    model.load_state_dict(load_file(str(out / "roe.safetensors")), strict=False)
     if (out / "backbone.safetensors").is_file():
         model.load_state_dict(load_file(str(out / "backbone.safetensors")), strict=False)
-    opt = load_file(str(out / "optimizer.safetensors"))
-    named = dict(model.named_parameters())
-    for n, s in state["opt_steps"].items():
-        p = named[n]
-        optimizer.state[p] = {"step": torch.tensor(s), "exp_avg": opt[f"{n}.exp_avg"].to(p.device),
-                              "exp_avg_sq": opt[f"{n}.exp_avg_sq"].to(p.device)}
+    load_optimizer(optimizer, dict(model.named_parameters()), out / "optimizer.safetensors")
     return int(state["step"])
 
 
