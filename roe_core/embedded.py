@@ -60,7 +60,7 @@ MAX_COUNT = 5  # count heads classify 0..MAX_COUNT-1 (scenes have at most 4 obje
 
 VISION_FILE = "vision_tower.safetensors"
 PROJECTOR_FILE = "projector.safetensors"
-LORA_FILE = "lora.safetensors"
+LORA_DIR = "lora"   # a peft adapter folder: adapter_config.json + adapter_model.safetensors
 STATE_FILE = "stages.json"
 
 
@@ -211,28 +211,16 @@ def build_base(stages: tuple[str, ...] | None = None, dtype: torch.dtype = torch
     if have("align") and (ASSETS / PROJECTOR_FILE).is_file():
         base.model.multi_modal_projector.load_state_dict(
             {k: v.float() for k, v in load_file(str(ASSETS / PROJECTOR_FILE)).items()})
-    if merge_lora and have("finetune") and (ASSETS / LORA_FILE).is_file():
-        merge_lora_file(base, ASSETS / LORA_FILE)
+    if merge_lora and have("finetune") and (ASSETS / LORA_DIR / "adapter_config.json").is_file():
+        merge_lora_adapter(base, ASSETS / LORA_DIR)
     return base.to(dtype).eval(), tok
 
 
-def merge_lora_file(base, path: Path) -> int:
-    """W += (alpha / r) * B @ A for every module named in the LoRA file. Returns modules merged."""
-    state = load_file(str(path))
-    meta = json.loads((ASSETS / "lora_config.json").read_text()) if (ASSETS / "lora_config.json").is_file() else LORA
-    scale = meta["alpha"] / meta["r"]
-    modules = dict(base.named_modules())
-    n = 0
-    with torch.no_grad():
-        for key in state:
-            if not key.endswith(".lora_A"):
-                continue
-            name = key[: -len(".lora_A")]
-            A, B = state[key].float(), state[name + ".lora_B"].float()
-            lin = modules[name]
-            lin.weight += (scale * (B @ A)).to(lin.weight.dtype)
-            n += 1
-    return n
+def merge_lora_adapter(base, folder: Path) -> None:
+    """Folds the shipped LoRA deltas (a peft adapter folder) into the decoder: W += alpha/r * B @ A."""
+    from peft import PeftModel
+    lm = PeftModel.from_pretrained(base.model.language_model, str(folder))
+    base.model.language_model = lm.merge_and_unload()
 
 
 def load_embedded(device=None, dtype=None):
@@ -433,54 +421,24 @@ def stage_vision(args) -> None:
     print("vision val:", ev)
 
 
-# ----------------------------------------------------------------------------- LoRA (own, tiny; merged at load)
+# ----------------------------------------------------------------------------- LoRA (peft; merged at load)
 
 
-class LoRALinear(nn.Module):
-    """y = base(x) + (alpha / r) * B(A(x)); A: Kaiming-uniform, B: zeros (starts as the base)."""
-
-    def __init__(self, base: nn.Linear, r: int, alpha: float):
-        super().__init__()
-        self.base = base
-        self.scale = alpha / r
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-
-    @property
-    def weight(self):
-        return self.base.weight
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.base(x) + (x.to(self.lora_A.dtype) @ self.lora_A.t() @ self.lora_B.t()).to(x.dtype) * self.scale
+def lora_config():
+    from peft import LoraConfig
+    return LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0, target_modules=list(LORA["targets"]))
 
 
-def add_lora(base) -> list[str]:
-    """Wraps the target linears of the decoder layers; returns their module names (LLaVA-relative)."""
-    names = []
-    for name, mod in list(base.named_modules()):
-        if ".language_model.layers." in name and name.rsplit(".", 1)[-1] in LORA["targets"] and isinstance(mod, nn.Linear):
-            parent = base.get_submodule(name.rsplit(".", 1)[0])
-            setattr(parent, name.rsplit(".", 1)[1], LoRALinear(mod, LORA["r"], LORA["alpha"]))
-            names.append(name)
-    return names
-
-
-def lora_state(base) -> dict[str, Tensor]:
-    out = {}
-    for name, mod in base.named_modules():
-        if isinstance(mod, LoRALinear):
-            out[name + ".lora_A"] = mod.lora_A
-            out[name + ".lora_B"] = mod.lora_B
-    return out
-
-
-def load_lora_into(base, state: dict[str, Tensor]) -> None:
-    mods = dict(base.named_modules())
-    with torch.no_grad():
-        for k, v in state.items():
-            name, which = k.rsplit(".", 1)
-            getattr(mods[name], which).copy_(v.float())
+def add_lora(base, resume_from: Path | None = None) -> list[torch.nn.Parameter]:
+    """Wraps the decoder in a peft LoRA model (fresh, or the adapter in `resume_from`); returns the LoRA
+    parameters. The decoder's own weights stay frozen."""
+    from peft import PeftModel, get_peft_model
+    lm = base.model.language_model
+    if resume_from is not None and (resume_from / "adapter_config.json").is_file():
+        base.model.language_model = PeftModel.from_pretrained(lm, str(resume_from), is_trainable=True)
+    else:
+        base.model.language_model = get_peft_model(lm, lora_config())
+    return [p for n, p in base.model.language_model.named_parameters() if "lora_" in n]
 
 
 # ----------------------------------------------------------------------------- decoder stages
@@ -563,10 +521,7 @@ def stage_lm(stage: str, args) -> None:
         if args.vit_lr > 0:
             groups.append({"params": vit, "lr": args.vit_lr, "name": "vit"})
     else:
-        add_lora(base)
-        if (ASSETS / LORA_FILE).is_file() and args.resume:
-            load_lora_into(base, load_file(str(ASSETS / LORA_FILE)))
-        lora = list(lora_state(base).values())
+        lora = add_lora(base, ASSETS / LORA_DIR if args.resume else None)
         groups.append({"params": lora, "lr": args.lr or 1e-3, "name": "lora"})
         groups.append({"params": proj, "lr": 5e-4, "name": "projector"})
         if args.vit_lr > 0:
@@ -590,9 +545,8 @@ def stage_lm(stage: str, args) -> None:
         save_stage_checkpoint(ck, base, opt, step, [names[id(p)] for p in params])
         save_vision_parts(base)
         if stage == "finetune":
-            _save_half(lora_state(base), ASSETS / LORA_FILE)
-            (ASSETS / "lora_config.json").write_text(json.dumps({**LORA, "targets": list(LORA["targets"]),
-                                                                  "note": "W += alpha/r * B @ A"}, indent=1))
+            base.model.language_model.save_pretrained(str(ASSETS / LORA_DIR))
+            (ASSETS / LORA_DIR / "README.md").unlink(missing_ok=True)   # peft's blank model card
         write_state(stage, step=step, target_steps=args.steps, done=done, **info)
 
     bar = tqdm(total=args.steps, initial=start, desc=stage, dynamic_ncols=True)
