@@ -329,13 +329,20 @@ def _ask_exist(scene: Scene, rng: random.Random) -> QA:
     return QA(template.format(a=_article(noun), noun=noun), _yes_no(want_yes), "exist")
 
 
-def _ask_colour(scene: Scene, rng: random.Random) -> QA:
+def _named_by(scene: Scene, attr: str, suffix: str = "") -> list[tuple[SceneObject, str]]:
+    """Objects that `attr` names unambiguously (size added when needed): [(object, "red object"), ...]."""
     cands = []
     for o in scene.objects:
-        if sum(p.shape == o.shape for p in scene.objects) == 1:
-            cands.append((o, o.shape))
-        elif sum(p.shape == o.shape and p.size == o.size for p in scene.objects) == 1:
-            cands.append((o, f"{o.size} {o.shape}"))
+        v = getattr(o, attr)
+        if sum(getattr(p, attr) == v for p in scene.objects) == 1:
+            cands.append((o, f"{v}{suffix}"))
+        elif sum(getattr(p, attr) == v and p.size == o.size for p in scene.objects) == 1:
+            cands.append((o, f"{o.size} {v}{suffix}"))
+    return cands
+
+
+def _ask_colour(scene: Scene, rng: random.Random) -> QA:
+    cands = _named_by(scene, "shape")
     if not cands:
         raise NotAskable("colour: no object identifiable by shape (and size)")
     o, ref = rng.choice(cands)
@@ -344,12 +351,7 @@ def _ask_colour(scene: Scene, rng: random.Random) -> QA:
 
 
 def _ask_shape(scene: Scene, rng: random.Random) -> QA:
-    cands = []
-    for o in scene.objects:
-        if sum(p.colour == o.colour for p in scene.objects) == 1:
-            cands.append((o, f"{o.colour} object"))
-        elif sum(p.colour == o.colour and p.size == o.size for p in scene.objects) == 1:
-            cands.append((o, f"{o.size} {o.colour} object"))
+    cands = _named_by(scene, "colour", " object")
     if not cands:
         raise NotAskable("shape: no object identifiable by colour (and size)")
     o, ref = rng.choice(cands)

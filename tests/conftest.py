@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny random LLaVA wrapped in RoE, its encoder, a few images, reference helpers."""
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 
 import pytest
@@ -110,3 +111,13 @@ def _hf_greedy(base, b: Batch, n: int) -> list[list[int]]:
 @pytest.fixture
 def hf_greedy():
     return _hf_greedy
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """free_port() -> a TCP port on 127.0.0.1 that nothing listens on now."""
+    def pick() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    return pick

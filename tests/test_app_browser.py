@@ -7,7 +7,6 @@ ROE_SCREENSHOT=docs/screenshot.png ROE_APP_TEST_MODEL=embedded refreshes the REA
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -23,14 +22,8 @@ SCREENSHOT = Path(os.environ.get("ROE_SCREENSHOT") or REPO / "tests" / "artifact
 pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")   # gradio's queue, pandas 3
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def url():
+def url(free_port):
     if not Path(CHROMIUM).exists():
         pytest.skip("install Chromium: apt-get install -y chromium")
     from app.ui import build_demo, launch_options

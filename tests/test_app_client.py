@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import socket
 import struct
 import threading
 import zlib
@@ -30,14 +29,8 @@ pytestmark = [pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
 handle_file = gradio_client.handle_file
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server():
+def server(free_port):
     from app.ui import build_demo, launch_options
 
     pipe = RoEPipeline.load("tiny")
