@@ -61,8 +61,9 @@ def _batches(xs, size):
 
 
 def evaluate(pipe: RoEPipeline, qs: list[Question], route: str, batch_size: int, max_new_tokens: int):
+    from tqdm.auto import tqdm
     preds, traces = [], []
-    for chunk in _batches(qs, batch_size):
+    for chunk in tqdm(_batches(qs, batch_size), desc=f"accuracy, {route} route", unit="batch"):
         answers = pipe.answer_batch([(q.image, q.question, q.history) for q in chunk], route=route,
                                     max_new_tokens=max_new_tokens)
         preds += [a.text for a in answers]
@@ -73,8 +74,9 @@ def evaluate(pipe: RoEPipeline, qs: list[Question], route: str, batch_size: int,
 
 def time_rounds(pipe: RoEPipeline, batches, repeats: int, max_new_tokens: int) -> dict[str, list[float]]:
     """Seconds per round over all batches, RoE and dense interleaved; one untimed warm-up round each."""
+    from tqdm.auto import tqdm
     times = {"auto": [], "dense": []}
-    for r in range(repeats + 1):
+    for r in tqdm(range(repeats + 1), desc=f"timing, batches of {batches[0].input_ids.shape[0]}", unit="round"):
         for route in ("auto", "dense"):
             t0 = time.perf_counter()
             for b in batches:
