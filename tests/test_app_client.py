@@ -205,7 +205,7 @@ def test_changing_the_image_starts_a_new_conversation(url, files):
     assert r["trace"]["turn"] == 1 and texts(r["chat"])[0] == "two?"
     scene = c.predict(api_name="/new_scene")
     out = dict(zip(VIEWS + ["image", "question"], scene))
-    assert out["chat"] == [] and out["question"].endswith("?") and "New scene" in out["status"]
+    assert out["chat"] == [] and out["question"].strip() and "New scene" in out["status"]   # some are imperative
     r = ask(c, out["image"], out["question"])
     assert r["trace"]["turn"] == 1 and texts(r["chat"])[0] == out["question"]
 
