@@ -655,12 +655,42 @@ def evaluate_routes(roe_dir: str, n: int = 200) -> dict:
     return res
 
 
+def skip_probe(n: int = 8, seeds: int = 3) -> dict:
+    """How fragile the decoder is to skipping: answer CE on n val conversations with every layer, and
+    with random hard routes at P(skip) = 0.3 (stage 0 of RoE) through fresh adapters, Xavier-initialised
+    (the method) or zero-initialised up-projections (a plain skip)."""
+    from .model import RoEModel
+    from .scenes import make_split, render
+    from .train import RouteSchedule, TrainConfig, roe_loss
+    base, tok = build_base(None)
+    enc = make_encoder(base, tok)
+    samples = make_split("val", n)
+    batch = enc.collate([enc.encode([(qa.question, qa.answer) for qa in s.turns]) for s in samples],
+                        [render(s.scene, 256) for s in samples])
+    torch.manual_seed(0)
+    roe = RoEModel(base)
+    schedule = RouteSchedule(TrainConfig(steps=100, rho=0.3))
+    out = {}
+    with torch.no_grad():
+        out["dense_ce"] = roe_loss(roe, batch, lambda i, lg: torch.zeros(lg.shape[:2]), 0.3, 1.0)["ce"].item()
+        for init in ("xavier", "zero_up"):
+            if init == "zero_up":
+                for a in roe.adapters:
+                    a.up.weight.zero_()
+            ces = []
+            for seed in range(seeds):
+                torch.manual_seed(seed)
+                ces.append(roe_loss(roe, batch, lambda i, lg: schedule.weights(lg, 0), 0.3, 1.0)["ce"].item())
+            out[f"random_skip30_ce_{init}"] = ces
+    return out
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=("convert", "vision", "align", "finetune", "roe", "eval"))
+    ap.add_argument("stage", choices=("convert", "vision", "align", "finetune", "roe", "eval", "skip-probe"))
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--resume", action="store_true", help="continue from the stage's last checkpoint")
     ap.add_argument("--batch-size", type=int, default=None)
@@ -694,6 +724,8 @@ def main(argv=None) -> None:
         stage_lm(args.stage, args)
     elif args.stage == "roe":
         stage_roe(args)
+    elif args.stage == "skip-probe":
+        print(json.dumps(skip_probe(), indent=1))
     else:
         base, tok = build_base(None)
         ev = evaluate(base, tok, args.n, args.split)
