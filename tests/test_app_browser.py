@@ -56,7 +56,7 @@ def test_examples_and_new_scene_fill_in_an_image_and_a_question(page):
     assert page.locator("#question textarea").input_value() == "What is the colour of the cross?"
     page.locator("#new-scene").click()
     page.locator("#status").get_by_text("New scene (seed").wait_for()
-    assert page.locator("#question textarea").input_value().endswith("?")
+    assert page.locator("#question textarea").input_value().strip()   # a suggested question (some are imperative)
 
 
 def test_upload_ask_and_see_the_route(page):
