@@ -601,16 +601,23 @@ def stage_roe(args) -> None:
     js = data / "train.json"
     if not js.is_file() or len(json.loads(js.read_text())) != args.n_roe_data:
         export_llava_json("train", args.n_roe_data, data, image_size=256)
-    base, tok = build_base(None)
+    lora = args.backbone == "lora" and args.backbone_lr > 0
+    # with the LoRA as the stage-2 backbone it stays a separate (trainable) peft adapter during training
+    base, tok = build_base(None, merge_lora=not lora)
+    if lora:
+        add_lora(base, ASSETS / LORA_DIR)
     torch.manual_seed(args.seed)
     model = RoEModel(base)
     model.config.base_model = "embedded"
+    model.config.rho = args.rho
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr or 4e-4,
+                      backbone_lr=args.backbone_lr if lora else 0.0, backbone="lora" if lora else "none",
+                      rho=args.rho, sparsity_weight=args.sparsity_weight, hard_routes=not args.soft_routes,
+                      save_every=args.save_every, log_every=args.log_every, bf16=True, seed=args.seed)
     model.config.extra.update(train_data=f"roe_core.scenes train split, first {args.n_roe_data} scenes",
-                              train_steps=args.steps, trained_on=TRAINED_ON)
+                              train_steps=args.steps, trained_on=TRAINED_ON,
+                              train_config={k: v for k, v in cfg.__dict__.items() if k not in ("save_every", "log_every")})
     encoder = make_encoder(base, tok)
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr or 4e-4, backbone_lr=0.0,
-                      backbone="none", save_every=args.save_every, log_every=args.log_every, bf16=True,
-                      seed=args.seed)
     out = RUNS / "roe"
     t0 = time.perf_counter()
     log = train(model, encoder, LlavaJsonDataset(js, data / "images"), cfg, out, resume=args.resume)
@@ -621,7 +628,12 @@ def stage_roe(args) -> None:
     ship.mkdir(parents=True, exist_ok=True)
     model.config.save(ship)
     _save_half(load_file(str(out / "roe.safetensors")), ship / "roe.safetensors")
-    info = {"step": args.steps, "target_steps": args.steps, "done": True, "minutes": (time.perf_counter() - t0) / 60}
+    if lora:   # the decoder's LoRA trained on in stage 2: dense and routed answers share it
+        base.model.language_model.save_pretrained(str(ASSETS / LORA_DIR))
+        (ASSETS / LORA_DIR / "README.md").unlink(missing_ok=True)
+    info = {"step": args.steps, "target_steps": args.steps, "done": True, "minutes": (time.perf_counter() - t0) / 60,
+            "backbone": cfg.backbone, "backbone_lr": cfg.backbone_lr, "rho": cfg.rho,
+            "sparsity_weight": cfg.sparsity_weight, "hard_routes": cfg.hard_routes}
     # route quality: exact match and skip ratio on val questions with the learned routes
     ev = evaluate_routes(str(ship), args.final_eval_n)
     info.update(ev)
@@ -698,6 +710,11 @@ def main(argv=None) -> None:
     ap.add_argument("--vit-lr", type=float, default=None, help="ViT LR in align/finetune (0: frozen)")
     ap.add_argument("--n-train", type=int, default=12000, help="training scenes (train split)")
     ap.add_argument("--n-roe-data", type=int, default=3000)
+    ap.add_argument("--rho", type=float, default=0.4, help="roe: target skip ratio of the hinge")
+    ap.add_argument("--sparsity-weight", type=float, default=6.0, help="roe: lambda of the hinge")
+    ap.add_argument("--backbone", choices=("lora", "none"), default="lora", help="roe: what stage 2 also trains")
+    ap.add_argument("--backbone-lr", type=float, default=2e-4, help="roe: stage-2 LR of the backbone (LoRA)")
+    ap.add_argument("--soft-routes", action="store_true", help="roe: soft mixing in stage 2 (the release's way)")
     ap.add_argument("--save-every", type=int, default=25)
     ap.add_argument("--log-every", type=int, default=5)
     ap.add_argument("--eval-every", type=int, default=100)

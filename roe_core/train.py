@@ -9,6 +9,11 @@
 | 1     | 30-50%     | softmax((logits + [b, 0]) / T), T and b annealed  | routers, routing tokens, adapters |
 | 2     | 50-100%    | b = 0, T keeps decaying to ~0.01                  | + backbone at a lower LR     |
 
+With `hard_routes` (the default) stage 2's forward takes the hard route inference will take (skip iff
+p_skip >= 0.5) and the annealed softmax only carries the gradient (straight-through). Soft mixing
+lets the hinge be met by p_skip ~ 0.45 on every layer, which inference rounds to "run": on the
+embedded model that collapsed the skip ratio from 0.34 (soft) to 0.05 (hard).
+
 Checkpoints (every --save-every steps and at the end) are safetensors + JSON only, in --out:
 roe_config.json + roe.safetensors (the RoE parts), backbone.safetensors (when the backbone trains),
 optimizer.safetensors + trainer_state.json (to resume with --resume).
@@ -56,6 +61,7 @@ class TrainConfig:
     save_every: int = 100
     log_every: int = 10
     bf16: bool = False
+    hard_routes: bool = True         # stage 2: hard forward, straight-through gradient (see the docstring)
 
 
 class RouteSchedule:
@@ -85,7 +91,11 @@ class RouteSchedule:
             u = torch.rand(logits.shape, device=logits.device)
             return (u[..., 1] > u[..., 0] + self.b0).to(logits.dtype)
         bias = torch.tensor([self.bias(step), 0.0], device=logits.device, dtype=torch.float32)
-        return ((logits.float() + bias) / self.temperature(step)).softmax(-1)[..., 1].to(logits.dtype)
+        soft = ((logits.float() + bias) / self.temperature(step)).softmax(-1)[..., 1]
+        if self.stage(step) == 2 and self.cfg.hard_routes:
+            hard = (soft >= 0.5).float()               # the inference rule: run iff p_run > 0.5
+            soft = hard + soft - soft.detach()         # value: the hard route; gradient: the softmax
+        return soft.to(logits.dtype)
 
 
 def roe_loss(model: RoEModel, batch, w_skip_fn, rho: float, lam: float) -> dict[str, Tensor]:
@@ -294,6 +304,9 @@ def main(argv=None) -> None:
     for f in TrainConfig.__dataclass_fields__.values():
         if f.name == "bf16":
             ap.add_argument("--bf16", action="store_true", help="bf16 autocast")
+        elif f.name == "hard_routes":
+            ap.add_argument("--soft-routes", dest="hard_routes", action="store_false",
+                            help="stage 2 mixes both paths softly instead of taking the hard route")
         else:
             ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     args = ap.parse_args(argv)

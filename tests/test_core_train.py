@@ -42,6 +42,23 @@ def test_schedule_follows_the_method():
     assert w.mean().item() == pytest.approx(0.3, abs=0.01)
 
 
+def test_stage2_takes_the_inference_route_with_straight_through_gradients():
+    s = RouteSchedule(TrainConfig(steps=1000, rho=0.3))
+    logits = torch.tensor([[[0.3, 0.0], [0.0, 0.3], [2.0, 2.0]]], requires_grad=True)   # (1, 3, 2) [run, skip]
+    w = s.weights(logits, step=700)
+    # value: exactly the inference decision (skip iff p_run <= 0.5, i.e. not logit_run > logit_skip)
+    assert w.tolist() == [[0.0, 1.0, 1.0]]
+    # gradient: that of the annealed softmax, not zero as through a plain threshold
+    w.sum().backward()
+    T = s.temperature(700)
+    p = ((logits.detach() / T).softmax(-1))[..., 1]
+    torch.testing.assert_close(logits.grad[..., 1], p * (1 - p) / T)
+    # soft mixing when asked (the release's way); stage 1 is always soft
+    soft = RouteSchedule(TrainConfig(steps=1000, rho=0.3, hard_routes=False)).weights(logits.detach(), step=700)
+    assert 0.0 < soft[0, 0].item() < 0.5 < soft[0, 1].item() < 1.0 and soft[0, 2].item() == pytest.approx(0.5)
+    assert 0.0 < s.weights(torch.tensor([[[0.01, 0.0]]]), step=400).item() < 1.0
+
+
 def test_dataset_reads_llava_json(toy_data):
     path, images = toy_data
     ds = LlavaJsonDataset(path, images)
@@ -60,8 +77,9 @@ def test_training_lowers_the_loss_and_resumes(toy_data, tmp_path):
     dense = lambda i, lg: torch.zeros(lg.shape[:2])              # noqa: E731  every layer runs
     with torch.no_grad():
         before = roe_loss(model, batch, dense, 0.3, 1.0)["ce"].item()
+    # soft routes: the loss checked below is the dense one, which hard routes do not train directly
     cfg = TrainConfig(steps=12, batch_size=8, lr=3e-3, backbone_lr=3e-3, save_every=6, log_every=3,
-                      stage1_start=0.0, stage2_start=0.0)
+                      stage1_start=0.0, stage2_start=0.0, hard_routes=False)
     train(model, enc, ds, cfg, tmp_path, progress=False)
     with torch.no_grad():
         after = roe_loss(model, batch, dense, 0.3, 1.0)["ce"].item()
