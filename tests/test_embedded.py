@@ -79,7 +79,12 @@ def test_shipped_roe_parts_route(loaded):
         pytest.skip("the roe stage is not shipped yet (no assets/embedded/roe)")
     from roe_core.model import RoEModel
     from roe_core.pipeline import RoEPipeline
+    from roe_core.scenes import answers_match
     pipe = RoEPipeline(RoEModel.from_roe_folder(base, roe_dir), embedded.make_encoder(base, tok), extra)
-    (o, q, _), = FIXED[:1]
-    ans = pipe.answer(embedded_image(o), q, route="auto", max_new_tokens=8, trace_l1=False, dense_l1=False)
-    assert ans.text and len(ans.trace.route) == 30
+    answers = pipe.answer_batch([(embedded_image(o), q, ()) for o, q, _ in FIXED], route="auto", max_new_tokens=12)
+    got = [(q, gold, a.text, a.trace.layers_executed) for (_, q, gold), a in zip(FIXED, answers)]
+    assert all(len(a.trace.route) == 30 for a in answers)
+    # the shipped routers really skip (about a third of the layers), and the answers survive it
+    skipped = sum(a.trace.skip_ratio for a in answers) / len(answers)
+    assert 0.2 <= skipped <= 0.6, json.dumps(got, indent=1)
+    assert sum(answers_match(a, g) for _, g, a, _ in got) >= len(FIXED) - 1, json.dumps(got, indent=1)
