@@ -20,7 +20,8 @@ learning curves in assets/embedded/logs/<stage>.jsonl):
     python -m roe_core.embedded vision   --steps 800    # ViT alone on scene_targets (no decoder)
     python -m roe_core.embedded align    --steps 60     # projector (+ViT, low LR) through the frozen decoder
     python -m roe_core.embedded finetune --steps 240    # LoRA on the decoder + projector + ViT
-    python -m roe_core.embedded roe      --steps 200    # RoE routers + adapters (roe_core.train)
+    python -m roe_core.embedded roe      --steps 900    # RoE routers + adapters + LoRA (roe_core.train)
+    python -m roe_core.embedded refine   --steps 200    # stage 2 continued, T = 1, lambda 1: routes per example
     python -m roe_core.embedded eval     --n 200        # exact match on a split, dense route
     (add --resume to continue a stage from its last checkpoint)
 """
@@ -51,7 +52,7 @@ CACHE_NAME = "smollm2-135m-instruct"
 IMAGE_TOKEN = "<file_sep>"     # an atomic added token of SmolLM2's vocab (StarCoder heritage), id 5
 SYSTEM_PROMPT = "Answer briefly."
 TRAINED_ON = "procedurally generated scenes (shapes, colours, counts, positions) — not a photo model"
-STAGES = ("vision", "align", "finetune", "roe")
+STAGES = ("vision", "align", "finetune", "roe", "refine")
 IMAGE_SIZE = 64
 VISION = dict(image_size=IMAGE_SIZE, patch_size=8, hidden_size=192, intermediate_size=768,
               num_hidden_layers=4, num_attention_heads=3, projection_dim=192)
@@ -595,12 +596,9 @@ def stage_lm(stage: str, args) -> None:
 
 def stage_roe(args) -> None:
     from .model import RoEModel
-    from .scenes import export_llava_json
     from .train import LlavaJsonDataset, TrainConfig, train
-    data = RUNS / "data"
-    js = data / "train.json"
-    if not js.is_file() or len(json.loads(js.read_text())) != args.n_roe_data:
-        export_llava_json("train", args.n_roe_data, data, image_size=256)
+    js = _roe_data(args.n_roe_data)
+    data = js.parent
     lora = args.backbone == "lora" and args.backbone_lr > 0
     # with the LoRA as the stage-2 backbone it stays a separate (trainable) peft adapter during training
     base, tok = build_base(None, merge_lora=not lora)
@@ -640,6 +638,59 @@ def stage_roe(args) -> None:
     write_state("roe", **info)
     log_row("roe_eval", ev)
     print("roe:", json.dumps(ev, indent=1))
+
+
+def _roe_data(n: int) -> Path:
+    from .scenes import export_llava_json
+    data = RUNS / "data"
+    js = data / "train.json"
+    if not js.is_file() or len(json.loads(js.read_text())) != n:
+        export_llava_json("train", n, data, image_size=256)
+    return js
+
+
+def stage_refine(args) -> None:
+    """Stage 2 continued from the shipped `roe` result, with the routers kept learning.
+
+    The `roe` stage pushes every sample to rho with lambda 6 while T anneals to 0.01, which freezes
+    the routers (p(1-p)/T vanishes): it ends with one route for every input (router outputs vary by
+    ~0.01 across examples). Here T stays 1, every step takes the hard route (straight-through), and
+    lambda = 1: the hinge weight exp(-5 CE_i) lets a sample the route hurts keep its layers while easy
+    ones skip. Routers, routing tokens, adapters and the decoder's LoRA train together, so the
+    decoder follows the routes as they spread out."""
+    from .model import RoEModel
+    from .train import LlavaJsonDataset, TrainConfig, train
+    js = _roe_data(args.n_roe_data)
+    lora = args.backbone == "lora" and args.backbone_lr > 0
+    base, tok = build_base(None, merge_lora=not lora)
+    if lora:
+        add_lora(base, ASSETS / LORA_DIR)
+    model = RoEModel.from_roe_folder(base, ASSETS / "roe")
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr or 1e-3,
+                      backbone_lr=args.backbone_lr if lora else 0.0, backbone="lora" if lora else "none",
+                      rho=args.rho, sparsity_weight=args.sparsity_weight, stage1_start=0.0, stage2_start=0.0,
+                      t0=1.0, t_decay=1.0, save_every=args.save_every, log_every=args.log_every, bf16=True,
+                      seed=args.seed)
+    model.config.extra["refine_config"] = {k: v for k, v in cfg.__dict__.items() if k not in ("save_every", "log_every")}
+    out = RUNS / "refine"
+    t0 = time.perf_counter()
+    train(model, make_encoder(base, tok), LlavaJsonDataset(js, js.parent / "images"), cfg, out, resume=args.resume)
+    LOGS.mkdir(parents=True, exist_ok=True)
+    shutil.copy(out / "train_log.jsonl", LOGS / "refine.jsonl")
+    ship = ASSETS / "roe"
+    model.config.save(ship)
+    _save_half(load_file(str(out / "roe.safetensors")), ship / "roe.safetensors")
+    if lora:
+        base.model.language_model.save_pretrained(str(ASSETS / LORA_DIR))
+        (ASSETS / LORA_DIR / "README.md").unlink(missing_ok=True)
+    info = {"step": args.steps, "target_steps": args.steps, "done": True, "minutes": (time.perf_counter() - t0) / 60,
+            "rho": cfg.rho, "sparsity_weight": cfg.sparsity_weight, "lr": cfg.lr, "backbone": cfg.backbone,
+            "backbone_lr": cfg.backbone_lr}
+    ev = evaluate_routes(str(ship), args.final_eval_n)
+    info.update(ev)
+    write_state("refine", **info)
+    log_row("refine_eval", ev)
+    print("refine:", json.dumps(ev, indent=1))
 
 
 def evaluate_routes(roe_dir: str, n: int = 200) -> dict:
@@ -702,18 +753,18 @@ def skip_probe(n: int = 8, seeds: int = 3) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=("convert", "vision", "align", "finetune", "roe", "eval", "skip-probe"))
+    ap.add_argument("stage", choices=("convert", "vision", "align", "finetune", "roe", "refine", "eval", "skip-probe"))
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--resume", action="store_true", help="continue from the stage's last checkpoint")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--vit-lr", type=float, default=None, help="ViT LR in align/finetune (0: frozen)")
     ap.add_argument("--n-train", type=int, default=12000, help="training scenes (train split)")
-    ap.add_argument("--n-roe-data", type=int, default=3000)
+    ap.add_argument("--n-roe-data", type=int, default=6000)
     ap.add_argument("--rho", type=float, default=0.4, help="roe: target skip ratio of the hinge")
-    ap.add_argument("--sparsity-weight", type=float, default=6.0, help="roe: lambda of the hinge")
+    ap.add_argument("--sparsity-weight", type=float, default=None, help="lambda of the hinge (roe: 6, refine: 1)")
     ap.add_argument("--backbone", choices=("lora", "none"), default="lora", help="roe: what stage 2 also trains")
-    ap.add_argument("--backbone-lr", type=float, default=2e-4, help="roe: stage-2 LR of the backbone (LoRA)")
+    ap.add_argument("--backbone-lr", type=float, default=None, help="stage-2 LR of the backbone LoRA (roe: 2e-4, refine: 1e-4)")
     ap.add_argument("--soft-routes", action="store_true", help="roe: soft mixing in stage 2 (the release's way)")
     ap.add_argument("--save-every", type=int, default=25)
     ap.add_argument("--log-every", type=int, default=5)
@@ -726,11 +777,15 @@ def main(argv=None) -> None:
     ap.add_argument("--force", action="store_true", help="convert: redo the conversion")
     args = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("ROE_THREADS", "2")))
-    defaults = {"vision": (800, 96), "align": (60, 12), "finetune": (240, 12), "roe": (200, 8)}
+    defaults = {"vision": (800, 96), "align": (60, 12), "finetune": (240, 12), "roe": (900, 8), "refine": (200, 8)}
     if args.stage in defaults:
         s, b = defaults[args.stage]
         args.steps = args.steps or s
         args.batch_size = args.batch_size or b
+    if args.backbone_lr is None:
+        args.backbone_lr = 1e-4 if args.stage == "refine" else 2e-4
+    if args.sparsity_weight is None:
+        args.sparsity_weight = 1.0 if args.stage == "refine" else 6.0
     if args.vit_lr is None:
         args.vit_lr = {"align": 1e-4, "finetune": 1e-4}.get(args.stage, 0.0)
     if args.stage == "convert":
@@ -741,6 +796,8 @@ def main(argv=None) -> None:
         stage_lm(args.stage, args)
     elif args.stage == "roe":
         stage_roe(args)
+    elif args.stage == "refine":
+        stage_refine(args)
     elif args.stage == "skip-probe":
         print(json.dumps(skip_probe(), indent=1))
     else:

@@ -62,6 +62,7 @@ class TrainConfig:
     log_every: int = 10
     bf16: bool = False
     hard_routes: bool = True         # stage 2: hard forward, straight-through gradient (see the docstring)
+    routers_only: bool = False       # train only routers + routing tokens (refining trained parts)
 
 
 class RouteSchedule:
@@ -165,10 +166,16 @@ def backbone_parameters(model: RoEModel, which: str) -> list[torch.nn.Parameter]
     raise ValueError(f"backbone must be language_model, lora or none, not {which!r}")
 
 
-def set_trainable(model: RoEModel, stage: int, backbone: list) -> None:
-    """Stage 0: adapters. Stage 1: + routers and routing tokens. Stage 2: + backbone."""
+def set_trainable(model: RoEModel, stage: int, backbone: list, routers_only: bool = False) -> None:
+    """Stage 0: adapters. Stage 1: + routers and routing tokens. Stage 2: + backbone.
+    routers_only: the routers and routing tokens alone, in every stage."""
     for p in model.parameters():
         p.requires_grad_(False)
+    if routers_only:
+        for p in model.routers.parameters():
+            p.requires_grad_(True)
+        model.routing_tokens.requires_grad_(True)
+        return
     for p in model.adapters.parameters():
         p.requires_grad_(True)
     if stage >= 1:
@@ -264,7 +271,7 @@ def train(model: RoEModel, encoder: ConversationEncoder, dataset: Dataset, cfg: 
         for batch in batches:
             if step >= cfg.steps:
                 break
-            set_trainable(core, schedule.stage(step), backbone)
+            set_trainable(core, schedule.stage(step), backbone, cfg.routers_only)
             with accelerator.autocast():
                 stats = roe_loss(core, batch, lambda i, lg: schedule.weights(lg, step), cfg.rho, cfg.sparsity_weight)
             accelerator.backward(stats["loss"])
@@ -304,6 +311,9 @@ def main(argv=None) -> None:
     for f in TrainConfig.__dataclass_fields__.values():
         if f.name == "bf16":
             ap.add_argument("--bf16", action="store_true", help="bf16 autocast")
+        elif f.name == "routers_only":
+            ap.add_argument("--routers-only", action="store_true",
+                            help="train only the routers and routing tokens (e.g. refining --roe parts)")
         elif f.name == "hard_routes":
             ap.add_argument("--soft-routes", dest="hard_routes", action="store_false",
                             help="stage 2 mixes both paths softly instead of taking the hard route")

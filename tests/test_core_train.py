@@ -9,7 +9,7 @@ from roe_core import scenes
 from roe_core.conversation import ConversationEncoder
 from roe_core.model import RoEModel
 from roe_core.tiny import tiny_llava
-from roe_core.train import LlavaJsonDataset, RouteSchedule, TrainConfig, roe_loss, train
+from roe_core.train import LlavaJsonDataset, RouteSchedule, TrainConfig, roe_loss, set_trainable, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -57,6 +57,22 @@ def test_stage2_takes_the_inference_route_with_straight_through_gradients():
     soft = RouteSchedule(TrainConfig(steps=1000, rho=0.3, hard_routes=False)).weights(logits.detach(), step=700)
     assert 0.0 < soft[0, 0].item() < 0.5 < soft[0, 1].item() < 1.0 and soft[0, 2].item() == pytest.approx(0.5)
     assert 0.0 < s.weights(torch.tensor([[[0.01, 0.0]]]), step=400).item() < 1.0
+
+
+def test_what_each_stage_trains():
+    model, _ = fresh()
+    backbone = list(model.lm.parameters())
+
+    def trainable():
+        return {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    set_trainable(model, 0, backbone)
+    assert trainable() == {"adapters"}
+    set_trainable(model, 1, backbone)
+    assert trainable() == {"adapters", "routers", "routing_tokens"}
+    set_trainable(model, 2, backbone)
+    assert trainable() == {"adapters", "routers", "routing_tokens", "base"}
+    set_trainable(model, 2, backbone, routers_only=True)
+    assert trainable() == {"routers", "routing_tokens"}
 
 
 def test_dataset_reads_llava_json(toy_data):
