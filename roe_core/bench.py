@@ -41,10 +41,10 @@ class Question:
     qtype: str
 
 
-def test_questions(n: int, image_size: int = 256) -> list[Question]:
-    """The first n questions of the fixed test split, each with its conversation so far (gold answers)."""
+def test_questions(n: int, image_size: int = 256, split: str = "test") -> list[Question]:
+    """The first n questions of a fixed split (test by default), each with its conversation so far (gold answers)."""
     out = []
-    for seed in scenes.split_seeds("test", n):   # every sample has >= 1 turn: n samples suffice
+    for seed in scenes.split_seeds(split, n):   # every sample has >= 1 turn: n samples suffice
         if len(out) >= n:
             break
         s = scenes.make_sample(seed)
@@ -60,19 +60,21 @@ def _batches(xs, size):
     return [xs[i:i + size] for i in range(0, len(xs), size)]
 
 
-def evaluate(pipe: RoEPipeline, qs: list[Question], route: str, batch_size: int, max_new_tokens: int):
+def evaluate(pipe: RoEPipeline, qs: list[Question], route: str, batch_size: int, max_new_tokens: int,
+             threshold: float | None = None):
     from tqdm.auto import tqdm
     preds, traces = [], []
     for chunk in tqdm(_batches(qs, batch_size), desc=f"accuracy, {route} route", unit="batch"):
         answers = pipe.answer_batch([(q.image, q.question, q.history) for q in chunk], route=route,
-                                    max_new_tokens=max_new_tokens)
+                                    threshold=threshold, max_new_tokens=max_new_tokens)
         preds += [a.text for a in answers]
         traces += [a.trace for a in answers]
     correct = [scenes.answers_match(p, q.gold) for p, q in zip(preds, qs)]
     return preds, correct, traces
 
 
-def time_rounds(pipe: RoEPipeline, batches, repeats: int, max_new_tokens: int) -> dict[str, list[float]]:
+def time_rounds(pipe: RoEPipeline, batches, repeats: int, max_new_tokens: int,
+                threshold: float | None = None) -> dict[str, list[float]]:
     """Seconds per round over all batches, RoE and dense interleaved; one untimed warm-up round each."""
     from tqdm.auto import tqdm
     times = {"auto": [], "dense": []}
@@ -80,7 +82,7 @@ def time_rounds(pipe: RoEPipeline, batches, repeats: int, max_new_tokens: int) -
         for route in ("auto", "dense"):
             t0 = time.perf_counter()
             for b in batches:
-                generate(pipe.model, b, route, max_new_tokens, pipe.encoder.stop_ids)
+                generate(pipe.model, b, route, max_new_tokens, pipe.encoder.stop_ids, threshold)
             if pipe.device.type == "cuda":
                 torch.cuda.synchronize()
             if r > 0:
@@ -116,7 +118,7 @@ def ideal_speedups(pipe: RoEPipeline, traces, qs_tokens: list[tuple[int, int]]) 
 
 def run(model: str = "embedded", roe: str | None = None, n: int = 1008, quick: bool = False,
         out: str | Path = "bench", device: str = "auto", max_new_tokens: int = 24, repeats: int = 5,
-        timing_n: int = 48, batch_size: int = 16) -> dict:
+        timing_n: int = 48, batch_size: int = 16, threshold: float | None = None) -> dict:
     if quick:
         n, repeats, timing_n = min(n, 24), 2, 8
     torch.manual_seed(0)
@@ -124,14 +126,14 @@ def run(model: str = "embedded", roe: str | None = None, n: int = 1008, quick: b
     qs = test_questions(n)
     t0 = time.perf_counter()
     d_pred, d_ok, d_tr = evaluate(pipe, qs, "dense", batch_size, max_new_tokens)
-    r_pred, r_ok, r_tr = evaluate(pipe, qs, "auto", batch_size, max_new_tokens)
+    r_pred, r_ok, r_tr = evaluate(pipe, qs, "auto", batch_size, max_new_tokens, threshold)
     eval_s = time.perf_counter() - t0
 
     # speed: the first timing_n questions, one at a time and in batches of 16 (mixed routes)
     tq = qs[:timing_n]
     items = [(q.image, q.question, q.history) for q in tq]
-    bs1 = time_rounds(pipe, [pipe.batch([it]) for it in items], repeats, max_new_tokens)
-    bs16 = time_rounds(pipe, [pipe.batch(c) for c in _batches(items, 16)], repeats, max_new_tokens)
+    bs1 = time_rounds(pipe, [pipe.batch([it]) for it in items], repeats, max_new_tokens, threshold)
+    bs16 = time_rounds(pipe, [pipe.batch(c) for c in _batches(items, 16)], repeats, max_new_tokens, threshold)
     routes16 = {tuple(t.route) for t in r_tr[:timing_n]}
     med = {k: {r: statistics.median(v) for r, v in d.items()} for k, d in (("bs1", bs1), ("bs16", bs16))}
 
@@ -150,6 +152,7 @@ def run(model: str = "embedded", roe: str | None = None, n: int = 1008, quick: b
         "dtype": pipe.info.get("dtype"), "cpu_threads": torch.get_num_threads(),
         "machine": platform.machine(), "quick": quick, "n_questions": len(qs),
         "max_new_tokens": max_new_tokens, "num_layers": L, "eval_seconds": eval_s,
+        "threshold": pipe.model.config.threshold if threshold is None else threshold,
         "dense": {"accuracy": statistics.mean(d_ok), "layers_executed": L},
         "roe": {
             "accuracy": statistics.mean(r_ok),
@@ -192,7 +195,7 @@ def run(model: str = "embedded", roe: str | None = None, n: int = 1008, quick: b
 def markdown(r: dict) -> str:
     lines = [
         f"# RoE benchmark ({r['model']}, {r['device']}, {r['dtype']}, {r['n_questions']} test questions"
-        f"{', quick' if r['quick'] else ''})", "",
+        f"{', quick' if r['quick'] else ''}, router threshold {r['threshold']:g})", "",
         "| | dense | RoE |", "|---|---|---|",
         f"| accuracy (exact match) | {r['dense']['accuracy']:.3f} | {r['roe']['accuracy']:.3f} |",
         f"| layers executed (mean of {r['num_layers']}) | {r['num_layers']} | {r['roe']['layers_executed']:.2f} |",
@@ -223,9 +226,11 @@ def main(argv=None) -> None:
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--timing-n", type=int, default=48)
+    ap.add_argument("--threshold", type=float, default=None,
+                    help="run a layer iff p_run > this (default: the RoE parts' own, roe_config.json)")
     args = ap.parse_args(argv)
     r = run(args.model, args.roe, args.n, args.quick, args.out, args.device, args.max_new_tokens,
-            args.repeats, args.timing_n)
+            args.repeats, args.timing_n, threshold=args.threshold)
     print(markdown(r))
 
 

@@ -718,6 +718,35 @@ def evaluate_routes(roe_dir: str, n: int = 200) -> dict:
     return res
 
 
+def calibrate(n: int = 240, thresholds=(0.5, 0.49, 0.48, 0.47, 0.46, 0.45, 0.4), min_skip: float = 0.3) -> dict:
+    """Chooses the router threshold (run a layer iff p_run > t) on the *validation* split: the most
+    accurate t whose mean skip ratio is still >= min_skip (0.5, the plain logit comparison, if none is).
+    Writes it into assets/embedded/roe/roe_config.json; the benchmark then measures it on test."""
+    from .bench import evaluate, test_questions
+    from .model import RoEConfig
+    from .pipeline import RoEPipeline
+    pipe = RoEPipeline.load("embedded", device="cpu", dtype="float32")
+    qs = test_questions(n, split="val")
+    _, dense_ok, _ = evaluate(pipe, qs, "dense", 16, 24)
+    rows = []
+    for t in thresholds:
+        _, ok, traces = evaluate(pipe, qs, "auto", 16, 24, threshold=t)
+        rows.append({"threshold": t, "accuracy": sum(ok) / len(ok),
+                     "skip_ratio": sum(tr.skip_ratio for tr in traces) / len(traces),
+                     "distinct_routes": len({tuple(tr.route) for tr in traces})})
+        print(json.dumps(rows[-1]))
+    ok_rows = [r for r in rows if r["skip_ratio"] >= min_skip]
+    best = max(ok_rows, key=lambda r: (r["accuracy"], r["skip_ratio"])) if ok_rows else rows[0]
+    cfg = RoEConfig.load(ASSETS / "roe")
+    cfg.threshold = best["threshold"]
+    cfg.extra["threshold_calibration"] = {"split": "val", "n": len(qs), "min_skip": min_skip, "chosen": best["threshold"]}
+    cfg.save(ASSETS / "roe")
+    out = {"n": len(qs), "dense_accuracy": sum(dense_ok) / len(dense_ok), "sweep": rows, "chosen": best}
+    write_state("calibrate", **out)
+    log_row("calibrate", out)
+    return out
+
+
 def skip_probe(n: int = 8, seeds: int = 3) -> dict:
     """How fragile the decoder is to skipping: answer CE on n val conversations with every layer, and
     with random hard routes at P(skip) = 0.3 (stage 0 of RoE) through fresh adapters, Xavier-initialised
@@ -748,12 +777,40 @@ def skip_probe(n: int = 8, seeds: int = 3) -> dict:
     return out
 
 
+def layer_skip_probe(n: int = 16) -> dict:
+    """Answer CE on n val conversations with one decoder layer skipped at a time, through the shipped
+    adapter and as a plain skip (identity); then the k layers cheapest alone skipped together."""
+    from .model import RoEModel
+    from .scenes import make_split, render
+    from .train import roe_loss
+    base, tok = build_base(None)
+    enc = make_encoder(base, tok)
+    samples = make_split("val", n)
+    batch = enc.collate([enc.encode([(qa.question, qa.answer) for qa in s.turns]) for s in samples],
+                        [render(s.scene, 256) for s in samples])
+    roe = RoEModel.from_roe_folder(base, ASSETS / "roe").float()
+    ups = [a.up.weight.detach().clone() for a in roe.adapters]
+
+    def ce(skip: set[int], plain: bool = False) -> float:
+        for a, w in zip(roe.adapters, ups):
+            a.up.weight.data.copy_(w.mul(0) if plain else w)   # zero up-projection: x + 0, a plain skip
+        fixed = lambda i, lg: torch.full(lg.shape[:2], float(i in skip))   # noqa: E731
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return roe_loss(roe, batch, fixed, 0.3, 1.0)["ce"].item()
+
+    single = [{"layer": i, "adapter": ce({i}), "plain": ce({i}, True)} for i in range(roe.num_layers)]
+    order = sorted(range(roe.num_layers), key=lambda i: min(single[i]["adapter"], single[i]["plain"]))
+    together = {k: {"layers": sorted(order[:k]), "adapter": ce(set(order[:k])), "plain": ce(set(order[:k]), True)}
+                for k in (3, 6, 9, 12)}
+    return {"dense_ce": ce(set()), "single": single, "cheapest_together": together}
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=("convert", "vision", "align", "finetune", "roe", "refine", "eval", "skip-probe"))
+    ap.add_argument("stage", choices=("convert", "vision", "align", "finetune", "roe", "refine", "calibrate", "eval", "skip-probe"))
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--resume", action="store_true", help="continue from the stage's last checkpoint")
     ap.add_argument("--batch-size", type=int, default=None)
@@ -775,6 +832,8 @@ def main(argv=None) -> None:
     ap.add_argument("--split", default="val")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="convert: redo the conversion")
+    ap.add_argument("--calibrate-n", type=int, default=240, help="calibrate: validation questions")
+    ap.add_argument("--per-layer", action="store_true", help="skip-probe: one layer at a time, shipped adapters")
     args = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("ROE_THREADS", "2")))
     defaults = {"vision": (800, 96), "align": (60, 12), "finetune": (240, 12), "roe": (900, 8), "refine": (200, 8)}
@@ -798,8 +857,10 @@ def main(argv=None) -> None:
         stage_roe(args)
     elif args.stage == "refine":
         stage_refine(args)
+    elif args.stage == "calibrate":
+        print(json.dumps(calibrate(args.calibrate_n), indent=1))
     elif args.stage == "skip-probe":
-        print(json.dumps(skip_probe(), indent=1))
+        print(json.dumps(layer_skip_probe() if args.per_layer else skip_probe(), indent=1))
     else:
         base, tok = build_base(None)
         ev = evaluate(base, tok, args.n, args.split)

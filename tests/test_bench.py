@@ -23,3 +23,12 @@ def test_quick_bench_writes_every_key(tmp_path):
     assert sum(v["n"] for v in saved["by_type"].values()) == 24
     assert set(saved["by_type"]) <= set(bench.scenes.QTYPES)
     assert (tmp_path / "results.md").read_text().startswith("# RoE benchmark")
+    assert saved["threshold"] == 0.5
+
+
+def test_bench_threshold_moves_the_routes(tmp_path):
+    # p_run is a probability: a threshold of 1 skips every layer, 0 runs every one
+    hi = bench.run(model="tiny", quick=True, out=tmp_path / "hi", n=4, timing_n=1, max_new_tokens=2, threshold=1.0)
+    lo = bench.run(model="tiny", quick=True, out=tmp_path / "lo", n=4, timing_n=1, max_new_tokens=2, threshold=0.0)
+    assert hi["threshold"] == 1.0 and hi["roe"]["skip_ratio"] == 1.0
+    assert lo["roe"]["skip_ratio"] == 0.0 and lo["roe"]["accuracy"] == lo["dense"]["accuracy"]
