@@ -147,7 +147,7 @@ def build_demo(pipe: RoEPipeline, max_new_tokens: int = 48, speed_repeats: int =
                     layers = gr.CheckboxGroup([(str(i), i) for i in range(L)], value=list(range(L)),
                                               label="Layers to execute (unticked: skipped through the adapter; "
                                                     "filled in with the last route)", elem_id="whatif-layers")
-                    threshold = gr.Slider(0.0, 1.0, value=0.5, step=0.01, label="Router threshold "
+                    threshold = gr.Slider(0.0, 1.0, value=pipe.threshold, step=0.01, label="Router threshold "
                                           "(a layer runs when p_run is above it)")
                     whatif_btn = gr.Button("Re-answer the last question", variant="primary", elem_id="whatif-go")
                 with gr.Column(scale=7):

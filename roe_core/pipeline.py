@@ -58,6 +58,11 @@ class RoEPipeline:
         self.info.setdefault("dtype", str(next(model.parameters()).dtype).replace("torch.", ""))
         self.info.setdefault("num_layers", model.num_layers)
 
+    @property
+    def threshold(self) -> float:
+        """The routers' default threshold (run a layer iff p_run > it), from the RoE parts' config."""
+        return self.model.config.threshold
+
     @classmethod
     def load(cls, model: str = "embedded", roe: str | None = None, device: str | None = "auto",
              dtype: str | torch.dtype | None = None, seed: int = 0) -> "RoEPipeline":

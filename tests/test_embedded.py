@@ -81,10 +81,15 @@ def test_shipped_roe_parts_route(loaded):
     from roe_core.pipeline import RoEPipeline
     from roe_core.scenes import answers_match
     pipe = RoEPipeline(RoEModel.from_roe_folder(base, roe_dir), embedded.make_encoder(base, tok), extra)
-    answers = pipe.answer_batch([(embedded_image(o), q, ()) for o, q, _ in FIXED], route="auto", max_new_tokens=12)
-    got = [(q, gold, a.text, a.trace.layers_executed) for (_, q, gold), a in zip(FIXED, answers)]
+    items = [(embedded_image(o), q, ()) for o, q, _ in FIXED]
+    answers = pipe.answer_batch(items, route="auto", max_new_tokens=12)
+    dense = pipe.answer_batch(items, route="dense", max_new_tokens=12)
+    got = [(q, gold, a.text, d.text, a.trace.layers_executed) for (_, q, gold), a, d in zip(FIXED, answers, dense)]
     assert all(len(a.trace.route) == 30 for a in answers)
-    # the shipped routers really skip (about a third of the layers), and the answers survive it
+    # the shipped routers really skip (about a third of the layers) ...
     skipped = sum(a.trace.skip_ratio for a in answers) / len(answers)
     assert 0.2 <= skipped <= 0.6, json.dumps(got, indent=1)
-    assert sum(answers_match(a, g) for _, g, a, _ in got) >= len(FIXED) - 1, json.dumps(got, indent=1)
+    # ... and lose at most one of these answers against every layer run (the benchmark: -1.1 points)
+    routed_right = sum(answers_match(a, g) for _, g, a, _, _ in got)
+    dense_right = sum(answers_match(d, g) for _, g, _, d, _ in got)
+    assert routed_right >= dense_right - 1, json.dumps(got, indent=1)
