@@ -718,25 +718,33 @@ def evaluate_routes(roe_dir: str, n: int = 200) -> dict:
     return res
 
 
+def choose_threshold(pipe, questions, thresholds, min_skip: float = 0.3) -> tuple[list[dict], dict]:
+    """Routed accuracy and skip ratio at each router threshold; the choice is the most accurate
+    threshold whose mean skip ratio is >= min_skip (ties: the one that skips more), or the first
+    threshold if none skips enough. Returns (rows, chosen row)."""
+    from .bench import evaluate
+    rows = []
+    for t in thresholds:
+        _, ok, traces = evaluate(pipe, questions, "auto", 16, 24, threshold=t)
+        rows.append({"threshold": t, "accuracy": sum(ok) / len(ok),
+                     "skip_ratio": sum(tr.skip_ratio for tr in traces) / len(traces),
+                     "distinct_routes": len({tuple(tr.route) for tr in traces})})
+        print(json.dumps(rows[-1]))
+    ok_rows = [r for r in rows if r["skip_ratio"] >= min_skip]
+    return rows, (max(ok_rows, key=lambda r: (r["accuracy"], r["skip_ratio"])) if ok_rows else rows[0])
+
+
 def calibrate(n: int = 240, thresholds=(0.5, 0.49, 0.48, 0.47, 0.46, 0.45, 0.4), min_skip: float = 0.3) -> dict:
-    """Chooses the router threshold (run a layer iff p_run > t) on the *validation* split: the most
-    accurate t whose mean skip ratio is still >= min_skip (0.5, the plain logit comparison, if none is).
-    Writes it into assets/embedded/roe/roe_config.json; the benchmark then measures it on test."""
+    """Chooses the router threshold (run a layer iff p_run > t) on the *validation* split with
+    choose_threshold and writes it into assets/embedded/roe/roe_config.json; the benchmark then
+    measures it on test."""
     from .bench import evaluate, test_questions
     from .model import RoEConfig
     from .pipeline import RoEPipeline
     pipe = RoEPipeline.load("embedded", device="cpu", dtype="float32")
     qs = test_questions(n, split="val")
     _, dense_ok, _ = evaluate(pipe, qs, "dense", 16, 24)
-    rows = []
-    for t in thresholds:
-        _, ok, traces = evaluate(pipe, qs, "auto", 16, 24, threshold=t)
-        rows.append({"threshold": t, "accuracy": sum(ok) / len(ok),
-                     "skip_ratio": sum(tr.skip_ratio for tr in traces) / len(traces),
-                     "distinct_routes": len({tuple(tr.route) for tr in traces})})
-        print(json.dumps(rows[-1]))
-    ok_rows = [r for r in rows if r["skip_ratio"] >= min_skip]
-    best = max(ok_rows, key=lambda r: (r["accuracy"], r["skip_ratio"])) if ok_rows else rows[0]
+    rows, best = choose_threshold(pipe, qs, thresholds, min_skip)
     cfg = RoEConfig.load(ASSETS / "roe")
     cfg.threshold = best["threshold"]
     cfg.extra["threshold_calibration"] = {"split": "val", "n": len(qs), "min_skip": min_skip, "chosen": best["threshold"]}

@@ -32,3 +32,19 @@ def test_bench_threshold_moves_the_routes(tmp_path):
     lo = bench.run(model="tiny", quick=True, out=tmp_path / "lo", n=4, timing_n=1, max_new_tokens=2, threshold=0.0)
     assert hi["threshold"] == 1.0 and hi["roe"]["skip_ratio"] == 1.0
     assert lo["roe"]["skip_ratio"] == 0.0 and lo["roe"]["accuracy"] == lo["dense"]["accuracy"]
+
+
+def test_threshold_choice_needs_the_skip_target():
+    from roe_core.embedded import choose_threshold
+    from roe_core.pipeline import RoEPipeline
+    pipe = RoEPipeline.load("tiny", device="cpu")
+    qs = bench.test_questions(4, image_size=32, split="val")
+    # threshold 1 skips every layer, 0 runs every one
+    rows, best = choose_threshold(pipe, qs, (1.0, 0.0), min_skip=0.5)
+    assert [r["skip_ratio"] for r in rows] == [1.0, 0.0]
+    assert best["threshold"] == 1.0                       # the only one that skips enough
+    rows, best = choose_threshold(pipe, qs, (0.0, 1.0), min_skip=1.01)
+    assert best["threshold"] == 0.0                       # none skips enough: the first
+    _, best = choose_threshold(pipe, qs, (0.0, 1.0), min_skip=0.0)
+    top = max(r["accuracy"] for r in rows)
+    assert best["accuracy"] == top and (best["skip_ratio"] == 1.0 or rows[0]["accuracy"] > rows[1]["accuracy"])
