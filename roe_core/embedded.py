@@ -594,50 +594,68 @@ def stage_lm(stage: str, args) -> None:
 # ----------------------------------------------------------------------------- stage: roe
 
 
-def stage_roe(args) -> None:
-    from .model import RoEModel
-    from .train import LlavaJsonDataset, TrainConfig, train
-    js = _roe_data(args.n_roe_data)
-    data = js.parent
+def _routed_base(args):
+    """(base, tokenizer, lora) for the RoE stages: with `--backbone lora` the decoder's LoRA stays a
+    separate, trainable peft adapter (stage 2 trains it); otherwise it is merged and frozen."""
     lora = args.backbone == "lora" and args.backbone_lr > 0
-    # with the LoRA as the stage-2 backbone it stays a separate (trainable) peft adapter during training
     base, tok = build_base(None, merge_lora=not lora)
     if lora:
         add_lora(base, ASSETS / LORA_DIR)
-    torch.manual_seed(args.seed)
-    model = RoEModel(base)
-    model.config.base_model = "embedded"
-    model.config.rho = args.rho
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr or 4e-4,
-                      backbone_lr=args.backbone_lr if lora else 0.0, backbone="lora" if lora else "none",
-                      rho=args.rho, sparsity_weight=args.sparsity_weight, hard_routes=not args.soft_routes,
-                      save_every=args.save_every, log_every=args.log_every, bf16=True, seed=args.seed)
-    model.config.extra.update(train_data=f"roe_core.scenes train split, first {args.n_roe_data} scenes",
-                              train_steps=args.steps, trained_on=TRAINED_ON,
-                              train_config={k: v for k, v in cfg.__dict__.items() if k not in ("save_every", "log_every")})
-    encoder = make_encoder(base, tok)
-    out = RUNS / "roe"
-    t0 = time.perf_counter()
-    log = train(model, encoder, LlavaJsonDataset(js, data / "images"), cfg, out, resume=args.resume)
+    return base, tok, lora
+
+
+def _stage_config(args, lora: bool, **overrides):
+    from .train import TrainConfig
+    return TrainConfig(steps=args.steps, batch_size=args.batch_size,
+                       backbone_lr=args.backbone_lr if lora else 0.0, backbone="lora" if lora else "none",
+                       rho=args.rho, sparsity_weight=args.sparsity_weight, save_every=args.save_every,
+                       log_every=args.log_every, bf16=True, seed=args.seed, **overrides)
+
+
+def _ship_routed(stage: str, model, base, cfg, out: Path, lora: bool, t0: float, args) -> None:
+    """Copies a routed stage's result into assets/embedded (RoE parts in bf16, the LoRA when it
+    trained: dense and routed answers share it), its learning curve into logs/, and records its
+    route quality on val (exact match and skip ratio, routed and dense)."""
     LOGS.mkdir(parents=True, exist_ok=True)
     if (out / "train_log.jsonl").is_file():
-        shutil.copy(out / "train_log.jsonl", LOGS / "roe.jsonl")
+        shutil.copy(out / "train_log.jsonl", LOGS / f"{stage}.jsonl")
     ship = ASSETS / "roe"
     ship.mkdir(parents=True, exist_ok=True)
     model.config.save(ship)
     _save_half(load_file(str(out / "roe.safetensors")), ship / "roe.safetensors")
-    if lora:   # the decoder's LoRA trained on in stage 2: dense and routed answers share it
+    if lora:
         base.model.language_model.save_pretrained(str(ASSETS / LORA_DIR))
-        (ASSETS / LORA_DIR / "README.md").unlink(missing_ok=True)
+        (ASSETS / LORA_DIR / "README.md").unlink(missing_ok=True)   # peft's blank model card
     info = {"step": args.steps, "target_steps": args.steps, "done": True, "minutes": (time.perf_counter() - t0) / 60,
-            "backbone": cfg.backbone, "backbone_lr": cfg.backbone_lr, "rho": cfg.rho,
-            "sparsity_weight": cfg.sparsity_weight, "hard_routes": cfg.hard_routes}
-    # route quality: exact match and skip ratio on val questions with the learned routes
+            **{k: getattr(cfg, k) for k in ("lr", "backbone", "backbone_lr", "rho", "sparsity_weight", "hard_routes")}}
     ev = evaluate_routes(str(ship), args.final_eval_n)
     info.update(ev)
-    write_state("roe", **info)
-    log_row("roe_eval", ev)
-    print("roe:", json.dumps(ev, indent=1))
+    write_state(stage, **info)
+    log_row(f"{stage}_eval", ev)
+    print(f"{stage}:", json.dumps(ev, indent=1))
+
+
+def _config_record(cfg) -> dict:
+    return {k: v for k, v in cfg.__dict__.items() if k not in ("save_every", "log_every")}
+
+
+def stage_roe(args) -> None:
+    """The three stages of roe_core.train on fresh RoE parts (+ the LoRA in stage 2)."""
+    from .model import RoEModel
+    from .train import LlavaJsonDataset, train
+    js = _roe_data(args.n_roe_data)
+    base, tok, lora = _routed_base(args)
+    torch.manual_seed(args.seed)
+    model = RoEModel(base)
+    model.config.base_model = "embedded"
+    model.config.rho = args.rho
+    cfg = _stage_config(args, lora, lr=args.lr or 4e-4, hard_routes=not args.soft_routes)
+    model.config.extra.update(train_data=f"roe_core.scenes train split, first {args.n_roe_data} scenes",
+                              train_steps=args.steps, trained_on=TRAINED_ON, train_config=_config_record(cfg))
+    out = RUNS / "roe"
+    t0 = time.perf_counter()
+    train(model, make_encoder(base, tok), LlavaJsonDataset(js, js.parent / "images"), cfg, out, resume=args.resume)
+    _ship_routed("roe", model, base, cfg, out, lora, t0, args)
 
 
 def _roe_data(n: int) -> Path:
@@ -659,38 +677,16 @@ def stage_refine(args) -> None:
     ones skip. Routers, routing tokens, adapters and the decoder's LoRA train together, so the
     decoder follows the routes as they spread out."""
     from .model import RoEModel
-    from .train import LlavaJsonDataset, TrainConfig, train
+    from .train import LlavaJsonDataset, train
     js = _roe_data(args.n_roe_data)
-    lora = args.backbone == "lora" and args.backbone_lr > 0
-    base, tok = build_base(None, merge_lora=not lora)
-    if lora:
-        add_lora(base, ASSETS / LORA_DIR)
+    base, tok, lora = _routed_base(args)
     model = RoEModel.from_roe_folder(base, ASSETS / "roe")
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr or 1e-3,
-                      backbone_lr=args.backbone_lr if lora else 0.0, backbone="lora" if lora else "none",
-                      rho=args.rho, sparsity_weight=args.sparsity_weight, stage1_start=0.0, stage2_start=0.0,
-                      t0=1.0, t_decay=1.0, save_every=args.save_every, log_every=args.log_every, bf16=True,
-                      seed=args.seed)
-    model.config.extra["refine_config"] = {k: v for k, v in cfg.__dict__.items() if k not in ("save_every", "log_every")}
+    cfg = _stage_config(args, lora, lr=args.lr or 1e-3, stage1_start=0.0, stage2_start=0.0, t0=1.0, t_decay=1.0)
+    model.config.extra["refine_config"] = _config_record(cfg)
     out = RUNS / "refine"
     t0 = time.perf_counter()
     train(model, make_encoder(base, tok), LlavaJsonDataset(js, js.parent / "images"), cfg, out, resume=args.resume)
-    LOGS.mkdir(parents=True, exist_ok=True)
-    shutil.copy(out / "train_log.jsonl", LOGS / "refine.jsonl")
-    ship = ASSETS / "roe"
-    model.config.save(ship)
-    _save_half(load_file(str(out / "roe.safetensors")), ship / "roe.safetensors")
-    if lora:
-        base.model.language_model.save_pretrained(str(ASSETS / LORA_DIR))
-        (ASSETS / LORA_DIR / "README.md").unlink(missing_ok=True)
-    info = {"step": args.steps, "target_steps": args.steps, "done": True, "minutes": (time.perf_counter() - t0) / 60,
-            "rho": cfg.rho, "sparsity_weight": cfg.sparsity_weight, "lr": cfg.lr, "backbone": cfg.backbone,
-            "backbone_lr": cfg.backbone_lr}
-    ev = evaluate_routes(str(ship), args.final_eval_n)
-    info.update(ev)
-    write_state("refine", **info)
-    log_row("refine_eval", ev)
-    print("refine:", json.dumps(ev, indent=1))
+    _ship_routed("refine", model, base, cfg, out, lora, t0, args)
 
 
 def evaluate_routes(roe_dir: str, n: int = 200) -> dict:
