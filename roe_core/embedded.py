@@ -534,12 +534,14 @@ def stage_lm(stage: str, args) -> None:
     for g in opt.param_groups:
         g["lr0"] = g["lr"]
     ck = RUNS / stage
-    start = 0
+    start = warm_from = 0
     names = {id(p): n for n, p in base.named_parameters()}
     if args.resume and (ck / "state.json").is_file():
         start = load_stage_checkpoint(ck, base, opt)
     elif args.resume:
-        start = read_state().get(stage, {}).get("step", 0)
+        # the shipped weights without their optimizer state (e.g. a fresh clone): AdamW starts
+        # afresh, so the LR warms up again from here
+        start = warm_from = read_state().get(stage, {}).get("step", 0)
     base.train()
 
     def save(step, done=False, **info):
@@ -554,7 +556,7 @@ def stage_lm(stage: str, args) -> None:
     rng = random.Random(args.seed * 1000 + start)
     step, t_last, acc_loss, acc_tok = start, time.perf_counter(), 0.0, 0.0
     while step < args.steps:
-        f = min(1.0, (step + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
+        f = min(1.0, (step - warm_from + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
         for g in opt.param_groups:
             g["lr"] = g["lr0"] * f
         idx = [rng.randrange(len(samples)) for _ in range(args.batch_size)]
@@ -609,7 +611,8 @@ def _stage_config(args, lora: bool, **overrides):
     return TrainConfig(steps=args.steps, batch_size=args.batch_size,
                        backbone_lr=args.backbone_lr if lora else 0.0, backbone="lora" if lora else "none",
                        rho=args.rho, sparsity_weight=args.sparsity_weight, save_every=args.save_every,
-                       log_every=args.log_every, bf16=True, seed=args.seed, **overrides)
+                       log_every=args.log_every, bf16=True, seed=args.seed,
+                       per_turn_sparsity=args.per_turn_sparsity, **overrides)
 
 
 def _ship_routed(stage: str, model, base, cfg, out: Path, lora: bool, t0: float, args) -> None:
@@ -696,7 +699,7 @@ def evaluate_routes(roe_dir: str, n: int = 200) -> dict:
     samples = make_split("val", n, n_turns=1)
     res = {}
     for route in ("auto", "dense"):
-        ok, skipped = 0, []
+        ok, skipped, layers = 0, [], {}
         for i in range(0, n, 25):
             chunk = samples[i:i + 25]
             ans = pipe.answer_batch([(render(s.scene, 256), s.turns[0].question, ()) for s in chunk], route=route,
@@ -706,11 +709,14 @@ def evaluate_routes(roe_dir: str, n: int = 200) -> dict:
                 r = a.trace.route
                 try:
                     skipped.append(1 - sum(bool(x) for x in r) / len(r))
+                    layers.setdefault(s.turns[0].qtype, []).append(sum(bool(x) for x in r))
                 except TypeError:
                     pass
         res[f"{route}_exact_match"] = ok / n
         if skipped:
             res[f"{route}_skip_ratio"] = sum(skipped) / len(skipped)
+        if route == "auto" and layers:
+            res["auto_layers_by_type"] = {k: sum(v) / len(v) for k, v in sorted(layers.items())}
     return res
 
 
@@ -827,6 +833,8 @@ def main(argv=None) -> None:
     ap.add_argument("--backbone", choices=("lora", "none"), default="lora", help="roe: what stage 2 also trains")
     ap.add_argument("--backbone-lr", type=float, default=None, help="stage-2 LR of the backbone LoRA (roe: 2e-4, refine: 1e-4)")
     ap.add_argument("--soft-routes", action="store_true", help="roe: soft mixing in stage 2 (the release's way)")
+    ap.add_argument("--per-turn-sparsity", action="store_true",
+                    help="roe/refine: the sparsity hinge per turn, weighted by that turn's CE (train.roe_loss)")
     ap.add_argument("--save-every", type=int, default=25)
     ap.add_argument("--log-every", type=int, default=5)
     ap.add_argument("--eval-every", type=int, default=100)

@@ -132,3 +132,47 @@ def test_sparsity_hinge_moves_skip_ratio_toward_target(toy_data):
     assert s0["skip_ratio"].item() < 0.1
     assert stats["skip_ratio"].item() > s0["skip_ratio"].item() + 0.05
     assert stats["sparsity"].item() < s0["sparsity"].item()
+
+
+def test_per_turn_sparsity_weights_each_turn_by_its_own_ce(toy_data):
+    """The hinge's gradient on a turn's skip weight is -exp(-5 CE_turn) / (turns * B) per turn, and
+    -exp(-5 CE_sample) / (turns * B) for every turn of the sample in the method's per-sample form."""
+    import torch.nn.functional as F
+    from roe_core.inference import layout_batch
+    path, images = toy_data
+    model, enc = fresh()
+    ds = LlavaJsonDataset(path, images)
+    batch = enc.collate([enc.encode(t) for _, t in ds.items], [ds[i][0] for i in range(len(ds))])
+    x = layout_batch(model, batch)
+    B, T = batch.input_ids.shape[0], x.num_routing - 1
+    n_turns = (batch.turn_ids.max(1).values + 1).clamp(min=1)
+    assert n_turns.max() > 1, "the toy data needs a multi-turn sample"
+
+    # the CE of each turn (and sample), computed apart from roe_loss
+    with torch.no_grad():
+        h, _, _ = model.soft_forward(x, lambda i, lg: torch.full((B, T), 0.1))
+        b, q = batch.answer_mask[:, 1:].nonzero(as_tuple=True)
+        tok = F.cross_entropy(model.base.lm_head(h[b, q]).float(), batch.input_ids[b, q + 1], reduction="none")
+        turn = batch.turn_ids[b, q + 1]
+    scale = math.exp(5 * tok.mean().item())    # exp(-5 CE) is tiny for a random model: bring it near 1
+
+    def hinge_grad(per_turn):
+        grads = []
+        for lam in (0.0, scale):
+            p = torch.full((B, T), 0.1, requires_grad=True)
+            roe_loss(model, batch, lambda i, lg: p, 0.3, lam, per_turn=per_turn)["loss"].backward()
+            grads.append(p.grad.clone())
+        return (grads[1] - grads[0]) / scale
+    g_turn, g_sample = hinge_grad(True), hinge_grad(False)
+    differ = False
+    for i in range(B):
+        ce_i = tok[b == i].mean()
+        expect_sample = -torch.exp(-5 * ce_i) / (n_turns[i] * B)
+        for t in range(int(n_turns[i])):
+            ce_t = tok[(b == i) & (turn == t)].mean()
+            expect_turn = -torch.exp(-5 * ce_t) / (n_turns[i] * B)
+            assert g_turn[i, t].item() * scale == pytest.approx(expect_turn.item() * scale, rel=2e-2)
+            assert g_sample[i, t].item() * scale == pytest.approx(expect_sample.item() * scale, rel=2e-2)
+            differ |= abs(g_turn[i, t].item() - g_sample[i, t].item()) > 0.05 * abs(g_sample[i, t].item())
+        assert torch.all(g_turn[i, int(n_turns[i]):] == 0)
+    assert differ, "with multi-turn samples the two forms must differ somewhere"
