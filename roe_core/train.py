@@ -278,6 +278,8 @@ def train(model: RoEModel, encoder: ConversationEncoder, dataset: Dataset, cfg: 
     core.train()
     epoch_len = len(loader)
     log, history_path = [], out / "train_log.jsonl"
+    if start == 0 and accelerator.is_main_process:
+        history_path.unlink(missing_ok=True)      # a fresh run starts a fresh learning curve
     bar = tqdm(total=cfg.steps, initial=start, disable=not (progress and accelerator.is_main_process),
                desc="RoE training", dynamic_ncols=True)
     step, t_last = start, time.perf_counter()
