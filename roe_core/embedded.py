@@ -693,29 +693,23 @@ def stage_refine(args) -> None:
 
 
 def evaluate_routes(roe_dir: str, n: int = 200) -> dict:
+    """Exact match and skip ratio on n single val questions, routed and dense (bench.evaluate), and
+    the routed path's mean layers executed per question type."""
+    from .bench import Question, evaluate
     from .pipeline import RoEPipeline
-    from .scenes import answers_match, make_split, render
+    from .scenes import make_split, render
     pipe = RoEPipeline.load("embedded", roe=roe_dir, device="cpu", dtype="float32")
-    samples = make_split("val", n, n_turns=1)
+    qs = [Question(render(s.scene, 256), s.turns[0].question, [], s.turns[0].answer, s.turns[0].qtype)
+          for s in make_split("val", n, n_turns=1)]
     res = {}
     for route in ("auto", "dense"):
-        ok, skipped, layers = 0, [], {}
-        for i in range(0, n, 25):
-            chunk = samples[i:i + 25]
-            ans = pipe.answer_batch([(render(s.scene, 256), s.turns[0].question, ()) for s in chunk], route=route,
-                                    max_new_tokens=40)
-            for s, a in zip(chunk, ans):
-                ok += answers_match(a.text, s.turns[0].answer)
-                r = a.trace.route
-                try:
-                    skipped.append(1 - sum(bool(x) for x in r) / len(r))
-                    layers.setdefault(s.turns[0].qtype, []).append(sum(bool(x) for x in r))
-                except TypeError:
-                    pass
-        res[f"{route}_exact_match"] = ok / n
-        if skipped:
-            res[f"{route}_skip_ratio"] = sum(skipped) / len(skipped)
-        if route == "auto" and layers:
+        _, ok, traces = evaluate(pipe, qs, route, 25, 40)
+        res[f"{route}_exact_match"] = sum(ok) / len(ok)
+        res[f"{route}_skip_ratio"] = sum(t.skip_ratio for t in traces) / len(traces)
+        if route == "auto":
+            layers: dict[str, list[int]] = {}
+            for q, t in zip(qs, traces):
+                layers.setdefault(q.qtype, []).append(t.layers_executed)
             res["auto_layers_by_type"] = {k: sum(v) / len(v) for k, v in sorted(layers.items())}
     return res
 
