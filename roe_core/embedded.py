@@ -612,7 +612,7 @@ def _stage_config(args, lora: bool, **overrides):
                        backbone_lr=args.backbone_lr if lora else 0.0, backbone="lora" if lora else "none",
                        rho=args.rho, sparsity_weight=args.sparsity_weight, save_every=args.save_every,
                        log_every=args.log_every, bf16=True, seed=args.seed,
-                       per_turn_sparsity=args.per_turn_sparsity, **overrides)
+                       per_turn_sparsity=args.per_turn_sparsity, per_turn_ce=args.per_turn_ce, **overrides)
 
 
 def _ship_routed(stage: str, model, base, cfg, out: Path, lora: bool, t0: float, args) -> None:
@@ -829,6 +829,8 @@ def main(argv=None) -> None:
     ap.add_argument("--soft-routes", action="store_true", help="roe: soft mixing in stage 2 (the release's way)")
     ap.add_argument("--per-turn-sparsity", action="store_true",
                     help="roe/refine: the sparsity hinge per turn, weighted by that turn's CE (train.roe_loss)")
+    ap.add_argument("--per-turn-ce", action="store_true",
+                    help="roe/refine: every turn's CE weighs the same, whatever its answer's length")
     ap.add_argument("--save-every", type=int, default=25)
     ap.add_argument("--log-every", type=int, default=5)
     ap.add_argument("--eval-every", type=int, default=100)

@@ -64,6 +64,7 @@ class TrainConfig:
     hard_routes: bool = True         # stage 2: hard forward, straight-through gradient (see the docstring)
     routers_only: bool = False       # train only routers + routing tokens (refining trained parts)
     per_turn_sparsity: bool = False  # the hinge per turn (roe_loss's per_turn) instead of per sample
+    per_turn_ce: bool = False        # CE_i = mean of the turns' CEs (roe_loss's per_turn_ce), not of all tokens
 
 
 class RouteSchedule:
@@ -100,7 +101,8 @@ class RouteSchedule:
         return soft.to(logits.dtype)
 
 
-def roe_loss(model: RoEModel, batch, w_skip_fn, rho: float, lam: float, per_turn: bool = False) -> dict[str, Tensor]:
+def roe_loss(model: RoEModel, batch, w_skip_fn, rho: float, lam: float, per_turn: bool = False,
+             per_turn_ce: bool = False) -> dict[str, Tensor]:
     """Per sample: CE_i + lam * exp(-5 CE_i).detach() * max(0, rho - s_i), averaged over the batch.
     The LM head runs only where an answer token is predicted.
 
@@ -108,7 +110,12 @@ def roe_loss(model: RoEModel, batch, w_skip_fn, rho: float, lam: float, per_turn
     exp(-5 CE_it).detach() * max(0, rho - s_it), with CE_it over that turn's answer tokens and s_it
     the mean skip weight of that turn's route. Each turn has its own route (routed on its own
     question), so each route is pushed by its own question's difficulty rather than by the mean over
-    the conversation (identical to the per-sample form for one-turn samples)."""
+    the conversation (identical to the per-sample form for one-turn samples).
+
+    per_turn_ce: CE_i itself is the mean over the sample's turns of each turn's token-mean CE, so
+    every question weighs the same whatever its answer's length (a "Yes." turn is not outweighed by
+    a 20-token description packed in the same conversation). Same as the method's CE for one-turn
+    samples."""
     x = layout_batch(model, batch)
     h, w_skip, turn_valid = model.soft_forward(x, w_skip_fn)          # (B,S,d), (B,L,T), (B,T)
     target = batch.answer_mask[:, 1:]                                  # token p+1 is predicted at p
@@ -119,15 +126,18 @@ def roe_loss(model: RoEModel, batch, w_skip_fn, rho: float, lam: float, per_turn
     n_tok = torch.zeros(B, device=h.device).index_add_(0, b_idx, torch.ones_like(tok_ce))
     ce = torch.zeros(B, device=h.device).index_add_(0, b_idx, tok_ce) / n_tok.clamp(min=1)
     tv = turn_valid.float()[:, None, :]                                # (B,1,T)
-    skip = (w_skip.float() * tv).sum((1, 2)) / (tv.sum((1, 2)) * w_skip.shape[1])   # s_i
-    sp = F.relu(rho - skip)
-    if per_turn:
+    if per_turn or per_turn_ce:
         T = w_skip.shape[2]
         cell = b_idx * T + x.turn_ids[b_idx, p_idx + 1].clamp(min=0)     # (sample, turn) of each answer token
         n_bt = torch.zeros(B * T, device=h.device).index_add_(0, cell, torch.ones_like(tok_ce)).view(B, T)
         ce_bt = (torch.zeros(B * T, device=h.device).index_add_(0, cell, tok_ce).view(B, T)
                  / n_bt.clamp(min=1))
         ok = (turn_valid > 0) & (n_bt > 0)
+        if per_turn_ce:
+            ce = (ce_bt * ok).sum(1) / ok.sum(1).clamp(min=1)
+    skip = (w_skip.float() * tv).sum((1, 2)) / (tv.sum((1, 2)) * w_skip.shape[1])   # s_i
+    sp = F.relu(rho - skip)
+    if per_turn:
         sp_bt = F.relu(rho - w_skip.float().mean(1)) * ok                 # (B,T)
         reg = (torch.exp(-5 * ce_bt).detach() * sp_bt).sum(1) / ok.sum(1).clamp(min=1)
     else:
@@ -294,7 +304,7 @@ def train(model: RoEModel, encoder: ConversationEncoder, dataset: Dataset, cfg: 
             set_trainable(core, schedule.stage(step), backbone, cfg.routers_only)
             with accelerator.autocast():
                 stats = roe_loss(core, batch, lambda i, lg: schedule.weights(lg, step), cfg.rho, cfg.sparsity_weight,
-                                 cfg.per_turn_sparsity)
+                                 cfg.per_turn_sparsity, cfg.per_turn_ce)
             accelerator.backward(stats["loss"])
             if cfg.max_grad_norm:
                 accelerator.clip_grad_norm_([p for p in core.parameters() if p.requires_grad], cfg.max_grad_norm)
@@ -338,6 +348,9 @@ def main(argv=None) -> None:
         elif f.name == "per_turn_sparsity":
             ap.add_argument("--per-turn-sparsity", action="store_true",
                             help="the sparsity hinge per turn, weighted by that turn's CE")
+        elif f.name == "per_turn_ce":
+            ap.add_argument("--per-turn-ce", action="store_true",
+                            help="each turn's CE weighs the same in the loss, whatever its answer's length")
         elif f.name == "hard_routes":
             ap.add_argument("--soft-routes", dest="hard_routes", action="store_false",
                             help="stage 2 mixes both paths softly instead of taking the hard route")

@@ -176,3 +176,31 @@ def test_per_turn_sparsity_weights_each_turn_by_its_own_ce(toy_data):
             differ |= abs(g_turn[i, t].item() - g_sample[i, t].item()) > 0.05 * abs(g_sample[i, t].item())
         assert torch.all(g_turn[i, int(n_turns[i]):] == 0)
     assert differ, "with multi-turn samples the two forms must differ somewhere"
+
+
+def test_per_turn_ce_weighs_every_turn_the_same(toy_data):
+    """per_turn_ce: a sample's CE is the mean of its turns' token-mean CEs (not the mean over all its
+    answer tokens), computed here apart from roe_loss; the two forms differ on multi-turn samples."""
+    import torch.nn.functional as F
+    from roe_core.inference import layout_batch
+    path, images = toy_data
+    model, enc = fresh()
+    ds = LlavaJsonDataset(path, images)
+    batch = enc.collate([enc.encode(t) for _, t in ds.items], [ds[i][0] for i in range(len(ds))])
+    x = layout_batch(model, batch)
+    B, T = batch.input_ids.shape[0], x.num_routing - 1
+    fixed = lambda i, lg: torch.full((B, T), 0.2)   # noqa: E731
+    with torch.no_grad():
+        h, _, _ = model.soft_forward(x, fixed)
+        b, q = batch.answer_mask[:, 1:].nonzero(as_tuple=True)
+        tok = F.cross_entropy(model.base.lm_head(h[b, q]).float(), batch.input_ids[b, q + 1], reduction="none")
+        turn = batch.turn_ids[b, q + 1]
+        by_turn = [torch.stack([tok[(b == i) & (turn == t)].mean() for t in turn[b == i].unique()]).mean()
+                   for i in range(B)]
+        by_token = [tok[b == i].mean() for i in range(B)]
+        got = roe_loss(model, batch, fixed, 0.3, 0.0, per_turn_ce=True)
+        plain = roe_loss(model, batch, fixed, 0.3, 0.0)
+    assert got["ce"].item() == pytest.approx(torch.stack(by_turn).mean().item(), rel=1e-4)
+    assert got["loss"].item() == pytest.approx(got["ce"].item(), rel=1e-6)     # lam = 0: the loss is the CE
+    assert plain["ce"].item() == pytest.approx(torch.stack(by_token).mean().item(), rel=1e-4)
+    assert abs(got["ce"].item() - plain["ce"].item()) > 1e-4, "multi-turn samples must tell the forms apart"
