@@ -685,6 +685,8 @@ def stage_refine(args) -> None:
     base, tok, lora = _routed_base(args)
     model = RoEModel.from_roe_folder(base, ASSETS / "roe")
     cfg = _stage_config(args, lora, lr=args.lr or 1e-3, stage1_start=0.0, stage2_start=0.0, t0=1.0, t_decay=1.0)
+    if "refine_config" in model.config.extra:      # an earlier refine of these parts: keep its record
+        model.config.extra.setdefault("earlier_refine_configs", []).append(model.config.extra["refine_config"])
     model.config.extra["refine_config"] = _config_record(cfg)
     out = RUNS / "refine"
     t0 = time.perf_counter()
