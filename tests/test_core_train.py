@@ -134,17 +134,22 @@ def test_sparsity_hinge_moves_skip_ratio_toward_target(toy_data):
     assert stats["sparsity"].item() < s0["sparsity"].item()
 
 
-def test_per_turn_sparsity_weights_each_turn_by_its_own_ce(toy_data):
-    """The hinge's gradient on a turn's skip weight is -exp(-5 CE_turn) / (turns * B) per turn, and
-    -exp(-5 CE_sample) / (turns * B) for every turn of the sample in the method's per-sample form."""
-    import torch.nn.functional as F
+def whole_toy_batch(toy_data):
+    """A fresh tiny RoE model and every toy conversation in one batch: (model, batch, layout, B, T turns)."""
     from roe_core.inference import layout_batch
     path, images = toy_data
     model, enc = fresh()
     ds = LlavaJsonDataset(path, images)
     batch = enc.collate([enc.encode(t) for _, t in ds.items], [ds[i][0] for i in range(len(ds))])
     x = layout_batch(model, batch)
-    B, T = batch.input_ids.shape[0], x.num_routing - 1
+    return model, batch, x, batch.input_ids.shape[0], x.num_routing - 1
+
+
+def test_per_turn_sparsity_weights_each_turn_by_its_own_ce(toy_data):
+    """The hinge's gradient on a turn's skip weight is -exp(-5 CE_turn) / (turns * B) per turn, and
+    -exp(-5 CE_sample) / (turns * B) for every turn of the sample in the method's per-sample form."""
+    import torch.nn.functional as F
+    model, batch, x, B, T = whole_toy_batch(toy_data)
     n_turns = (batch.turn_ids.max(1).values + 1).clamp(min=1)
     assert n_turns.max() > 1, "the toy data needs a multi-turn sample"
 
@@ -182,13 +187,7 @@ def test_per_turn_ce_weighs_every_turn_the_same(toy_data):
     """per_turn_ce: a sample's CE is the mean of its turns' token-mean CEs (not the mean over all its
     answer tokens), computed here apart from roe_loss; the two forms differ on multi-turn samples."""
     import torch.nn.functional as F
-    from roe_core.inference import layout_batch
-    path, images = toy_data
-    model, enc = fresh()
-    ds = LlavaJsonDataset(path, images)
-    batch = enc.collate([enc.encode(t) for _, t in ds.items], [ds[i][0] for i in range(len(ds))])
-    x = layout_batch(model, batch)
-    B, T = batch.input_ids.shape[0], x.num_routing - 1
+    model, batch, x, B, T = whole_toy_batch(toy_data)
     fixed = lambda i, lg: torch.full((B, T), 0.2)   # noqa: E731
     with torch.no_grad():
         h, _, _ = model.soft_forward(x, fixed)
