@@ -123,9 +123,10 @@ def roe_loss(model: RoEModel, batch, w_skip_fn, rho: float, lam: float, per_turn
     logits = model.base.lm_head(h[b_idx, p_idx])                       # (N, V)
     tok_ce = F.cross_entropy(logits.float(), batch.input_ids[b_idx, p_idx + 1], reduction="none")
     B = h.shape[0]
-    n_tok = torch.zeros(B, device=h.device).index_add_(0, b_idx, torch.ones_like(tok_ce))
-    ce = torch.zeros(B, device=h.device).index_add_(0, b_idx, tok_ce) / n_tok.clamp(min=1)
     tv = turn_valid.float()[:, None, :]                                # (B,1,T)
+    if not per_turn_ce:                                                # CE_i: mean over the sample's answer tokens
+        n_tok = torch.zeros(B, device=h.device).index_add_(0, b_idx, torch.ones_like(tok_ce))
+        ce = torch.zeros(B, device=h.device).index_add_(0, b_idx, tok_ce) / n_tok.clamp(min=1)
     if per_turn or per_turn_ce:
         T = w_skip.shape[2]
         cell = b_idx * T + x.turn_ids[b_idx, p_idx + 1].clamp(min=0)     # (sample, turn) of each answer token
@@ -339,18 +340,13 @@ def main(argv=None) -> None:
     ap.add_argument("--images", default=None, help="image folder (default: the JSON's folder)")
     ap.add_argument("--out", required=True, help="output folder (checkpoints, train_log.jsonl)")
     ap.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    flags = {"bf16": "bf16 autocast",
+             "routers_only": "train only the routers and routing tokens (e.g. refining --roe parts)",
+             "per_turn_sparsity": "the sparsity hinge per turn, weighted by that turn's CE",
+             "per_turn_ce": "each turn's CE weighs the same in the loss, whatever its answer's length"}
     for f in TrainConfig.__dataclass_fields__.values():
-        if f.name == "bf16":
-            ap.add_argument("--bf16", action="store_true", help="bf16 autocast")
-        elif f.name == "routers_only":
-            ap.add_argument("--routers-only", action="store_true",
-                            help="train only the routers and routing tokens (e.g. refining --roe parts)")
-        elif f.name == "per_turn_sparsity":
-            ap.add_argument("--per-turn-sparsity", action="store_true",
-                            help="the sparsity hinge per turn, weighted by that turn's CE")
-        elif f.name == "per_turn_ce":
-            ap.add_argument("--per-turn-ce", action="store_true",
-                            help="each turn's CE weighs the same in the loss, whatever its answer's length")
+        if f.name in flags:
+            ap.add_argument("--" + f.name.replace("_", "-"), action="store_true", help=flags[f.name])
         elif f.name == "hard_routes":
             ap.add_argument("--soft-routes", dest="hard_routes", action="store_false",
                             help="stage 2 mixes both paths softly instead of taking the hard route")
