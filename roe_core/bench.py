@@ -143,9 +143,10 @@ def run(model: str = "embedded", roe: str | None = None, n: int = 1008, quick: b
     ideal, ideal_layers = ideal_speedups(pipe, r_tr, lengths)
 
     by_type = defaultdict(lambda: defaultdict(list))
+    by_level = defaultdict(lambda: defaultdict(list))
     for q, dk, rk, tr in zip(qs, d_ok, r_ok, r_tr):
-        t = by_type[q.qtype]
-        t["dense"].append(dk), t["roe"].append(rk), t["layers"].append(tr.layers_executed)
+        for t in (by_type[q.qtype], by_level[scenes.DIFFICULTY.get(q.qtype)]):
+            t["dense"].append(dk), t["roe"].append(rk), t["layers"].append(tr.layers_executed)
     L = pipe.model.num_layers
     results = {
         "model": model, "roe_parts": pipe.info.get("roe"), "device": str(pipe.device),
@@ -180,6 +181,13 @@ def run(model: str = "embedded", roe: str | None = None, n: int = 1008, quick: b
                 "mean_layers_executed": statistics.mean(v["layers"])}
             for k, v in sorted(by_type.items(), key=lambda kv: (scenes.DIFFICULTY.get(kv[0], 9), kv[0]))
         },
+        # the question types pooled by their difficulty (scenes.DIFFICULTY: 1 easy ... 3 hard)
+        "by_difficulty": {
+            str(k): {"n": len(v["dense"]), "types": sorted(t for t, d in scenes.DIFFICULTY.items() if d == k and t in by_type),
+                     "dense_accuracy": statistics.mean(v["dense"]), "roe_accuracy": statistics.mean(v["roe"]),
+                     "mean_layers_executed": statistics.mean(v["layers"])}
+            for k, v in sorted(by_level.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
+        },
         "examples": [{"question": q.question, "qtype": q.qtype, "gold": q.gold, "dense": dp, "roe": rp,
                       "layers_executed": tr.layers_executed}
                      for q, dp, rp, tr in list(zip(qs, d_pred, r_pred, r_tr))[:12]],
@@ -211,6 +219,10 @@ def markdown(r: dict) -> str:
     ]
     for k, v in r["by_type"].items():
         lines.append(f"| {k} | {v['difficulty']} | {v['n']} | {v['dense_accuracy']:.3f} | {v['roe_accuracy']:.3f} "
+                     f"| {v['mean_layers_executed']:.2f} |")
+    lines += ["", "| difficulty | types | n | dense acc | RoE acc | mean layers executed |", "|---|---|---|---|---|---|"]
+    for k, v in r["by_difficulty"].items():
+        lines.append(f"| {k} | {', '.join(v['types'])} | {v['n']} | {v['dense_accuracy']:.3f} | {v['roe_accuracy']:.3f} "
                      f"| {v['mean_layers_executed']:.2f} |")
     return "\n".join(lines) + "\n"
 

@@ -22,6 +22,14 @@ def test_quick_bench_writes_every_key(tmp_path):
     assert saved["speedup_bs1"] > 0 and saved["ideal_speedup"] >= 1.0
     assert sum(v["n"] for v in saved["by_type"].values()) == 24
     assert set(saved["by_type"]) <= set(bench.scenes.QTYPES)
+    # the per-difficulty rows pool the per-type rows: n adds up, layers are the n-weighted mean
+    levels = saved["by_difficulty"]
+    assert sum(v["n"] for v in levels.values()) == 24
+    for k, v in levels.items():
+        rows = [saved["by_type"][t] for t in v["types"]]
+        assert all(row["difficulty"] == int(k) for row in rows) and sum(row["n"] for row in rows) == v["n"]
+        assert v["mean_layers_executed"] == pytest.approx(
+            sum(row["n"] * row["mean_layers_executed"] for row in rows) / v["n"])
     assert (tmp_path / "results.md").read_text().startswith("# RoE benchmark")
     assert saved["threshold"] == 0.5
 
