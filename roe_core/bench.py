@@ -145,7 +145,9 @@ def run(model: str = "embedded", roe: str | None = None, n: int = 1008, quick: b
     by_type = defaultdict(lambda: defaultdict(list))
     by_level = defaultdict(lambda: defaultdict(list))
     for q, dk, rk, tr in zip(qs, d_ok, r_ok, r_tr):
-        for t in (by_type[q.qtype], by_level[scenes.DIFFICULTY.get(q.qtype)]):
+        level = by_level[scenes.DIFFICULTY.get(q.qtype)]
+        level["types"].append(q.qtype)
+        for t in (by_type[q.qtype], level):
             t["dense"].append(dk), t["roe"].append(rk), t["layers"].append(tr.layers_executed)
     L = pipe.model.num_layers
     results = {
@@ -183,7 +185,7 @@ def run(model: str = "embedded", roe: str | None = None, n: int = 1008, quick: b
         },
         # the question types pooled by their difficulty (scenes.DIFFICULTY: 1 easy ... 3 hard)
         "by_difficulty": {
-            str(k): {"n": len(v["dense"]), "types": sorted(t for t, d in scenes.DIFFICULTY.items() if d == k and t in by_type),
+            str(k): {"n": len(v["dense"]), "types": sorted(set(v["types"])),
                      "dense_accuracy": statistics.mean(v["dense"]), "roe_accuracy": statistics.mean(v["roe"]),
                      "mean_layers_executed": statistics.mean(v["layers"])}
             for k, v in sorted(by_level.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
