@@ -661,12 +661,25 @@ def stage_roe(args) -> None:
     _ship_routed("roe", model, base, cfg, out, lora, t0, args)
 
 
-def _roe_data(n: int) -> Path:
-    from .scenes import export_llava_json
-    data = RUNS / "data"
+def _roe_data(n: int, start: int = 0) -> Path:
+    """LLaVA JSON of train-split scenes start .. start+n-1 (runs/data/ for start 0, else
+    runs/data_from<start>/); start >= --n-train gives scenes the dense finetune never saw."""
+    from .scenes import SPLIT_SPAN, export_llava_json, make_sample, split_seeds, to_llava_records
+    if start == 0:
+        data = RUNS / "data"
+        js = data / "train.json"
+        if not js.is_file() or len(json.loads(js.read_text())) != n:
+            export_llava_json("train", n, data, image_size=256)
+        return js
+    if not 0 < start <= SPLIT_SPAN - n:
+        raise ValueError(f"--roe-data-from must be in [0, {SPLIT_SPAN - n}], got {start}")
+    data = RUNS / f"data_from{start}"
     js = data / "train.json"
     if not js.is_file() or len(json.loads(js.read_text())) != n:
-        export_llava_json("train", n, data, image_size=256)
+        seeds = split_seeds("train", start + n)[start:]
+        records = to_llava_records([make_sample(seed) for seed in seeds], data / "images", 256)
+        data.mkdir(parents=True, exist_ok=True)
+        js.write_text(json.dumps(records, indent=1))
     return js
 
 
@@ -681,9 +694,11 @@ def stage_refine(args) -> None:
     decoder follows the routes as they spread out."""
     from .model import RoEModel
     from .train import LlavaJsonDataset, train
-    js = _roe_data(args.n_roe_data)
+    js = _roe_data(args.n_roe_data, args.roe_data_from)
     base, tok, lora = _routed_base(args)
     model = RoEModel.from_roe_folder(base, ASSETS / "roe")
+    model.config.extra["refine_data"] = (f"roe_core.scenes train split, scenes {args.roe_data_from}"
+                                         f"..{args.roe_data_from + args.n_roe_data - 1}")
     cfg = _stage_config(args, lora, lr=args.lr or 1e-3, stage1_start=0.0, stage2_start=0.0, t0=1.0, t_decay=1.0)
     if "refine_config" in model.config.extra:      # an earlier refine of these parts: keep its record
         model.config.extra.setdefault("earlier_refine_configs", []).append(model.config.extra["refine_config"])
@@ -732,7 +747,21 @@ def choose_threshold(pipe, questions, thresholds, min_skip: float = 0.3) -> tupl
     return rows, (max(ok_rows, key=lambda r: (r["accuracy"], r["skip_ratio"])) if ok_rows else rows[0])
 
 
-def calibrate(n: int = 240, thresholds=(0.5, 0.49, 0.48, 0.47, 0.46, 0.45, 0.4), min_skip: float = 0.3) -> dict:
+CALIBRATE_THRESHOLDS = (0.5, 0.49, 0.48, 0.47, 0.46, 0.45, 0.4)
+
+
+def _thresholds(text: str) -> tuple[float, ...]:
+    """'0.52,0.5,0.48' -> (0.52, 0.5, 0.48); each in [0, 1]."""
+    try:
+        ts = tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"thresholds must be comma-separated numbers, got {text!r}") from None
+    if not ts or any(not 0.0 <= t <= 1.0 for t in ts):
+        raise argparse.ArgumentTypeError(f"thresholds must be numbers in [0, 1], got {text!r}")
+    return ts
+
+
+def calibrate(n: int = 240, thresholds=CALIBRATE_THRESHOLDS, min_skip: float = 0.3) -> dict:
     """Chooses the router threshold (run a layer iff p_run > t) on the *validation* split with
     choose_threshold and writes it into assets/embedded/roe/roe_config.json; the benchmark then
     measures it on test."""
@@ -823,7 +852,10 @@ def main(argv=None) -> None:
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--vit-lr", type=float, default=None, help="ViT LR in align/finetune (0: frozen)")
     ap.add_argument("--n-train", type=int, default=12000, help="training scenes (train split)")
-    ap.add_argument("--n-roe-data", type=int, default=6000)
+    ap.add_argument("--n-roe-data", type=int, default=6000, help="roe/refine: training scenes")
+    ap.add_argument("--roe-data-from", type=int, default=0,
+                    help="refine: first train-split scene of its data (default 0: the scenes finetune "
+                         "also trained on; 12000 or more: scenes the dense model never saw)")
     ap.add_argument("--rho", type=float, default=0.4, help="roe: target skip ratio of the hinge")
     ap.add_argument("--sparsity-weight", type=float, default=None, help="lambda of the hinge (roe: 6, refine: 1)")
     ap.add_argument("--backbone", choices=("lora", "none"), default="lora", help="roe: what stage 2 also trains")
@@ -843,6 +875,9 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="convert: redo the conversion")
     ap.add_argument("--calibrate-n", type=int, default=240, help="calibrate: validation questions")
+    ap.add_argument("--thresholds", type=_thresholds, default=CALIBRATE_THRESHOLDS,
+                    help="calibrate: router thresholds to sweep, comma-separated (default %(default)s); "
+                         "when none skips enough, the first is kept")
     ap.add_argument("--per-layer", action="store_true", help="skip-probe: one layer at a time, shipped adapters")
     args = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("ROE_THREADS", "2")))
@@ -868,7 +903,7 @@ def main(argv=None) -> None:
     elif args.stage == "refine":
         stage_refine(args)
     elif args.stage == "calibrate":
-        print(json.dumps(calibrate(args.calibrate_n), indent=1))
+        print(json.dumps(calibrate(args.calibrate_n, args.thresholds), indent=1))
     elif args.stage == "skip-probe":
         print(json.dumps(layer_skip_probe() if args.per_layer else skip_probe(), indent=1))
     else:

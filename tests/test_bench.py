@@ -59,3 +59,13 @@ def test_threshold_choice_needs_the_skip_target():
     assert best["accuracy"] == max(run_all["accuracy"], skip_all["accuracy"])
     if run_all["accuracy"] == skip_all["accuracy"]:
         assert best["threshold"] == 1.0
+
+
+def test_calibrate_thresholds_flag_parses_and_rejects():
+    import argparse
+    from roe_core.embedded import CALIBRATE_THRESHOLDS, _thresholds
+    assert _thresholds("0.54, 0.5,0.48") == (0.54, 0.5, 0.48)
+    assert 0.5 in CALIBRATE_THRESHOLDS
+    for bad in ("0.5,x", "1.5", "", "-0.1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="thresholds"):
+            _thresholds(bad)
