@@ -754,6 +754,17 @@ def _thresholds(text: str) -> tuple[float, ...]:
     return ts
 
 
+def _fraction(text: str) -> float:
+    """'0.32' -> 0.32, a number in [0, 1)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--min-skip must be a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"--min-skip must be a number in [0, 1), got {text!r}")
+    return v
+
+
 def calibrate(n: int = 240, thresholds=CALIBRATE_THRESHOLDS, min_skip: float = 0.3) -> dict:
     """Chooses the router threshold (run a layer iff p_run > t) on the *validation* split with
     choose_threshold and writes it into assets/embedded/roe/roe_config.json; the benchmark then
@@ -871,6 +882,9 @@ def main(argv=None) -> None:
     ap.add_argument("--thresholds", type=_thresholds, default=CALIBRATE_THRESHOLDS,
                     help="calibrate: router thresholds to sweep, comma-separated (default %(default)s); "
                          "when none skips enough, the first is kept")
+    ap.add_argument("--min-skip", type=_fraction, default=0.3,
+                    help="calibrate: the chosen threshold is the most accurate whose mean skip ratio on val is "
+                         ">= this (default %(default)s; a margin above the target keeps test above it too)")
     ap.add_argument("--per-layer", action="store_true", help="skip-probe: one layer at a time, shipped adapters")
     args = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("ROE_THREADS", "2")))
@@ -896,7 +910,7 @@ def main(argv=None) -> None:
     elif args.stage == "refine":
         stage_refine(args)
     elif args.stage == "calibrate":
-        print(json.dumps(calibrate(args.calibrate_n, args.thresholds), indent=1))
+        print(json.dumps(calibrate(args.calibrate_n, args.thresholds, args.min_skip), indent=1))
     elif args.stage == "skip-probe":
         print(json.dumps(layer_skip_probe() if args.per_layer else skip_probe(), indent=1))
     else:

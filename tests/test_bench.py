@@ -69,3 +69,8 @@ def test_calibrate_thresholds_flag_parses_and_rejects():
     for bad in ("0.5,x", "1.5", "", "-0.1"):
         with pytest.raises(argparse.ArgumentTypeError, match="thresholds"):
             _thresholds(bad)
+    from roe_core.embedded import _fraction
+    assert _fraction("0.32") == 0.32
+    for bad in ("x", "1", "-0.1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="--min-skip"):
+            _fraction(bad)
