@@ -664,15 +664,13 @@ def stage_roe(args) -> None:
 def _roe_data(n: int, start: int = 0) -> Path:
     """LLaVA JSON of train-split scenes start .. start+n-1 (runs/data/ for start 0, else
     runs/data_from<start>/); start >= --n-train gives scenes the dense finetune never saw."""
-    from .scenes import SPLIT_SPAN, make_sample, split_seeds, to_llava_records
+    from .scenes import SPLIT_SPAN, export_llava_json
     if not 0 <= start <= SPLIT_SPAN - n:
         raise ValueError(f"--roe-data-from must be in [0, {SPLIT_SPAN - n}], got {start}")
     data = RUNS / ("data" if start == 0 else f"data_from{start}")
     js = data / "train.json"
     if not js.is_file() or len(json.loads(js.read_text())) != n:
-        records = to_llava_records([make_sample(seed) for seed in split_seeds("train", start + n)[start:]],
-                                   data / "images", 256)
-        js.write_text(json.dumps(records, indent=1))
+        export_llava_json("train", n, data, image_size=256, start=start)
     return js
 
 

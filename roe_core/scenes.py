@@ -548,9 +548,11 @@ def split_seeds(split: str, n: int) -> range:
     return range(SPLIT_BASE[split], SPLIT_BASE[split] + n)
 
 
-def make_split(split: str, n: int, **kwargs) -> list[Sample]:
-    """First n samples of a split ("train" | "val" | "test"); kwargs go to make_sample."""
-    return [make_sample(seed, **kwargs) for seed in split_seeds(split, n)]
+def make_split(split: str, n: int, start: int = 0, **kwargs) -> list[Sample]:
+    """Samples start .. start+n-1 of a split ("train" | "val" | "test"); kwargs go to make_sample."""
+    if start < 0:
+        raise ValueError(f"start must be >= 0, got {start}")
+    return [make_sample(seed, **kwargs) for seed in split_seeds(split, start + n)[start:]]
 
 
 # -----------------------------------------------------------------------------
@@ -645,11 +647,11 @@ def to_llava_records(samples: list[Sample], image_dir, image_size: int = 256) ->
     return records
 
 
-def export_llava_json(split: str, n: int, out_dir, image_size: int = 256) -> Path:
-    """Write out_dir/<split>.json and the images to out_dir/images/ (shared by all
-    splits; ids are unique across splits). Returns the JSON path."""
+def export_llava_json(split: str, n: int, out_dir, image_size: int = 256, start: int = 0) -> Path:
+    """Write out_dir/<split>.json (samples start .. start+n-1) and the images to out_dir/images/
+    (shared by all splits; ids are unique across splits). Returns the JSON path."""
     out_dir = Path(out_dir)
-    records = to_llava_records(make_split(split, n), out_dir / "images", image_size)
+    records = to_llava_records(make_split(split, n, start), out_dir / "images", image_size)
     path = out_dir / f"{split}.json"
     path.write_text(json.dumps(records, indent=1))
     return path

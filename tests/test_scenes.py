@@ -154,6 +154,14 @@ def test_splits_disjoint():
         make_split("dev", 3)
 
 
+def test_split_slice_from_start():
+    assert make_split("train", 3, start=4) == make_split("train", 7)[4:]
+    with pytest.raises(ValueError, match="start"):
+        make_split("train", 3, start=-1)
+    with pytest.raises(ValueError):
+        make_split("train", 3, start=S.SPLIT_SPAN - 2)      # past the split's end
+
+
 # -----------------------------------------------------------------------------
 # question coverage and correctness
 
