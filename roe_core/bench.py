@@ -56,6 +56,24 @@ def test_questions(n: int, image_size: int = 256, split: str = "test") -> list[Q
     return out[:n]
 
 
+def shifted_questions(n: int) -> list[Question]:
+    """The first n questions of the shifted split (scenes.make_shifted_split): held-out phrasings,
+    sizes, aspect ratios, JPEG, outline widths and background tones; one question per scene."""
+    return [Question(s.image(), s.turns[0].question, [], s.turns[0].answer, s.turns[0].qtype)
+            for s in scenes.make_shifted_split(n)]
+
+
+def accuracy_by_type(qs: list[Question], d_ok, r_ok, r_tr) -> dict:
+    rows = defaultdict(lambda: defaultdict(list))
+    for q, dk, rk, tr in zip(qs, d_ok, r_ok, r_tr):
+        t = rows[q.qtype]
+        t["dense"].append(dk), t["roe"].append(rk), t["layers"].append(tr.layers_executed)
+    return {k: {"n": len(v["dense"]), "difficulty": scenes.DIFFICULTY.get(k),
+                "dense_accuracy": statistics.mean(v["dense"]), "roe_accuracy": statistics.mean(v["roe"]),
+                "mean_layers_executed": statistics.mean(v["layers"])}
+            for k, v in sorted(rows.items(), key=lambda kv: (scenes.DIFFICULTY.get(kv[0], 9), kv[0]))}
+
+
 def _batches(xs, size):
     return [xs[i:i + size] for i in range(0, len(xs), size)]
 
@@ -118,15 +136,18 @@ def ideal_speedups(pipe: RoEPipeline, traces, qs_tokens: list[tuple[int, int]]) 
 
 def run(model: str = "embedded", roe: str | None = None, n: int = 1008, quick: bool = False,
         out: str | Path = "bench", device: str = "auto", max_new_tokens: int = 24, repeats: int = 5,
-        timing_n: int = 48, batch_size: int = 16, threshold: float | None = None) -> dict:
+        timing_n: int = 48, batch_size: int = 16, threshold: float | None = None, shifted_n: int = 400) -> dict:
     if quick:
-        n, repeats, timing_n = min(n, 24), 2, 8
+        n, repeats, timing_n, shifted_n = min(n, 24), 2, 8, min(shifted_n, 16)
     torch.manual_seed(0)
     pipe = RoEPipeline.load(model, roe=roe, device=device)
     qs = test_questions(n)
     t0 = time.perf_counter()
     d_pred, d_ok, d_tr = evaluate(pipe, qs, "dense", batch_size, max_new_tokens)
     r_pred, r_ok, r_tr = evaluate(pipe, qs, "auto", batch_size, max_new_tokens, threshold)
+    sq = shifted_questions(shifted_n)
+    s_pred, s_dense_ok, _ = evaluate(pipe, sq, "dense", batch_size, max_new_tokens)
+    s_rpred, s_ok, s_tr = evaluate(pipe, sq, "auto", batch_size, max_new_tokens, threshold)
     eval_s = time.perf_counter() - t0
 
     # speed: the first timing_n questions, one at a time and in batches of 16 (mixed routes)
@@ -142,13 +163,11 @@ def run(model: str = "embedded", roe: str | None = None, n: int = 1008, quick: b
                for q, a in zip(qs, r_pred)]
     ideal, ideal_layers = ideal_speedups(pipe, r_tr, lengths)
 
-    by_type = defaultdict(lambda: defaultdict(list))
     by_level = defaultdict(lambda: defaultdict(list))
     for q, dk, rk, tr in zip(qs, d_ok, r_ok, r_tr):
         level = by_level[scenes.DIFFICULTY.get(q.qtype)]
         level["types"].append(q.qtype)
-        for t in (by_type[q.qtype], level):
-            t["dense"].append(dk), t["roe"].append(rk), t["layers"].append(tr.layers_executed)
+        level["dense"].append(dk), level["roe"].append(rk), level["layers"].append(tr.layers_executed)
     L = pipe.model.num_layers
     results = {
         "model": model, "roe_parts": pipe.info.get("roe"), "device": str(pipe.device),
@@ -177,12 +196,7 @@ def run(model: str = "embedded", roe: str | None = None, n: int = 1008, quick: b
             "mean_new_tokens": {"auto": statistics.mean(t.new_tokens for t in r_tr[:timing_n]),
                                 "dense": statistics.mean(t.new_tokens for t in d_tr[:timing_n])},
         },
-        "by_type": {
-            k: {"n": len(v["dense"]), "difficulty": scenes.DIFFICULTY.get(k),
-                "dense_accuracy": statistics.mean(v["dense"]), "roe_accuracy": statistics.mean(v["roe"]),
-                "mean_layers_executed": statistics.mean(v["layers"])}
-            for k, v in sorted(by_type.items(), key=lambda kv: (scenes.DIFFICULTY.get(kv[0], 9), kv[0]))
-        },
+        "by_type": accuracy_by_type(qs, d_ok, r_ok, r_tr),
         # the question types pooled by their difficulty (scenes.DIFFICULTY: 1 easy ... 3 hard)
         "by_difficulty": {
             str(k): {"n": len(v["dense"]), "types": sorted(set(v["types"])),
@@ -193,6 +207,17 @@ def run(model: str = "embedded", roe: str | None = None, n: int = 1008, quick: b
         "examples": [{"question": q.question, "qtype": q.qtype, "gold": q.gold, "dense": dp, "roe": rp,
                       "layers_executed": tr.layers_executed}
                      for q, dp, rp, tr in list(zip(qs, d_pred, r_pred, r_tr))[:12]],
+        # the shifted split (scenes.make_shifted_split), beside the test split: never trained on
+        "shifted": {
+            "n_questions": len(sq),
+            "dense": {"accuracy": statistics.mean(s_dense_ok) if sq else None},
+            "roe": {"accuracy": statistics.mean(s_ok) if sq else None,
+                    "skip_ratio": statistics.mean(t.skip_ratio for t in s_tr) if sq else None,
+                    "layers_executed": statistics.mean(t.layers_executed for t in s_tr) if sq else None},
+            "by_type": accuracy_by_type(sq, s_dense_ok, s_ok, s_tr),
+            "examples": [{"question": q.question, "qtype": q.qtype, "gold": q.gold, "dense": dp, "roe": rp}
+                         for q, dp, rp in list(zip(sq, s_pred, s_rpred))[:12]],
+        },
     }
     results["speedup_bs1_fraction_of_ideal"] = results["speedup_bs1"] / ideal
     out = Path(out)
@@ -226,6 +251,16 @@ def markdown(r: dict) -> str:
     for k, v in r["by_difficulty"].items():
         lines.append(f"| {k} | {', '.join(v['types'])} | {v['n']} | {v['dense_accuracy']:.3f} | {v['roe_accuracy']:.3f} "
                      f"| {v['mean_layers_executed']:.2f} |")
+    sh = r.get("shifted")
+    if sh and sh["n_questions"]:
+        lines += ["", f"Shifted split ({sh['n_questions']} questions never trained on: held-out phrasings, 96-1024 px, "
+                  f"aspect 1:2-2:1, JPEG 60-90, other outline widths and background tones): dense "
+                  f"**{sh['dense']['accuracy']:.3f}**, RoE **{sh['roe']['accuracy']:.3f}** at "
+                  f"{sh['roe']['skip_ratio']:.3f} skipped.", "",
+                  "| type | n | dense acc | RoE acc | mean layers executed |", "|---|---|---|---|---|"]
+        for k, v in sh["by_type"].items():
+            lines.append(f"| {k} | {v['n']} | {v['dense_accuracy']:.3f} | {v['roe_accuracy']:.3f} "
+                         f"| {v['mean_layers_executed']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -240,11 +275,12 @@ def main(argv=None) -> None:
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--timing-n", type=int, default=48)
+    ap.add_argument("--shifted-n", type=int, default=400, help="questions of the shifted split (0: none)")
     ap.add_argument("--threshold", type=float, default=None,
                     help="run a layer iff p_run > this (default: the RoE parts' own, roe_config.json)")
     args = ap.parse_args(argv)
     r = run(args.model, args.roe, args.n, args.quick, args.out, args.device, args.max_new_tokens,
-            args.repeats, args.timing_n, threshold=args.threshold)
+            args.repeats, args.timing_n, threshold=args.threshold, shifted_n=args.shifted_n)
     print(markdown(r))
 
 

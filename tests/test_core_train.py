@@ -203,3 +203,66 @@ def test_per_turn_ce_weighs_every_turn_the_same(toy_data):
     assert got["loss"].item() == pytest.approx(got["ce"].item(), rel=1e-6)     # lam = 0: the loss is the CE
     assert plain["ce"].item() == pytest.approx(torch.stack(by_token).mean().item(), rel=1e-4)
     assert abs(got["ce"].item() - plain["ce"].item()) > 1e-4, "multi-turn samples must tell the forms apart"
+
+
+def _token_ce(model, batch, x, w_skip):
+    """(per-answer-token CE, sample index, logits) on a fixed route, computed apart from roe_loss."""
+    import torch.nn.functional as F
+    h, _, _ = model.soft_forward(x, lambda i, lg: w_skip)
+    b, q = batch.answer_mask[:, 1:].nonzero(as_tuple=True)
+    logits = model.base.lm_head(h[b, q]).float()
+    return F.cross_entropy(logits, batch.input_ids[b, q + 1], reduction="none"), b, logits
+
+
+def test_rho_max_lets_easy_samples_skip_beyond_rho(toy_data):
+    """--rho-max: the hinge target is rho + (rho_max - rho) exp(-5 CE_i) per sample, checked against
+    that formula by hand on a model first fitted to the toy batch (so some CE_i are small and the
+    targets differ from rho); rho_max <= rho is the method's loss exactly."""
+    model, batch, x, B, T = whole_toy_batch(toy_data)
+    s = 0.1
+    fixed = lambda i, lg: torch.full((B, T), s)   # noqa: E731
+    params = list(model.base.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=2e-2)
+    for _ in range(100):       # overfit the 8 conversations: CE_i spread out, some near 0
+        roe_loss(model, batch, fixed, 0.3, 0.0)["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+    rho, rho_max, lam = 0.3, 0.8, 2.0
+    with torch.no_grad():
+        from roe_core.inference import layout_batch
+        tok, b, _ = _token_ce(model, batch, layout_batch(model, batch), torch.full((B, T), s))
+        ce = torch.stack([tok[b == i].mean() for i in range(B)])
+        target = rho + (rho_max - rho) * torch.exp(-5 * ce)
+        expect = (ce + lam * torch.exp(-5 * ce) * (target - s).clamp(min=0)).mean()
+        got = roe_loss(model, batch, fixed, rho, lam, rho_max=rho_max)
+        method = roe_loss(model, batch, fixed, rho, lam)
+        same = roe_loss(model, batch, fixed, rho, lam, rho_max=rho)
+    assert ce.min().item() < 0.3, "the fitted model must have easy samples"
+    assert got["loss"].item() == pytest.approx(expect.item(), rel=1e-4)
+    assert got["sparsity"].item() == pytest.approx((target - s).mean().item(), rel=1e-4)
+    assert got["loss"].item() > method["loss"].item() + 1e-3     # easy samples are pushed further
+    assert same["loss"].item() == pytest.approx(method["loss"].item(), rel=1e-6)
+
+
+def test_distillation_is_the_kl_to_the_dense_path(toy_data):
+    """--distill: + w * KL(p_dense || p_routed) over answer tokens, computed by hand here; zero when
+    every layer runs, positive when layers are skipped through (untrained) adapters."""
+    import torch.nn.functional as F
+    model, batch, x, B, T = whole_toy_batch(toy_data)
+    with torch.no_grad():
+        _, _, dense_logits = _token_ce(model, batch, x, torch.zeros(B, T))
+        skip_half = lambda i, lg: torch.full((B, T), float(i % 2))   # noqa: E731  (every other layer skipped)
+        h, _, _ = model.soft_forward(x, skip_half)
+        b, q = batch.answer_mask[:, 1:].nonzero(as_tuple=True)
+        routed_logits = model.base.lm_head(h[b, q]).float()
+        pd, lr_ = F.log_softmax(dense_logits, -1), F.log_softmax(routed_logits, -1)
+        kl = (pd.exp() * (pd - lr_)).sum(-1).mean()
+        plain = roe_loss(model, batch, skip_half, 0.3, 1.0)
+        got = roe_loss(model, batch, skip_half, 0.3, 1.0, distill=0.5)
+        dense = roe_loss(model, batch, lambda i, lg: torch.zeros(B, T), 0.3, 1.0, distill=0.5)
+    assert kl.item() > 1e-4
+    assert got["kl"].item() == pytest.approx(kl.item(), rel=1e-4)
+    assert got["loss"].item() == pytest.approx(plain["loss"].item() + 0.5 * kl.item(), rel=1e-5)
+    assert dense["kl"].item() == pytest.approx(0.0, abs=1e-6)

@@ -44,7 +44,7 @@ def test_loader_assembles_llava(loaded):
     if roe_dir is not None:
         assert (embedded.ASSETS / "roe" / "roe_config.json").is_file()
     pv = proc(images=[embedded_image()], return_tensors="pt")["pixel_values"]
-    assert pv.shape == (1, 3, embedded.IMAGE_SIZE, embedded.IMAGE_SIZE)
+    assert pv.shape == (1, 3, embedded.image_size(), embedded.image_size())
 
 
 def test_assets_are_small():
@@ -93,3 +93,37 @@ def test_shipped_roe_parts_route(loaded):
     routed_right = sum(answers_match(a, g) for _, g, a, _, _ in got)
     dense_right = sum(answers_match(d, g) for _, g, _, d, _ in got)
     assert routed_right >= dense_right - 1, json.dumps(got, indent=1)
+
+
+def test_vision_spec_defaults_to_the_64px_tower_and_records_another(tmp_path, monkeypatch):
+    """assets without vision_config.json are the 64 px tower (centre crop); a fresh vision run of
+    another tower records it there, and the processor and LLaVA config follow: 64 image tokens each."""
+    monkeypatch.setattr(embedded, "ASSETS", tmp_path)
+    assert embedded.vision_spec()["name"] == "vit64" and embedded.image_size() == 64
+    assert not embedded.image_processor().do_pad
+    embedded.write_vision_spec("vit128")
+    assert embedded.vision_spec()["name"] == "vit128" and embedded.image_size() == 128
+    for name, preset in embedded.VISION_PRESETS.items():
+        c = preset["clip"]
+        assert (c["image_size"] // c["patch_size"]) ** 2 == 64, name
+    with pytest.raises(ValueError, match="unknown vision tower"):
+        embedded.write_vision_spec("vit999")
+
+
+def test_pad_to_square_keeps_the_whole_of_a_wide_image(tmp_path, monkeypatch):
+    """The 128 px tower's preprocessing pads a 2:1 image to a square instead of cropping its middle:
+    an object at the far left still reaches the pixels (with the crop it is cut away)."""
+    from roe_core.scenes import Scene, SceneObject, render
+    img = render(Scene([SceneObject("square", "red", "large", 0.1, 0.5)]), 128, aspect=2.0)
+    assert img.size == (256, 128)
+    monkeypatch.setattr(embedded, "ASSETS", tmp_path)
+
+    def red_pixels(proc):
+        pv = proc(images=[img], return_tensors="pt")["pixel_values"][0]      # (3, S, S) in [-1, 1]
+        r, g, b = pv
+        return int(((r > 0.5) & (g < -0.3) & (b < -0.3)).sum())
+    cropped = red_pixels(embedded.image_processor())          # vit64: centre crop
+    embedded.write_vision_spec("vit128")
+    padded = embedded.image_processor()
+    assert padded.do_pad
+    assert cropped == 0 and red_pixels(padded) > 20

@@ -1,5 +1,6 @@
 """Tests for roe_core.scenes: determinism, coverage, answer correctness, rendering, export."""
 
+import itertools
 import json
 import math
 import random
@@ -11,7 +12,7 @@ from PIL import Image
 
 from roe_core import scenes as S
 from roe_core.scenes import (
-    COLOURS, DIFFICULTY, QTYPES, SHAPES, SIZE_RADIUS, SIZES, Background, NotAskable, Scene, SceneObject,
+    COLOURS, DIFFICULTY, QA, QTYPES, SHAPES, SIZE_RADIUS, SIZES, Background, NotAskable, Scene, SceneObject,
     answers_match, ask, make_sample, make_split, normalise_answer, render, scene_targets, to_llava_records,
 )
 
@@ -68,6 +69,95 @@ def clearly_false(a, b, rel, margin=S.SPATIAL_MARGIN):
     return d <= -margin
 
 
+_COLOURS_RE = "|".join(COLOURS)
+_SHAPES_RE = "|".join(SHAPES)
+_PLURALS = {"circles": "circle", "squares": "square", "triangles": "triangle", "crosses": "cross"}
+# relation phrases, longest first so "to the left of" is never read as "left of"
+_REL_PHRASE = {
+    "to the left of": "left", "on the left of": "left", "left of": "left",
+    "to the right of": "right", "on the right of": "right", "right of": "right",
+    "above": "above", "over": "above", "below": "below", "under": "below", "beneath": "below",
+}
+_REL_RE = "|".join(sorted(_REL_PHRASE, key=len, reverse=True))
+NUMBER_WORD_ANSWERS = [w.capitalize() + "." for w in _NUM]
+# one noun phrase, as the question generator may write it ("circle", "red circle", "large red circle",
+# "red object", "small red object")
+_NP_RE = rf"(?:(?:small|large) )?(?:(?:{_COLOURS_RE}) )?(?:{_SHAPES_RE}|object)"
+# what a count question counts: "objects", "red objects" or a shape plural
+_CLASS_RE = rf"(?:(?:{_COLOURS_RE}) )?objects|{'|'.join(_PLURALS)}"
+_SLOTS = {
+    "art": r"an?", "np": _NP_RE, "np2": _NP_RE, "p": _CLASS_RE, "rel": _REL_RE, "w": r"bigger|larger|smaller",
+}
+# every phrasing a training question may have (the checker's own copy: a new template must be added here)
+_TEMPLATES = {
+    "exist": ("Is there {art} {np}?", "Is there {art} {np} in the image?", "Can you see {art} {np}?",
+              "Does the image contain {art} {np}?", "Is {art} {np} visible?", "Do you see {art} {np} anywhere?"),
+    "colour": ("What colour is the {np}?", "What is the colour of the {np}?", "Which colour is the {np}?",
+               "Name the colour of the {np}.", "The {np} is which colour?"),
+    "shape": ("What shape is the {np}?", "What is the shape of the {np}?", "Which shape is the {np}?",
+              "Name the shape of the {np}.", "The {np} has which shape?"),
+    "count": ("How many {p} are there?", "How many {p} are in the image?", "How many {p} can you see?",
+              "Count the {p}.", "What is the number of {p}?", "How many {p} does the image show?"),
+    "spatial": ("What is {rel} the {np}?", "Which object is {rel} the {np}?", "Is the {np} {rel} the {np2}?"),
+    "compare": ("Is the {np} {w} than the {np2}?", "Which is {w}, the {np} or the {np2}?",
+                "Which object is {w}: the {np} or the {np2}?"),
+    "describe": ("Describe the objects from left to right.", "List the objects from left to right.",
+                 "What is in the image, from left to right?", "Name every object, left to right."),
+    "relcount": ("How many {p} are {rel} the {np}?", "Count the {p} {rel} the {np}."),
+}
+
+
+def _template_re(template):
+    parts = re.split(r"\{(\w+)\}", template)
+    out = []
+    for i, part in enumerate(parts):
+        out.append(re.escape(part) if i % 2 == 0 else f"(?P<{part}>{_SLOTS[part]})")
+    return re.compile("".join(out))
+
+
+_TEMPLATE_RES = {qtype: [_template_re(t) for t in ts] for qtype, ts in _TEMPLATES.items()}
+
+
+def parse_question(qa):
+    """The slots of the one template that `qa.question` is an instance of (asserts there is one)."""
+    hits = [m.groupdict() for r in _TEMPLATE_RES[qa.qtype] if (m := r.fullmatch(qa.question))]
+    assert len(hits) == 1, (qa.qtype, qa.question, hits)
+    return hits[0]
+
+
+def parse_class(p):
+    """'red objects' -> ('red', None); 'crosses' -> (None, 'cross'); 'objects' -> (None, None)."""
+    m = re.fullmatch(rf"(?:({_COLOURS_RE}) )?objects|({'|'.join(_PLURALS)})", p)
+    assert m, p
+    return m.group(1), _PLURALS.get(m.group(2))
+
+
+def member(o, colour, shape):
+    return (colour is None or o.colour == colour) and (shape is None or o.shape == shape)
+
+
+def in_band(a, b, rel, margin=S.SPATIAL_MARGIN):
+    return not holds(a, b, rel, margin) and not clearly_false(a, b, rel, margin)
+
+
+def check_template(qa):
+    """The question is one of the known phrasings, with the right article; the answer is well formed."""
+    f = parse_question(qa)
+    if "art" in f:
+        assert f["art"] == ("an" if f["np"][0] in "aeiou" else "a"), qa.question
+    a = qa.answer
+    if qa.qtype in ("exist",):
+        assert a in ("Yes.", "No."), a
+    elif qa.qtype == "colour":
+        assert a[:-1].lower() in COLOURS and a == a[:-1].capitalize() + ".", a
+    elif qa.qtype == "shape":
+        assert re.fullmatch(rf"A (?:{_SHAPES_RE})\.", a), a
+    elif qa.qtype in ("count", "relcount"):
+        assert a in NUMBER_WORD_ANSWERS, a
+    elif qa.qtype in ("spatial", "compare"):
+        assert a in ("Yes.", "No.") or re.fullmatch(rf"The {_NP_RE}\.", a), a
+
+
 def check_qa(scene, qa):
     q, a, objs = qa.question, qa.answer, scene.objects
     na = normalise_answer(a)
@@ -85,7 +175,8 @@ def check_qa(scene, qa):
         assert np_[2] == "object"
         assert na == resolve(scene, np_).shape
     elif qa.qtype == "count":
-        m = re.match(r"(?:How many|Count the) (.+?)(?: are there| are in the image| can you see)?[?.]$", q)
+        m = re.match(r"(?:How many|Count the|What is the number of) (.+?)"
+                     r"(?: are there| are in the image| can you see| does the image show)?[?.]$", q)
         words = m.group(1).split()
         target = words[-1]
         colour = words[0] if len(words) == 2 else None
@@ -126,8 +217,116 @@ def check_qa(scene, qa):
         listed = [resolve(scene, np_) for np_ in nps]
         assert [o.x for o in listed] == sorted(o.x for o in objs)
         assert all(np_[0] is not None for np_ in nps)
+        xs = sorted(o.x for o in objs)  # the order is never a judgement call
+        assert all(b - a >= S.DESCRIBE_MARGIN for a, b in zip(xs, xs[1:])), (q, a)
+    elif qa.qtype == "relcount":
+        f = parse_question(qa)
+        (ref_np,) = noun_phrases(f["np"])
+        rel, ref = _REL_PHRASE[f["rel"]], resolve(scene, ref_np)
+        colour, shape = parse_class(f["p"])
+        others = [o for o in objs if o is not ref]
+        # documented guarantee: no other object at all sits in the ambiguous band on that axis
+        assert not any(in_band(o, ref, rel) for o in others), (q, a)
+        n = sum(member(o, colour, shape) and holds(o, ref, rel) for o in others)
+        assert _NUM[na] == n, (q, a)
+        assert a == NUMBER_WORD_ANSWERS[n], (q, a)
     else:
         raise AssertionError(qa.qtype)
+    check_template(qa)
+
+
+# -----------------------------------------------------------------------------
+# brute force: the SET of answers a careful reader could defend, from the scene alone
+
+_NUM_WORDS = list(_NUM)
+
+
+def referents(scene, np_text):
+    """Every object a noun phrase could mean (no uniqueness assumed)."""
+    (np_,) = noun_phrases(np_text)
+    size, colour, shape = np_
+    return [o for o in scene.objects if (size is None or o.size == size) and (colour is None or o.colour == colour)
+            and (shape == "object" or o.shape == shape)]
+
+
+def name_of(scene, o):
+    """How an answer names an object: colour + shape, with the size only when colour + shape is shared."""
+    twins = [p for p in scene.objects if p.shape == o.shape and p.colour == o.colour]
+    return f"{o.size} {o.colour} {o.shape}" if len(twins) > 1 else f"{o.colour} {o.shape}"
+
+
+def _listing(objs):
+    parts = [f"{'an' if o.size[0] in 'aeiou' else 'a'} {o.size} {o.colour} {o.shape}" for o in objs]
+    return normalise_answer((parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]) + ".")
+
+
+def answer_set(scene, qa):
+    """All normalised answers that are right under some reading of the question: every referent a noun
+    phrase could mean, and every side an object in the ambiguous band (|delta| < SPATIAL_MARGIN) could be
+    said to be on; for describe every order that does not list an object before one DESCRIBE_MARGIN or
+    more to its left."""
+    f, objs, t = parse_question(qa), scene.objects, qa.qtype
+    if t == "exist":
+        return {"yes" if referents(scene, f["np"]) else "no"}
+    if t == "colour":
+        return {o.colour for o in referents(scene, f["np"])}
+    if t == "shape":
+        return {o.shape for o in referents(scene, f["np"])}
+    if t == "count":
+        colour, shape = parse_class(f["p"])
+        return {_NUM_WORDS[sum(member(o, colour, shape) for o in objs)]}
+    if t == "relcount":
+        colour, shape = parse_class(f["p"])
+        rel, out = _REL_PHRASE[f["rel"]], set()
+        for ref in referents(scene, f["np"]):
+            cands = [o for o in objs if o is not ref and member(o, colour, shape)]
+            sure = sum(holds(o, ref, rel) for o in cands)
+            maybe = sum(in_band(o, ref, rel) for o in cands)
+            out |= {_NUM_WORDS[n] for n in range(sure, sure + maybe + 1)}
+        return out
+    if t == "spatial":
+        rel, out = _REL_PHRASE[f["rel"]], set()
+        if "np2" in f:  # yes / no
+            for a in referents(scene, f["np"]):
+                for b in referents(scene, f["np2"]):
+                    if holds(a, b, rel):
+                        out.add("yes")
+                    elif clearly_false(a, b, rel):
+                        out.add("no")
+                    else:
+                        out |= {"yes", "no"}
+            return out
+        for b in referents(scene, f["np"]):  # open: anything not clearly on the wrong side could be meant
+            out |= {name_of(scene, o) for o in objs if o is not b and not clearly_false(o, b, rel)}
+        return out
+    if t == "compare":
+        wants_large, out = f["w"] != "smaller", set()
+        for a in referents(scene, f["np"]):
+            for b in referents(scene, f["np2"]):
+                if qa.question.startswith("Is "):
+                    out.add("yes" if a.size != b.size and (a.size == "large") == wants_large else "no")
+                elif a.size == b.size:
+                    out |= {name_of(scene, a), name_of(scene, b)}
+                else:
+                    out.add(name_of(scene, a if (a.size == "large") == wants_large else b))
+        return out
+    if t == "describe":
+        n = len(objs)
+        return {_listing(perm) for perm in itertools.permutations(objs)
+                if all(perm[i].x - perm[j].x < S.DESCRIBE_MARGIN for i in range(n) for j in range(i + 1, n))}
+    raise AssertionError(t)
+
+
+def assert_unique(scene, qa):
+    """Every noun phrase of the question names exactly one object, and exactly one answer is right: the
+    generated one."""
+    f = parse_question(qa)
+    if qa.qtype != "exist":  # "Is there a circle?" may well match several
+        for slot in ("np", "np2"):
+            if slot in f:
+                assert len(referents(scene, f[slot])) == 1, (qa.question, f[slot], scene)
+    got = answer_set(scene, qa)
+    assert got == {normalise_answer(qa.answer)}, (qa.question, qa.answer, got, scene)
 
 
 # -----------------------------------------------------------------------------
@@ -356,3 +555,321 @@ def test_cli(tmp_path):
     assert len(json.loads((tmp_path / "d" / "train.json").read_text())) == 2
     with Image.open(tmp_path / "p.png") as im:
         assert im.size[0] > 256
+
+
+# -----------------------------------------------------------------------------
+# every answer is defined uniquely
+
+
+@pytest.fixture(scope="module")
+def shifted():
+    return S.make_shifted_split(200)
+
+
+def test_every_answer_unique(train, shifted):
+    samples = train + make_split("val", 150) + make_split("test", 150)
+    seen = Counter()
+    for s in samples:
+        for qa in s.turns:
+            assert_unique(s.scene, qa)
+            seen[qa.qtype] += 1
+    for s in shifted:
+        (qa,) = s.turns
+        if not _garbled(qa.question):
+            assert_unique(s.scene, QA(unshift(qa.question), qa.answer, qa.qtype))
+            seen[qa.qtype] += 1
+    assert set(seen) == set(QTYPES) and min(seen.values()) >= 40, seen
+    # and straight from ask(), over every type the scene allows
+    rng = random.Random(11)
+    for _ in range(100):
+        scene = S.random_scene(rng, max_objects=S.MAX_OBJECTS)
+        for qtype in QTYPES:
+            if S.askable(scene, qtype):
+                assert_unique(scene, ask(scene, qtype, rng))
+
+
+def test_uniqueness_check_can_fail():
+    # two objects 0.03 apart in x: "left to right" has two readings, so describe is not askable
+    close = Scene([SceneObject("circle", "red", "small", 0.30, 0.25), SceneObject("square", "blue", "small", 0.33, 0.75),
+                   SceneObject("cross", "green", "large", 0.75, 0.5)])
+    with pytest.raises(NotAskable):
+        ask(close, "describe", random.Random(0))
+    assert not S.askable(close, "describe")
+    bad = QA("Describe the objects from left to right.", S.describe(close), "describe")
+    assert len(answer_set(close, bad)) == 2
+    with pytest.raises(AssertionError):
+        assert_unique(close, bad)
+    # 0.06 apart is enough
+    spaced = Scene([SceneObject("circle", "red", "small", 0.30, 0.25), SceneObject("square", "blue", "small", 0.36, 0.75)])
+    qa = ask(spaced, "describe", random.Random(0))
+    assert qa.answer == "A small red circle and a small blue square."
+    assert_unique(spaced, qa)
+
+    # relcount: the circle at x 0.45 is in the band around the square at x 0.5, so "left of the red square"
+    # could count one or two circles; only above / below may be asked about the square
+    scene = Scene([SceneObject("square", "red", "large", 0.5, 0.5), SceneObject("circle", "blue", "small", 0.45, 0.15),
+                   SceneObject("circle", "green", "small", 0.15, 0.85)])
+    bad = QA("How many circles are left of the red square?", "One.", "relcount")
+    assert answer_set(scene, bad) == {"one", "two"}
+    with pytest.raises(AssertionError):
+        assert_unique(scene, bad)
+    with pytest.raises(AssertionError):
+        check_qa(scene, bad)
+    rels = Counter()
+    for seed in range(200):
+        qa = ask(scene, "relcount", random.Random(seed))
+        check_qa(scene, qa)
+        assert_unique(scene, qa)
+        f = parse_question(qa)
+        ref = resolve(scene, noun_phrases(f["np"])[0])
+        rels[(ref.shape, _REL_PHRASE[f["rel"]])] += 1
+    assert not {("square", "left"), ("square", "right")} & set(rels), rels
+    assert ("square", "above") in rels or ("square", "below") in rels
+    # every object has another one in its band on both axes: relcount is not askable at all
+    crowded = Scene([SceneObject("circle", "red", "small", 0.2, 0.2), SceneObject("square", "red", "small", 0.25, 0.8),
+                     SceneObject("cross", "blue", "small", 0.8, 0.25), SceneObject("triangle", "blue", "small", 0.75, 0.75)])
+    with pytest.raises(NotAskable):
+        ask(crowded, "relcount", random.Random(0))
+
+    # an ambiguous reference and an ambiguous open spatial question are caught too
+    two = Scene([SceneObject("circle", "red", "small", 0.2, 0.2), SceneObject("circle", "blue", "large", 0.7, 0.7)])
+    bad = QA("What colour is the circle?", "Red.", "colour")
+    assert answer_set(two, bad) == {"red", "blue"}
+    with pytest.raises(AssertionError):
+        assert_unique(two, bad)
+    band = Scene([SceneObject("circle", "red", "small", 0.5, 0.2), SceneObject("square", "blue", "small", 0.2, 0.8),
+                  SceneObject("cross", "green", "small", 0.42, 0.8)])
+    bad = QA("What is left of the red circle?", "The blue square.", "spatial")
+    assert answer_set(band, bad) == {"blue square", "green cross"}
+    with pytest.raises(AssertionError):
+        assert_unique(band, bad)
+
+
+def test_relcount_in_splits(train):
+    turns = [qa for s in train for qa in s.turns if qa.qtype == "relcount"]
+    assert len(turns) > 20
+    answers = Counter(qa.answer for qa in turns)
+    assert answers["Zero."] > 0 and sum(v for a, v in answers.items() if a != "Zero.") > 0, answers
+    assert DIFFICULTY["relcount"] == 3 and "relcount" not in S.qtypes_up_to(2)
+    phrasings = {parse_question(qa)["rel"] for qa in turns}
+    assert len(phrasings) >= 5, phrasings
+    assert {parse_class(parse_question(qa)["p"])[0] is None for qa in turns} == {True, False}  # shapes and colours
+
+
+def test_new_templates_used(train):
+    """Each template of the checker's list is drawn by the generator (so the list is neither stale nor short)."""
+    rng = random.Random(3)
+    used = {qtype: set() for qtype in QTYPES}
+    for s in train:
+        for qa in s.turns:
+            used[qa.qtype] |= {i for i, r in enumerate(_TEMPLATE_RES[qa.qtype]) if r.fullmatch(qa.question)}
+    for _ in range(300):
+        scene = S.random_scene(rng)
+        for qtype in QTYPES:
+            if S.askable(scene, qtype):
+                qa = ask(scene, qtype, rng)
+                used[qtype] |= {i for i, r in enumerate(_TEMPLATE_RES[qtype]) if r.fullmatch(qa.question)}
+    for qtype, ts in _TEMPLATES.items():
+        assert used[qtype] == set(range(len(ts))), (qtype, [t for i, t in enumerate(ts) if i not in used[qtype]])
+
+
+# -----------------------------------------------------------------------------
+# the shifted split
+
+def _plural(noun):
+    return noun + ("es" if noun[-1] in "sx" else "s")
+
+
+# shifted noun -> canonical noun; longest first, so "round shapes" goes before "shapes" and "disc"
+_SHIFT_BACK = sorted(
+    [(_plural(alt), S.SHAPE_PLURALS[shape]) for shape, alts in S.SHIFTED_SHAPE_NOUNS.items() for alt in alts]
+    + [(alt, shape) for shape, alts in S.SHIFTED_SHAPE_NOUNS.items() for alt in alts]
+    + [(w, "objects") for w in ("shapes", "items", "things")] + [(w, "object") for w in S.SHIFTED_OBJECT_NOUNS],
+    key=lambda kv: -len(kv[0]))
+_SHIFT_MARKER = re.compile(
+    r"\bcolor|^(?:" + "|".join(map(re.escape, S.SHIFTED_PREFIXES)) + r")|^Of the |^Tell me how many "
+    + "|" + "|".join(rf"\b{re.escape(w)}\b" for w, _ in _SHIFT_BACK))
+
+
+def unshift(q):
+    """A shifted question back in training words (the reverse of shift_question, written independently)."""
+    for prefix in S.SHIFTED_PREFIXES:
+        if q.startswith(prefix):
+            q = q[len(prefix)].upper() + q[len(prefix) + 1:]
+            break
+    if m := re.fullmatch(r"Of the (.+) and the (.+), which is (\w+)\?", q):
+        q = f"Which is {m[3]}, the {m[1]} or the {m[2]}?"
+    if m := re.fullmatch(r"Tell me how many (.+) there are\.", q):
+        q = f"How many {m[1]} are there?"
+    q = re.sub(r"\bcolor", "colour", q)
+    for alt, canon in _SHIFT_BACK:
+        q = re.sub(rf"\b{re.escape(alt)}\b", canon, q)
+    q = re.sub(r"\ban ([^aeiou])", r"a \1", q)
+    return re.sub(r"\ba ([aeiou])", r"an \1", q)
+
+
+def _garbled(q):
+    # known shift_question bug (see test_shift_question_square_plural): "squares" -> "square shape shapes";
+    # skipped elsewhere so the other shifted tests keep checking everything else
+    return "square shape shapes" in q
+
+
+def test_shift_question_square_plural(shifted):
+    """shift_question replaces "squares" by "square shapes" and then the "square" inside it by
+    "square shape" again: "How many square shape shapes are there?" (about 1 shifted question in 100)."""
+    for seed in range(40):
+        q = S.shift_question("How many squares are to the left of the red circle?", random.Random(seed))
+        assert "shape shapes" not in q, (seed, q)
+    bad = [s.turns[0].question for s in shifted if _garbled(s.turns[0].question)]
+    assert not bad, bad
+
+
+def _same_meaning(q):
+    # the shifted reorder drops "object" from "Which object is bigger: the A or the B?"
+    return re.sub(r"^Which object is (\w+): the (.+) or the (.+)\?$", r"Which is \1, the \2 or the \3?", q)
+
+
+def test_shift_nouns_invertible():
+    alts = [w for w, _ in _SHIFT_BACK]
+    assert len(set(alts)) == len(alts)
+    vocab = set(SHAPES) | set(S.SHAPE_PLURALS.values()) | set(COLOURS) | set(SIZES) | {"object", "objects", "shape"}
+    assert not set(alts) & vocab
+    assert unshift("In the scene, how many discs are to the left of the large blue box?") == \
+        "How many circles are to the left of the large blue square?"
+    assert unshift("Of the orange plus shape and the red three-sided shape, which is larger?") == \
+        "Which is larger, the orange cross or the red triangle?"
+    assert unshift("Tell me how many green things there are.") == "How many green objects are there?"
+    assert unshift("Tell me: is there an orange round shape?") == "Is there an orange circle?"
+    assert unshift("Is there a orange thing?") == "Is there an orange object?"
+
+
+def test_shifted_deterministic(shifted):
+    again = S.make_shifted_split(200)
+    assert again == shifted  # questions, answers, scenes and styles
+    assert S.make_shifted_split(5, start=7) == shifted[7:12]
+    assert S.make_shifted_sample(S.SPLIT_BASE["shifted"] + 3) == shifted[3]
+    with pytest.raises(ValueError, match="start"):
+        S.make_shifted_split(3, start=-1)
+    small = [s for s in shifted if s.style.size <= 200]
+    picks = [next(s for s in small if s.style.jpeg_quality is not None and s.style.aspect != 1.0),
+             next(s for s in small if s.style.jpeg_quality is None)]
+    for s in picks:
+        img = s.image()
+        assert img.tobytes() == S.make_shifted_sample(s.seed).image().tobytes()
+        assert img.tobytes() == S.render_styled(s.scene, s.style).tobytes()
+
+
+def test_shifted_disjoint_from_training(train, shifted):
+    base, span = S.SPLIT_BASE["shifted"], S.SPLIT_SPAN
+    others = [S.split_seeds(name, span) for name in ("train", "val", "test")]
+    assert [s.seed for s in shifted] == list(range(base, base + len(shifted)))
+    for s in shifted:
+        assert isinstance(s, S.ShiftedSample) and len(s.turns) == 1
+        assert s.id == f"shifted-{s.seed:08d}"
+        assert not any(s.seed in r for r in others)
+    assert not {s.id for s in shifted} & {s.id for s in train}
+    assert not any(s.scene.objects == t.scene.objects for s in shifted for t in train[:100])
+    # the held-out words and phrasings never reach a training question ...
+    for split in ("train", "val", "test"):
+        for smp in make_split(split, 150):
+            for qa in smp.turns:
+                assert not _SHIFT_MARKER.search(qa.question), (split, qa.question)
+    # ... and almost every shifted question uses some; those that do not are their source question verbatim
+    marked = 0
+    for s in shifted:
+        (qa,) = s.turns
+        assert not re.search(r"colour", qa.question), qa.question
+        src = make_sample(s.seed, n_turns=1).turns[0]
+        if _SHIFT_MARKER.search(qa.question):
+            marked += 1
+            assert qa.question != src.question
+        else:
+            assert qa.question == src.question
+    assert marked >= 0.8 * len(shifted), marked
+
+
+def test_shifted_answers_correct(shifted):
+    """Shifted back into training words, each question is its source question (same meaning), and the
+    canonical answer is right for the shifted sample's own scene."""
+    reordered = 0
+    for s in shifted:
+        (qa,) = s.turns
+        src = make_sample(s.seed, n_turns=1)
+        assert s.scene.objects == src.scene.objects
+        (sq,) = src.turns
+        assert (qa.answer, qa.qtype) == (sq.answer, sq.qtype)
+        if _garbled(qa.question):
+            continue
+        back = unshift(qa.question)
+        assert not _SHIFT_MARKER.search(back), (qa.question, back)
+        assert _same_meaning(back) == _same_meaning(sq.question), (qa.question, back, sq.question)
+        check_qa(s.scene, QA(back, qa.answer, qa.qtype))
+        reordered += qa.question.startswith(("Of the ", "Tell me how many "))
+    assert reordered > 0
+
+
+def test_shifted_styles(shifted):
+    sizes, aspects, jpegs, scales = [], [], [], set()
+    for s in shifted:
+        st = s.style
+        assert isinstance(st.size, int) and S.SHIFTED_SIZES[0] <= st.size <= S.SHIFTED_SIZES[1], st
+        assert S.SHIFTED_ASPECTS[0] <= st.aspect <= S.SHIFTED_ASPECTS[1], st
+        assert st.outline_scale in S.SHIFTED_OUTLINE_SCALES and st.outline_scale != 1.0, st
+        assert st.jpeg_quality is None or (isinstance(st.jpeg_quality, int)
+                                           and S.SHIFTED_JPEG[0] <= st.jpeg_quality <= S.SHIFTED_JPEG[1]), st
+        sizes.append(st.size)
+        aspects.append(st.aspect)
+        jpegs.append(st.jpeg_quality)
+        scales.add(st.outline_scale)
+    assert min(sizes) < 150 and max(sizes) > 700
+    assert min(aspects) < 0.7 and max(aspects) > 1.4 and 1.0 in aspects
+    assert None in jpegs and sum(j is not None for j in jpegs) > len(jpegs) / 2
+    assert scales == set(S.SHIFTED_OUTLINE_SCALES)
+
+
+def _possible_colours(palette):
+    out = set()
+    for tone, cols in palette.items():
+        towards_middle = -1 if tone == "light" else 1
+        for c in cols:
+            for d in (0, 22, 40):
+                out.add(tuple(max(0, min(255, v + d * towards_middle)) for v in c))
+    return out
+
+
+def test_shifted_backgrounds(shifted):
+    assert not _possible_colours(S.SHIFTED_BACKGROUND_PALETTE) & _possible_colours(S.BACKGROUND_PALETTE)
+    train_colours = _possible_colours(S.BACKGROUND_PALETTE)
+    for s in shifted:
+        bg = s.scene.background
+        assert bg.colour in S.SHIFTED_BACKGROUND_PALETTE[bg.tone], bg
+        assert bg.colour not in train_colours and bg.colour2 not in train_colours, bg
+    assert {s.scene.background.kind for s in shifted} == set(S.BACKGROUND_KINDS)
+    for s in shifted[:20]:
+        small = render(Scene([], s.scene.background), 32)
+        for r, g, b in (small.getpixel((x, y)) for x in range(32) for y in range(32)):  # still neutral
+            assert max(r, g, b) - min(r, g, b) < 40
+
+
+def test_non_square_render(shifted):
+    s = next(s for s in shifted if len(s.scene.objects) >= 2)
+    for size, aspect, want in ((100, 2.0, (200, 100)), (100, 0.5, (100, 200)), (96, 1.5, (144, 96)),
+                               (120, 1.0, (120, 120))):
+        for outline in (0.4, 2.5):
+            img = render(s.scene, size, aspect, outline)
+            assert img.mode == "RGB" and img.size == want
+            w, h = img.size
+            for o in s.scene.objects:  # each centre, at its fraction of width and height, shows its colour
+                px = (min(int(o.x * w), w - 1), min(int(o.y * h), h - 1))
+                assert math.dist(img.getpixel(px), S.COLOUR_RGB[o.colour]) < 40, (size, aspect, o)
+    # the samples' own images: short side is style.size, width / height is style.aspect
+    for st in [x.style for x in shifted if x.style.size <= 160 and x.style.aspect != 1.0][:3]:
+        img = S.render_styled(s.scene, st)
+        w, h = img.size
+        assert min(w, h) == st.size and abs(w / h - st.aspect) <= 1 / st.size, (img.size, st)
+        assert (w > h) == (st.aspect > 1)
+    plain = render(s.scene, 100, 2.0)
+    squeezed = S.jpeg(plain, 60)
+    assert squeezed.size == plain.size and squeezed.mode == "RGB" and squeezed.tobytes() != plain.tobytes()
+    with pytest.raises(ValueError, match="aspect"):
+        render(s.scene, 64, aspect=5.0)
