@@ -12,7 +12,7 @@ from roe_core.scenes import make_sample, render
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
 # one question type each, easiest first; seeds picked from the test split's range so they were never trained on
-KINDS = ("exist", "colour", "count", "spatial", "compare", "describe")
+KINDS = ("exist", "colour", "count", "spatial", "compare", "describe", "relcount")
 FIRST_SEED = 20_000_000
 
 

@@ -310,52 +310,87 @@ def _render_pixels(jobs: list[tuple], desc: str) -> Tensor:
     return torch.cat(chunks)
 
 
-def _vision_image(args):
-    """One vision-pretraining image: a scene rendered plain, or (augment) at a random size and
-    aspect ratio and sometimes through JPEG. Outline widths and background tones stay the training
-    ones: the shifted split (scenes.make_shifted_split) keeps those held out."""
-    scene, seed, augment = args
-    from .scenes import jpeg, render
+def _vision_style(seed: int, augment: bool) -> tuple[int, float, int | None]:
+    """(short side, aspect ratio, JPEG quality or None) of a training image: 256 px square plain, or
+    (augment) a random size, aspect ratio 1:2..2:1 and sometimes a JPEG round trip. Outline widths and
+    background tones stay the training ones: the shifted split (scenes.make_shifted_split) holds
+    those out."""
     if not augment:
-        return render(scene, 256)
+        return 256, 1.0, None
     rng = random.Random(f"vision-augment-{seed}")
     aspect = 1.0 if rng.random() < 0.4 else math.exp(rng.uniform(math.log(0.5), math.log(2.0)))
-    img = render(scene, rng.randint(48, 512), aspect)
-    return jpeg(img, rng.randint(50, 95)) if rng.random() < 0.5 else img
+    size = rng.randint(48, 512)
+    return size, aspect, (rng.randint(50, 95) if rng.random() < 0.5 else None)
+
+
+def _vision_image(args):
+    scene, seed, augment = args
+    from .scenes import jpeg, render
+    size, aspect, quality = _vision_style(seed, augment)
+    img = render(scene, size, aspect)
+    return jpeg(img, quality) if quality is not None else img
 
 
 def vision_pixels(n: int, split: str = "train", augment: bool = False):
-    """(pixel_values fp16 (n, 3, S, S), scenes) for vision pretraining: n random scenes of a split's
-    seed range (scenes alone, no questions), processed as the model's image processor does; cached
-    in runs/."""
+    """(pixel_values fp16 (n, 3, S, S), scenes, aspects) for vision pretraining: n random scenes of a
+    split's seed range (scenes alone, no questions), processed as the model's image processor does;
+    cached in runs/."""
     from .scenes import SPLIT_BASE, random_scene
     seeds = range(SPLIT_BASE[split], SPLIT_BASE[split] + n)
     scenes = [random_scene(random.Random(f"vision-{s}")) for s in seeds]
+    aspects = [_vision_style(sd, augment)[1] for sd in seeds]
     tag = _cache_tag(augment)
     path = RUNS / "cache" / f"vision_{split}_{n}_{tag}.safetensors"
     if path.is_file():
-        return load_file(str(path))["pixel_values"], scenes
+        return load_file(str(path))["pixel_values"], scenes, aspects
     pv = _render_pixels([(sc, sd, augment) for sc, sd in zip(scenes, seeds)],
                         f"rendering {split} scenes for the vision tower")
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({"pixel_values": pv.contiguous()}, str(path))
-    return pv, scenes
+    return pv, scenes, aspects
 
 
-def vision_targets(samples) -> dict[str, Tensor]:
-    from .scenes import GRID, scene_targets
-    scenes = [getattr(s, "scene", s) for s in samples]   # samples or scenes
-    rows = [scene_targets(sc) for sc in scenes]
-    out = {k: torch.tensor([r[k] for r in rows]) for k in ("cell_shape", "cell_colour", "cell_size",
-                                                            "shape_counts", "colour_counts", "size_counts", "n_objects")}
-    xy = torch.zeros(len(scenes), GRID * GRID, 2)
-    for b, sc in enumerate(scenes):   # centre offset inside its cell, in [0, 1]
-        for o in sc.objects:
-            r, c = min(int(o.y * GRID), GRID - 1), min(int(o.x * GRID), GRID - 1)
-            xy[b, r * GRID + c] = torch.tensor([o.x * GRID - c, o.y * GRID - r])
-    out["cell_xy"] = xy
-    for k in ("shape_counts", "colour_counts", "size_counts", "n_objects"):
-        out[k] = out[k].clamp(max=MAX_COUNT - 1)
+def vision_targets(scenes, aspects=None) -> dict[str, Tensor]:
+    """Targets of VisionPretrainer in the frame the tower sees: scenes (or samples) drawn at
+    width / height = aspect, which the 128 px tower's preprocessing pads to a square.
+
+    cell_*: per GRID x GRID cell of that square, the shape / colour / size class of the object whose
+    centre lies in it (0 empty; -100, ignored, where two centres share a cell, which a padded wide
+    image can cause); cell_xy: that centre's offset in its cell. patch_*: per image patch (8 x 8), the
+    classes of the object it shows (scenes.patch_labels). Counts: per shape, colour and size."""
+    from .scenes import COLOURS, GRID, SHAPES, SIZES, padded_xy, patch_labels
+    scenes = [getattr(s, "scene", s) for s in scenes]   # samples or scenes
+    aspects = aspects or [1.0] * len(scenes)
+    B, K = len(scenes), GRID * GRID
+    vc = vision_spec()["clip"]
+    grid = vc["image_size"] // vc["patch_size"]
+    cell = {k: torch.zeros(B, K, dtype=torch.long) for k in ("cell_shape", "cell_colour", "cell_size")}
+    xy = torch.zeros(B, K, 2)
+    patch = {k: torch.zeros(B, grid * grid, dtype=torch.long) for k in ("patch_shape", "patch_colour", "patch_size")}
+    counts = {"shape_counts": torch.zeros(B, len(SHAPES), dtype=torch.long),
+              "colour_counts": torch.zeros(B, len(COLOURS), dtype=torch.long),
+              "size_counts": torch.zeros(B, len(SIZES), dtype=torch.long), "n_objects": torch.zeros(B, dtype=torch.long)}
+    for b, (sc, aspect) in enumerate(zip(scenes, aspects)):
+        classes = [(1 + SHAPES.index(o.shape), 1 + COLOURS.index(o.colour), 1 + SIZES.index(o.size)) for o in sc.objects]
+        seen = set()
+        for o, cls in zip(sc.objects, classes):
+            x, y = padded_xy(o.x, o.y, aspect)
+            r, c = min(int(y * GRID), GRID - 1), min(int(x * GRID), GRID - 1)
+            i = r * GRID + c
+            for k, v in zip(cell, (-100, -100, -100) if i in seen else cls):
+                cell[k][b, i] = v
+            xy[b, i] = torch.tensor([x * GRID - c, y * GRID - r])
+            seen.add(i)
+            counts["shape_counts"][b, cls[0] - 1] += 1
+            counts["colour_counts"][b, cls[1] - 1] += 1
+            counts["size_counts"][b, cls[2] - 1] += 1
+        counts["n_objects"][b] = len(sc.objects)
+        for p, lab in enumerate(patch_labels(sc, aspect, grid)):
+            if lab:
+                for k, v in zip(patch, classes[lab - 1]):
+                    patch[k][b, p] = v
+    out = {**cell, "cell_xy": xy, **patch}
+    out.update({k: v.clamp(max=MAX_COUNT - 1) for k, v in counts.items()})
     return out
 
 
@@ -364,7 +399,9 @@ def vision_targets(samples) -> dict[str, Tensor]:
 
 class VisionPretrainer(nn.Module):
     """The CLIP ViT + small heads on its last hidden states (what LLaVA reads, CLS dropped):
-    per 4x4 cell (2x2 patches): shape / colour / size classes and the centre offset; global counts."""
+    per 4x4 cell (2x2 patches): shape / colour / size classes and the centre offset; per patch: the
+    classes of the object it shows (dense supervision a small ViT learns from far faster); global
+    counts."""
 
     def __init__(self):
         super().__init__()
@@ -375,6 +412,7 @@ class VisionPretrainer(nn.Module):
         self.n_shape, self.n_colour, self.n_size = len(SHAPES) + 1, len(COLOURS) + 1, len(SIZES) + 1
         self.cell = nn.Sequential(nn.LayerNorm(4 * d), nn.Linear(4 * d, self.n_shape + self.n_colour + self.n_size + 2))
         self.count = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, (len(SHAPES) + len(COLOURS) + len(SIZES) + 1) * MAX_COUNT))
+        self.patch = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, self.n_shape + self.n_colour + self.n_size))
 
     def forward(self, pixel_values: Tensor) -> dict[str, Tensor]:
         from .scenes import GRID
@@ -385,7 +423,7 @@ class VisionPretrainer(nn.Module):
         cells = h.view(B, GRID, k, GRID, k, d).permute(0, 1, 3, 2, 4, 5).reshape(B, GRID * GRID, k * k * d)
         c = self.cell(cells)
         counts = self.count(h.mean(1)).view(B, -1, MAX_COUNT)
-        return {"cell": c, "counts": counts}
+        return {"cell": c, "counts": counts, "patch": self.patch(h)}
 
     def losses(self, out, t) -> dict[str, Tensor]:
         c = out["cell"].float()
@@ -393,18 +431,23 @@ class VisionPretrainer(nn.Module):
         ls = F.cross_entropy(c[..., :a].flatten(0, 1), t["cell_shape"].flatten())
         lc = F.cross_entropy(c[..., a:b].flatten(0, 1), t["cell_colour"].flatten())
         lz = F.cross_entropy(c[..., b:cc].flatten(0, 1), t["cell_size"].flatten())
-        occ = (t["cell_shape"] > 0).float()[..., None]
+        occ = (t["cell_shape"] > 0).float()[..., None]                   # ignored cells (-100) excluded
         lxy = ((c[..., cc:].sigmoid() - t["cell_xy"]) ** 2 * occ).sum() / occ.sum().clamp(min=1)
+        pt = out["patch"].float()
+        lpatch = (F.cross_entropy(pt[..., :a].flatten(0, 1), t["patch_shape"].flatten())
+                  + F.cross_entropy(pt[..., a:b].flatten(0, 1), t["patch_colour"].flatten())
+                  + F.cross_entropy(pt[..., b:cc].flatten(0, 1), t["patch_size"].flatten()))
         counts_t = torch.cat([t["shape_counts"], t["colour_counts"], t["size_counts"], t["n_objects"][:, None]], 1)
         lcount = F.cross_entropy(out["counts"].float().flatten(0, 1), counts_t.flatten())
         with torch.no_grad():
             right = ((c[..., :a].argmax(-1) == t["cell_shape"]) & (c[..., a:b].argmax(-1) == t["cell_colour"])
                      & (c[..., b:cc].argmax(-1) == t["cell_size"])).float()
-            cell_ok = right.mean()
+            valid = t["cell_shape"] >= 0
+            cell_ok = (right * valid).sum() / valid.sum().clamp(min=1)
             occ_ok = (right * occ[..., 0]).sum() / occ.sum().clamp(min=1)
             count_ok = (out["counts"].argmax(-1) == counts_t).float().mean()
-        return {"loss": ls + lc + lz + 10 * lxy + lcount, "shape": ls.detach(), "colour": lc.detach(),
-                "size": lz.detach(), "xy": lxy.detach(), "count": lcount.detach(),
+        return {"loss": ls + lc + lz + 10 * lxy + lcount + lpatch, "shape": ls.detach(), "colour": lc.detach(),
+                "size": lz.detach(), "xy": lxy.detach(), "count": lcount.detach(), "patch": lpatch.detach(),
                 "cell_acc": cell_ok, "object_acc": occ_ok, "count_acc": count_ok}
 
 
@@ -445,12 +488,12 @@ def stage_vision(args) -> None:
     torch.manual_seed(args.seed)
     if not args.resume and args.vision_tower:
         write_vision_spec(args.vision_tower)     # a fresh tower of that kind
-    pv, scenes = vision_pixels(args.n_train, augment=args.augment)
-    t = vision_targets(scenes)
+    pv, scenes, aspects = vision_pixels(args.n_train, augment=args.augment)
+    t = vision_targets(scenes, aspects)
     val_sets = {"": vision_pixels(1000, "val")}   # plain renders (the figure reported before augmenting)
     if args.augment:
         val_sets["aug_"] = vision_pixels(1000, "val", augment=True)
-    val_sets = {k: (v[0], vision_targets(v[1])) for k, v in val_sets.items()}
+    val_sets = {k: (v[0], vision_targets(v[1], v[2])) for k, v in val_sets.items()}
     model = VisionPretrainer()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr or 1e-3, weight_decay=0.05)
     ck = RUNS / "vision"

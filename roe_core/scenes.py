@@ -233,10 +233,12 @@ def _render_background(bg: Background, w: int, h: int | None = None) -> Image.Im
     raise ValueError(f"unknown background kind {bg.kind!r}")
 
 
-def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, w: int, h: int, outline: tuple, width: int) -> None:
-    # x, y are fractions of the canvas's width and height; sizes are fractions of its short side
-    cx, cy, r = obj.x * w, obj.y * h, obj.radius * min(w, h)
-    fill = COLOUR_RGB[obj.colour]
+def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, w: int, h: int, outline, width: int,
+                 fill=None, x0: float = 0.0, y0: float = 0.0) -> None:
+    # x, y are fractions of the canvas's width and height; sizes are fractions of its short side;
+    # (x0, y0) offsets the canvas inside a larger image (patch_labels)
+    cx, cy, r = x0 + obj.x * w, y0 + obj.y * h, obj.radius * min(w, h)
+    fill = COLOUR_RGB[obj.colour] if fill is None else fill
     if obj.shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill, outline=outline, width=width)
     elif obj.shape == "square":
@@ -281,6 +283,40 @@ def render(scene: Scene, size: int = 256, aspect: float = 1.0, outline_scale: fl
     for obj in scene.objects:
         _draw_object(draw, obj, W, H, outline, width)
     return img.reduce(ss)
+
+
+def padded_xy(x: float, y: float, aspect: float) -> tuple[float, float]:
+    """A canvas point (fractions of width, height) as fractions of the square that LLaVA's pad
+    preprocessing makes of a width / height = aspect canvas (centred on its long side)."""
+    if aspect >= 1:
+        return x, 0.5 + (y - 0.5) / aspect
+    return 0.5 + (x - 0.5) * aspect, y
+
+
+def patch_labels(scene: Scene, aspect: float = 1.0, grid: int = 8, res: int = 16) -> list[int]:
+    """Which object each of the grid x grid patches of the padded square image shows: row-major,
+    0 for background (or padding), i + 1 for scene.objects[i]. A patch shows the object covering
+    most of it when that covers >= 20% of it; every object also claims the patch holding most of
+    its area if no other did. Drawn at res x res pixels a patch, with the renderer's own shapes."""
+    import numpy as np
+    n = grid * res
+    w, h = (n, round(n / aspect)) if aspect >= 1 else (round(n * aspect), n)
+    img = Image.new("L", (n, n), 0)
+    draw = ImageDraw.Draw(img)
+    for i, o in enumerate(scene.objects):
+        _draw_object(draw, o, w, h, i + 1, 1, fill=i + 1, x0=(n - w) // 2, y0=(n - h) // 2)
+    lab = np.asarray(img).reshape(grid, res, grid, res).transpose(0, 2, 1, 3).reshape(grid * grid, res * res)
+    k = len(scene.objects)
+    counts = np.stack([(lab == i + 1).sum(1) for i in range(k)], 1) if k else np.zeros((grid * grid, 0))
+    out = [0] * (grid * grid)
+    for p in range(grid * grid):
+        if k and counts[p].max() >= 0.2 * res * res:
+            out[p] = int(counts[p].argmax()) + 1
+    for i in range(k):
+        p = int(counts[:, i].argmax())
+        if counts[p, i] > 0 and out[p] == 0:
+            out[p] = i + 1
+    return out
 
 
 def jpeg(img: Image.Image, quality: int) -> Image.Image:

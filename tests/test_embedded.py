@@ -127,3 +127,26 @@ def test_pad_to_square_keeps_the_whole_of_a_wide_image(tmp_path, monkeypatch):
     padded = embedded.image_processor()
     assert padded.do_pad
     assert cropped == 0 and red_pixels(padded) > 20
+
+
+def test_vision_targets_are_in_the_frame_the_tower_sees(tmp_path, monkeypatch):
+    """Cell targets of a 2:1 image (padded to a square) sit where the padded image shows the object,
+    two centres falling into one cell are ignored (-100) rather than one overwriting the other, and
+    patch targets carry the classes of the object each patch shows."""
+    from roe_core.scenes import COLOURS, SHAPES, Scene, SceneObject
+    monkeypatch.setattr(embedded, "ASSETS", tmp_path)
+    embedded.write_vision_spec("vit128")
+    one = Scene([SceneObject("triangle", "green", "large", 0.2, 0.1)])
+    # two objects in different cells of the canvas, the same cell once it is padded
+    two = Scene([SceneObject("circle", "red", "small", 0.6, 0.55), SceneObject("square", "blue", "small", 0.6, 0.9)])
+    t = embedded.vision_targets([one, one, two], [1.0, 2.0, 2.0])
+    assert t["cell_shape"][0, 0 * 4 + 0] == 1 + SHAPES.index("triangle")     # square image: row 0
+    assert t["cell_shape"][1, 1 * 4 + 0] == 1 + SHAPES.index("triangle")     # 2:1: y 0.1 -> 0.3, row 1
+    assert t["cell_shape"][1, 0] == 0
+    assert t["cell_shape"][2, 2 * 4 + 2] == -100 and (t["cell_shape"][2] > 0).sum() == 0
+    assert t["n_objects"].tolist() == [1, 1, 2]
+    shown = t["patch_colour"][1][t["patch_colour"][1] > 0]
+    assert len(shown) > 0 and set(shown.tolist()) == {1 + COLOURS.index("green")}
+    m = embedded.VisionPretrainer()
+    out = m.losses(m(torch.zeros(3, 3, 128, 128)), t)
+    assert torch.isfinite(out["loss"]) and out["patch"] > 0

@@ -873,3 +873,22 @@ def test_non_square_render(shifted):
     assert squeezed.size == plain.size and squeezed.mode == "RGB" and squeezed.tobytes() != plain.tobytes()
     with pytest.raises(ValueError, match="aspect"):
         render(s.scene, 64, aspect=5.0)
+
+
+def test_patch_labels_follow_the_padded_frame():
+    """patch_labels: the patch under an object's centre shows it, far patches show background, every
+    object claims a patch; on a 2:1 canvas padded to a square the same scene moves into the middle
+    band of rows (the top and bottom quarters are padding)."""
+    scene = Scene([SceneObject("circle", "red", "large", 0.3, 0.3), SceneObject("square", "blue", "small", 0.8, 0.8)])
+    lab = S.patch_labels(scene, 1.0)
+    assert len(lab) == 64
+    assert lab[int(0.3 * 8) * 8 + int(0.3 * 8)] == 1 and lab[int(0.8 * 8) * 8 + int(0.8 * 8)] == 2
+    assert lab[0] == 0 and lab[7] == 0 and lab[56] == 0
+    assert {1, 2} <= set(lab)
+    wide = S.patch_labels(scene, 2.0)
+    assert {1, 2} <= set(wide)
+    assert set(wide[:16]) == {0} and set(wide[48:]) == {0}      # rows 0-1 and 6-7: padding
+    x, y = S.padded_xy(0.3, 0.3, 2.0)
+    assert (x, y) == (0.3, pytest.approx(0.4))
+    assert wide[int(y * 8) * 8 + int(x * 8)] == 1
+    assert S.padded_xy(0.3, 0.3, 0.5) == (pytest.approx(0.4), 0.3)   # tall: columns squeezed instead
