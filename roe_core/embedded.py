@@ -277,13 +277,8 @@ def pixel_cache(n: int, split: str = "train", augment: bool = False):
     augment: each image rendered as _vision_image does (random size, aspect ratio, JPEG)."""
     from .scenes import make_split
     samples = make_split(split, n)
-    tag = _cache_tag(augment)
-    path = RUNS / "cache" / f"{split}_{n}_{tag}.safetensors"
-    if path.is_file():
-        return load_file(str(path))["pixel_values"], samples
-    pv = _render_pixels([(s.scene, s.seed, augment) for s in samples], f"rendering {split} scenes")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"pixel_values": pv.contiguous()}, str(path))
+    pv = _cached_pixels(f"{split}_{n}", [(s.scene, s.seed, augment) for s in samples], augment,
+                        f"rendering {split} scenes")
     return pv, samples
 
 
@@ -295,10 +290,13 @@ def _cache_tag(augment: bool) -> str:
             f"{'_aug' if augment else ''}")
 
 
-def _render_pixels(jobs: list[tuple], desc: str) -> Tensor:
+def _cached_pixels(name: str, jobs: list[tuple], augment: bool, desc: str) -> Tensor:
     """_vision_image over (scene, seed, augment) jobs in ROE_THREADS processes, then the image
-    processor: (n, 3, S, S) fp16."""
+    processor: (n, 3, S, S) fp16, cached in runs/cache/<name>_<tag>.safetensors."""
     from concurrent.futures import ProcessPoolExecutor
+    path = RUNS / "cache" / f"{name}_{_cache_tag(augment)}.safetensors"
+    if path.is_file():
+        return load_file(str(path))["pixel_values"]
 
     from tqdm.auto import tqdm
     proc = image_processor()
@@ -307,7 +305,10 @@ def _render_pixels(jobs: list[tuple], desc: str) -> Tensor:
         for i in tqdm(range(0, len(jobs), 1000), desc=desc):
             ims = list(pool.map(_vision_image, jobs[i:i + 1000], chunksize=50))
             chunks.append(proc(images=ims, return_tensors="pt")["pixel_values"].half())
-    return torch.cat(chunks)
+    pv = torch.cat(chunks).contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"pixel_values": pv}, str(path))
+    return pv
 
 
 def _vision_style(seed: int, augment: bool) -> tuple[int, float, int | None]:
@@ -339,14 +340,8 @@ def vision_pixels(n: int, split: str = "train", augment: bool = False):
     seeds = range(SPLIT_BASE[split], SPLIT_BASE[split] + n)
     scenes = [random_scene(random.Random(f"vision-{s}")) for s in seeds]
     aspects = [_vision_style(sd, augment)[1] for sd in seeds]
-    tag = _cache_tag(augment)
-    path = RUNS / "cache" / f"vision_{split}_{n}_{tag}.safetensors"
-    if path.is_file():
-        return load_file(str(path))["pixel_values"], scenes, aspects
-    pv = _render_pixels([(sc, sd, augment) for sc, sd in zip(scenes, seeds)],
+    pv = _cached_pixels(f"vision_{split}_{n}", [(sc, sd, augment) for sc, sd in zip(scenes, seeds)], augment,
                         f"rendering {split} scenes for the vision tower")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"pixel_values": pv.contiguous()}, str(path))
     return pv, scenes, aspects
 
 
@@ -488,6 +483,9 @@ def stage_vision(args) -> None:
     torch.manual_seed(args.seed)
     if not args.resume and args.vision_tower:
         write_vision_spec(args.vision_tower)     # a fresh tower of that kind
+    if args.augment and not vision_spec()["pad_to_square"]:
+        # wide and tall renders would be centre-cropped, and the targets assume the padded frame
+        raise SystemExit(f"--augment needs a tower that pads to a square (vit128), not {vision_spec()['name']}")
     pv, scenes, aspects = vision_pixels(args.n_train, augment=args.augment)
     t = vision_targets(scenes, aspects)
     val_sets = {"": vision_pixels(1000, "val")}   # plain renders (the figure reported before augmenting)
