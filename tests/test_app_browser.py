@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import app  # noqa: F401  (environment before gradio)
+from app.examples import load_examples
 from roe_core import RoEPipeline
 
 CHROMIUM = "/usr/bin/chromium"
@@ -51,9 +52,10 @@ def page(url):
 
 
 def test_examples_and_new_scene_fill_in_an_image_and_a_question(page):
-    page.get_by_text("colour: What is the colour of the cross?").click()
+    example = next(e for e in load_examples() if e["qtype"] == "colour")   # the gallery's label, from examples.json
+    page.get_by_text(f"colour: {example['question']}").click()
     page.locator("#status").get_by_text("New conversation about").wait_for()
-    assert page.locator("#question textarea").input_value() == "What is the colour of the cross?"
+    assert page.locator("#question textarea").input_value() == example["question"]
     page.locator("#new-scene").click()
     page.locator("#status").get_by_text("New scene (seed").wait_for()
     assert page.locator("#question textarea").input_value().strip()   # a suggested question (some are imperative)
