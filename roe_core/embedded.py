@@ -42,6 +42,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .loading import cpu_bf16_is_fast, train_autocast
+
 REPO = Path(__file__).resolve().parent.parent
 ASSETS = Path(os.environ.get("ROE_EMBEDDED_ASSETS") or REPO / "assets" / "embedded")   # override: smoke runs
 RUNS = Path(os.environ.get("ROE_EMBEDDED_RUNS") or REPO / "runs" / "embedded")
@@ -508,7 +510,7 @@ def stage_vision(args) -> None:
         res = {}
         for prefix, (vpv, vt) in val_sets.items():
             rows = []
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.no_grad(), train_autocast():
                 for i in range(0, len(vpv), 250):
                     idx = torch.arange(i, min(i + 250, len(vpv)))
                     rows.append(model.losses(model(vpv[idx].float()), _batch_targets(vt, idx)))
@@ -526,7 +528,7 @@ def stage_vision(args) -> None:
         for grp in opt.param_groups:
             grp["lr"] = lr
         idx = torch.randint(0, len(pv), (args.batch_size,), generator=g)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with train_autocast():
             out = model(pv[idx].float())
         L = model.losses(out, _batch_targets(t, idx))
         L["loss"].backward()
@@ -699,7 +701,7 @@ def stage_lm(stage: str, args) -> None:
             g["lr"] = g["lr0"] * f
         idx = [rng.randrange(len(samples)) for _ in range(args.batch_size)]
         ids, ans, pix = lm_batch(encoder, samples, pv, idx)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with train_autocast():
             loss, tacc = lm_loss(base, ids, ans, pix)
         loss.backward()
         nn.utils.clip_grad_norm_(params, 1.0)
@@ -749,7 +751,7 @@ def _stage_config(args, lora: bool, **overrides):
     return TrainConfig(steps=args.steps, batch_size=args.batch_size,
                        backbone_lr=args.backbone_lr if lora else 0.0, backbone="lora" if lora else "none",
                        rho=args.rho, sparsity_weight=args.sparsity_weight, save_every=args.save_every,
-                       log_every=args.log_every, bf16=True, seed=args.seed,
+                       log_every=args.log_every, bf16=cpu_bf16_is_fast(), seed=args.seed,
                        per_turn_sparsity=args.per_turn_sparsity, per_turn_ce=args.per_turn_ce,
                        rho_max=args.rho_max, distill_weight=args.distill, **overrides)
 
@@ -971,7 +973,7 @@ def layer_skip_probe(n: int = 16) -> dict:
         for a, w in zip(roe.adapters, ups):
             a.up.weight.data.copy_(w.mul(0) if plain else w)   # zero up-projection: x + 0, a plain skip
         fixed = lambda i, lg: torch.full(lg.shape[:2], float(i in skip))   # noqa: E731
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad(), train_autocast():
             return roe_loss(roe, batch, fixed, 0.3, 1.0)["ce"].item()
 
     single = [{"layer": i, "adapter": ce({i}), "plain": ce({i}, True)} for i in range(roe.num_layers)]
