@@ -116,6 +116,19 @@ class RoutedKVCache:
         return self.lengths[layer_idx]
 
 
+def embed_inputs(base: nn.Module, input_ids: Tensor, pixel_values: Tensor | None) -> Tensor:
+    """(B, S) ids -> (B, S, d) token embeddings with the projected image features in the image-token
+    slots (LLaVA's merge), for any system that runs a LLaVA's decoder itself."""
+    llava = base.model
+    embeds = llava.get_input_embeddings()(input_ids)
+    if pixel_values is not None:
+        feats = llava.get_image_features(pixel_values=pixel_values.to(embeds.dtype), return_dict=True)
+        feats = torch.cat(list(feats.pooler_output), dim=0).to(embeds.dtype)
+        slots = llava.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=feats)
+        embeds = embeds.masked_scatter(slots, feats)
+    return embeds
+
+
 def additive_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
     """(B, Q, K) bool -> (B, 1, Q, K) additive mask. finfo.min, not -inf: a fully masked row stays finite."""
     zero = torch.zeros((), dtype=dtype, device=allowed.device)
@@ -224,15 +237,7 @@ class RoEModel(nn.Module):
 
     # --- inputs ---
     def embed(self, input_ids: Tensor, pixel_values: Tensor | None) -> Tensor:
-        """Token embeddings with the projected image features in the image-token slots (LLaVA's merge)."""
-        llava = self.base.model
-        embeds = llava.get_input_embeddings()(input_ids)
-        if pixel_values is not None:
-            feats = llava.get_image_features(pixel_values=pixel_values.to(embeds.dtype), return_dict=True)
-            feats = torch.cat(list(feats.pooler_output), dim=0).to(embeds.dtype)
-            slots = llava.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=feats)
-            embeds = embeds.masked_scatter(slots, feats)
-        return embeds
+        return embed_inputs(self.base, input_ids, pixel_values)
 
     def layout(
         self,

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from .conversation import Batch
 from .inference import Timing
-from .model import DecoderInputs, RoutedKVCache, additive_mask
+from .model import DecoderInputs, RoutedKVCache, additive_mask, embed_inputs
 
 CONFIG_NAME = "moe_config.json"
 WEIGHTS_NAME = "moe.safetensors"
@@ -306,19 +306,6 @@ class ParamCounts:
 def _numel(params) -> int:
     """Parameters counted once (tied embeddings are one tensor)."""
     return sum(p.numel() for p in {id(p): p for p in params}.values())
-
-
-def embed_inputs(base: nn.Module, input_ids: Tensor, pixel_values: Tensor | None) -> Tensor:
-    """(B, S) ids -> (B, S, d) embeddings with the projected image features in the image-token slots
-    (LLaVA's merge). A copy of RoEModel.embed, which is a method there and needs a RoEModel."""
-    llava = base.model
-    embeds = llava.get_input_embeddings()(input_ids)
-    if pixel_values is not None:
-        feats = llava.get_image_features(pixel_values=pixel_values.to(embeds.dtype), return_dict=True)
-        feats = torch.cat(list(feats.pooler_output), dim=0).to(embeds.dtype)
-        slots = llava.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=feats)
-        embeds = embeds.masked_scatter(slots, feats)
-    return embeds
 
 
 def token_kinds(batch: Batch, image_token_id: int) -> Tensor:
