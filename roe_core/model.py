@@ -116,6 +116,21 @@ class RoutedKVCache:
         return self.lengths[layer_idx]
 
 
+def parts_config(base: nn.Module, config_cls, config=None, overrides: dict | None = None, what: str = "the"):
+    """The config of parts added to `base` (RoE, MoE, ...): a new one naming the base and its decoder
+    shape (plus `overrides`) when `config` is None; a ValueError when a given one was made for another shape."""
+    text_cfg = base.config.text_config
+    if config is None:
+        config = config_cls(**{"base_model": str(getattr(base.config, "_name_or_path", "") or ""),
+                               "num_layers": text_cfg.num_hidden_layers, "hidden_size": text_cfg.hidden_size,
+                               **(overrides or {})})
+    if config.num_layers != text_cfg.num_hidden_layers or config.hidden_size != text_cfg.hidden_size:
+        raise ValueError(
+            f"{what} parts were made for {config.num_layers} layers of width {config.hidden_size}; "
+            f"the base model has {text_cfg.num_hidden_layers} layers of width {text_cfg.hidden_size}")
+    return config
+
+
 def embed_inputs(base: nn.Module, input_ids: Tensor, pixel_values: Tensor | None) -> Tensor:
     """(B, S) ids -> (B, S, d) token embeddings with the projected image features in the image-token
     slots (LLaVA's merge), for any system that runs a LLaVA's decoder itself."""
@@ -170,16 +185,7 @@ class RoEModel(nn.Module):
     def __init__(self, base: nn.Module, config: RoEConfig | None = None, **overrides):
         super().__init__()
         text_cfg = base.config.text_config
-        if config is None:
-            config = RoEConfig(**{
-                "base_model": str(getattr(base.config, "_name_or_path", "") or ""),
-                "num_layers": text_cfg.num_hidden_layers, "hidden_size": text_cfg.hidden_size, **overrides,
-            })
-        if config.num_layers != text_cfg.num_hidden_layers or config.hidden_size != text_cfg.hidden_size:
-            raise ValueError(
-                f"RoE parts were made for {config.num_layers} layers of width {config.hidden_size}; "
-                f"the base model has {text_cfg.num_hidden_layers} layers of width {text_cfg.hidden_size}"
-            )
+        config = parts_config(base, RoEConfig, config, overrides, "RoE")
         impl = getattr(text_cfg, "_attn_implementation", None)
         if impl not in (None, "eager", "sdpa"):
             # Flash kernels take no arbitrary masks; routing tokens need one.

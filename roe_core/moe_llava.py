@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from .conversation import Batch
 from .inference import Timing
-from .model import DecoderInputs, RoutedKVCache, additive_mask, embed_inputs
+from .model import DecoderInputs, RoutedKVCache, additive_mask, embed_inputs, parts_config
 
 CONFIG_NAME = "moe_config.json"
 WEIGHTS_NAME = "moe.safetensors"
@@ -329,15 +329,7 @@ class MoELlavaModel(nn.Module):
     def __init__(self, base: nn.Module, config: MoELlavaConfig | None = None, **overrides):
         super().__init__()
         text_cfg = base.config.text_config
-        if config is None:
-            config = MoELlavaConfig(**{
-                "base_model": str(getattr(base.config, "_name_or_path", "") or ""),
-                "num_layers": text_cfg.num_hidden_layers, "hidden_size": text_cfg.hidden_size, **overrides,
-            })
-        if config.num_layers != text_cfg.num_hidden_layers or config.hidden_size != text_cfg.hidden_size:
-            raise ValueError(
-                f"MoE parts were made for {config.num_layers} layers of width {config.hidden_size}; "
-                f"the base model has {text_cfg.num_hidden_layers} layers of width {text_cfg.hidden_size}")
+        config = parts_config(base, MoELlavaConfig, config, overrides, "MoE")
         if config.top_k != 2:
             raise ValueError(f"only top-2 routing (MoE-LLaVA's) is implemented, not top_k={config.top_k}")
         if config.num_experts < 2:
