@@ -1066,7 +1066,8 @@ def main(argv=None) -> None:
     else:
         base, tok = build_base(None)
         ev = evaluate(base, tok, args.n, args.split)
-        log_row("eval", {"stages": shipped_stages(), **ev})
+        state = read_state()   # "stages" lists finished stages; "steps" also says where an unfinished one stands
+        log_row("eval", {"stages": shipped_stages(), "steps": {s: state[s].get("step") for s in STAGES if s in state}, **ev})
         print(json.dumps(ev, indent=1))
 
 
