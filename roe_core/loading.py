@@ -1,6 +1,8 @@
 """Loading base LLaVA models: a local folder, a hub id, the shipped embedded model, or a tiny random one."""
 from __future__ import annotations
 
+import contextlib
+import functools
 from pathlib import Path
 
 import torch
@@ -31,6 +33,7 @@ def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> 
     return dtype
 
 
+@functools.cache
 def cpu_bf16_is_fast() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX). Elsewhere (AVX2 only) torch
     emulates bf16 matmuls: a finetune step that takes 5 s in fp32 takes minutes under bf16 autocast."""
@@ -40,7 +43,6 @@ def cpu_bf16_is_fast() -> bool:
 
 def train_autocast(device: str = "cpu"):
     """bf16 autocast where bf16 is fast (a GPU, or a CPU with native bf16), else fp32 (a no-op context)."""
-    import contextlib
     if device == "cuda" or cpu_bf16_is_fast():
         return torch.autocast(device, dtype=torch.bfloat16)
     return contextlib.nullcontext()

@@ -179,7 +179,24 @@ class DecoderInputs:
     turn_ids: Tensor        # (B, S) long: -1 shared (system prompt, image, pads), t = turn t
 
 
-class RoEModel(nn.Module):
+class OverBase(nn.Module):
+    """What every system wrapped around a LLaVA `base` (with `self.base` and `self.config`) reaches
+    of it: its parts, never copies."""
+
+    @property
+    def lm(self) -> nn.Module:
+        return self.base.model.language_model
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.lm.layers
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_layers
+
+
+class RoEModel(OverBase):
     """A LLaVA model with a router, a skip adapter per decoder layer and two routing tokens."""
 
     def __init__(self, base: nn.Module, config: RoEConfig | None = None, **overrides):
@@ -198,19 +215,6 @@ class RoEModel(nn.Module):
         self.routing_tokens = nn.Parameter(torch.randn(2, d) * config.routing_token_std)  # [image, text]
         p = next(base.parameters())
         self.to(device=p.device, dtype=p.dtype)
-
-    # --- the base model's parts, reached, not copied ---
-    @property
-    def lm(self) -> nn.Module:
-        return self.base.model.language_model
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.lm.layers
-
-    @property
-    def num_layers(self) -> int:
-        return self.config.num_layers
 
     # --- checkpoints: only the RoE parts ---
     def roe_state_dict(self) -> dict[str, Tensor]:

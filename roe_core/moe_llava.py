@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from .conversation import Batch
 from .inference import Timing
-from .model import DecoderInputs, RoutedKVCache, additive_mask, embed_inputs, parts_config
+from .model import DecoderInputs, OverBase, RoutedKVCache, additive_mask, embed_inputs, parts_config
 
 CONFIG_NAME = "moe_config.json"
 WEIGHTS_NAME = "moe.safetensors"
@@ -323,7 +323,7 @@ def moe_loss(ce: Tensor, l_aux_sum: Tensor, coef: float = 0.01) -> Tensor:
     return ce + coef * l_aux_sum
 
 
-class MoELlavaModel(nn.Module):
+class MoELlavaModel(OverBase):
     """A LLaVA model whose MoE layers' FFN is a top-2 mixture of upcycled copies of it."""
 
     def __init__(self, base: nn.Module, config: MoELlavaConfig | None = None, **overrides):
@@ -355,19 +355,6 @@ class MoELlavaModel(nn.Module):
             str(i): MoEFFN(layers[i].mlp, config.num_experts, config.expert_delta_rank,
                            config.capacity_factor_train, config.capacity_factor_eval)
             for i in config.moe_layers})
-
-    # --- the base model's parts, reached, not copied ---
-    @property
-    def lm(self) -> nn.Module:
-        return self.base.model.language_model
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.lm.layers
-
-    @property
-    def num_layers(self) -> int:
-        return self.config.num_layers
 
     @property
     def moe_layers(self) -> list[int]:
