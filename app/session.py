@@ -17,7 +17,7 @@ import pandas as pd
 from PIL import Image
 
 from roe_core import RouteTrace, SpeedComparison
-from roe_core.images import load_image
+from roe_core.runtime.images import load_image
 
 # Kept images are downscaled to this side: the vision tower resizes to a few hundred pixels anyway,
 # and a session should not hold a 4096x4096 copy.

@@ -34,7 +34,7 @@ import pandas as pd
 from PIL import Image
 
 from roe_core import InputError, RoEPipeline
-from roe_core.images import MAX_BYTES
+from roe_core.runtime.images import MAX_BYTES
 
 from . import figures as F
 from .examples import load_examples, scene_sample

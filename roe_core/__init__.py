@@ -1,9 +1,17 @@
-"""RoE Explorer's library: Routing Experts (per-example layer skipping) over Hugging Face LLaVA models."""
-from .conversation import ConversationEncoder, InputError
-from .inference import RouteTrace, generate
-from .loading import ModelLoadError
-from .model import RoEConfig, RoEModel, Router, SkipAdapter
-from .pipeline import Answer, RoEPipeline, SpeedComparison
+"""RoE Explorer's library: Routing Experts (per-example layer skipping) and its sibling systems over
+Hugging Face LLaVA models.
+
+    runtime/   what every system shares: conversations, images, model loading, decoder plumbing, decoding
+    systems/   one file per routing system (roe.py, moe_llava.py, ...) and the one interface (pipeline.py)
+    train/     one training loop (accelerate) and each system's objective
+    embedded/  the embedded model: its base and the recipe that trains every part of it
+    scenes/    the data world: generated scenes, questions, answers, splits
+    bench/     the benchmark
+"""
+from .runtime.conversation import ConversationEncoder, InputError
+from .runtime.loading import ModelLoadError
+from .systems.pipeline import Answer, RoEPipeline, SpeedComparison
+from .systems.roe import RoEConfig, RoEModel, Router, RouteTrace, SkipAdapter, generate
 
 __all__ = ["Answer", "ConversationEncoder", "InputError", "ModelLoadError", "RoEConfig", "RoEModel",
            "RoEPipeline", "RouteTrace", "Router", "SkipAdapter", "SpeedComparison", "generate"]

@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 from transformers import GenerationConfig
 
-from roe_core.conversation import Batch, ConversationEncoder
-from roe_core.model import DecoderInputs, RoEModel
-from roe_core.tiny import tiny_llava
+from roe_core.runtime.conversation import Batch, ConversationEncoder
+from roe_core.systems.roe import DecoderInputs, RoEModel
+from roe_core.runtime.tiny import tiny_llava
 
 # different lengths on purpose: a batch of them is left padded
 QUESTIONS = ["What colour is the circle?", "How many?", "Is there a large red square left of the small blue circle?"]
@@ -72,7 +72,7 @@ def _diversify_routers(t: Tiny, b: Batch, scale: float = 3.0) -> None:
     """Random routers barely tell examples apart (the routing tokens' own vectors dominate their
     hidden states). Point each router along the spread of its inputs over batch `b` with no offset,
     so the examples of `b` take different routes under "auto"."""
-    from roe_core.inference import prefill
+    from roe_core.systems.roe import prefill
 
     seen = {}
     hooks = [r.register_forward_hook(lambda m, inp, out, i=i: seen.__setitem__(i, torch.cat(inp, -1).flatten(0, -2)))

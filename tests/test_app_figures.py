@@ -10,7 +10,7 @@ import pytest
 from app import figures as F
 from app.session import CSV_COLUMNS, Conversation, Turn, WhatIf
 from roe_core import Answer, RouteTrace, SpeedComparison
-from roe_core.inference import Timing
+from roe_core.runtime.generation import Timing
 
 L = 8
 

@@ -49,8 +49,8 @@ def test_bench_threshold_moves_the_routes(tmp_path):
 
 
 def test_threshold_choice_needs_the_skip_target():
-    from roe_core.embedded import choose_threshold
-    from roe_core.pipeline import RoEPipeline
+    from roe_core.embedded.recipe import choose_threshold
+    from roe_core.systems.pipeline import RoEPipeline
     pipe = RoEPipeline.load("tiny", device="cpu")
     qs = bench.test_questions(4, image_size=32, split="val")
     # threshold 1 skips every layer, 0 runs every one
@@ -69,13 +69,13 @@ def test_threshold_choice_needs_the_skip_target():
 
 def test_calibrate_thresholds_flag_parses_and_rejects():
     import argparse
-    from roe_core.embedded import CALIBRATE_THRESHOLDS, _thresholds
+    from roe_core.embedded.recipe import CALIBRATE_THRESHOLDS, _thresholds
     assert _thresholds("0.54, 0.5,0.48") == (0.54, 0.5, 0.48)
     assert 0.5 in CALIBRATE_THRESHOLDS
     for bad in ("0.5,x", "1.5", "", "-0.1"):
         with pytest.raises(argparse.ArgumentTypeError, match="thresholds"):
             _thresholds(bad)
-    from roe_core.embedded import _fraction
+    from roe_core.embedded.recipe import _fraction
     assert _fraction("0.32") == 0.32
     for bad in ("x", "1", "-0.1"):
         with pytest.raises(argparse.ArgumentTypeError, match="--min-skip"):

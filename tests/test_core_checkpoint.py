@@ -11,10 +11,10 @@ from transformers import LlavaForConditionalGeneration
 
 from conftest import QUESTIONS
 from roe_core import ModelLoadError, RoEConfig, RoEModel, RoEPipeline
-from roe_core.inference import all_logits, generate
-from roe_core.loading import load_llava
-from roe_core.model import CONFIG_NAME, WEIGHTS_NAME
-from roe_core.tiny import tiny_llava, tiny_llava_config
+from roe_core.systems.roe import all_logits, generate
+from roe_core.runtime.loading import load_llava
+from roe_core.systems.roe import CONFIG_NAME, WEIGHTS_NAME
+from roe_core.runtime.tiny import tiny_llava, tiny_llava_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from roe_core import InputError, RoEPipeline
-from roe_core.images import load_image
-from roe_core.tiny import tiny_tokenizer
+from roe_core.runtime.images import load_image
+from roe_core.runtime.tiny import tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 IMG = "<image>"

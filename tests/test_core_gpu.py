@@ -8,7 +8,7 @@ from transformers import GenerationConfig
 
 from conftest import QUESTIONS
 from roe_core import RoEPipeline
-from roe_core.inference import all_logits, decode_one_token, generate, prefill
+from roe_core.systems.roe import all_logits, decode_one_token, generate, prefill
 
 DEVICE = torch.device("cuda")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]

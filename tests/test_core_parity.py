@@ -6,7 +6,7 @@ import torch
 from torch.testing import assert_close
 
 from conftest import QUESTIONS
-from roe_core.inference import all_logits, decode_one_token, generate, prefill
+from roe_core.systems.roe import all_logits, decode_one_token, generate, prefill
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ATTN = ["eager", "sdpa"]

@@ -10,7 +10,7 @@ from torch.testing import assert_close
 
 from conftest import QUESTIONS
 from roe_core import RoEPipeline
-from roe_core.inference import all_logits, decode_one_token, generate, prefill
+from roe_core.systems.roe import all_logits, decode_one_token, generate, prefill
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ATTN = ["eager", "sdpa"]

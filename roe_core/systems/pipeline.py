@@ -16,11 +16,10 @@ from typing import Callable, Sequence
 import torch
 from PIL import Image
 
-from .conversation import ConversationEncoder, InputError
-from .images import load_image
-from .inference import Route, RouteTrace, generate, prefill_l1
-from .loading import ModelLoadError, load_llava, pick_device, pick_dtype
-from .model import RoEModel
+from ..runtime.conversation import ConversationEncoder, InputError
+from ..runtime.images import load_image
+from ..runtime.loading import ModelLoadError, load_llava, pick_device, pick_dtype
+from .roe import Route, RoEModel, RouteTrace, generate, prefill_l1
 
 History = Sequence[tuple[str, str]]   # [(question, answer), ...] of earlier turns about the same image
 
@@ -73,12 +72,12 @@ class RoEPipeline:
         dt = pick_dtype(dev, dtype)
         info = {"model": model}
         if model == "embedded":
-            from .embedded import load_embedded
+            from ..embedded.base import load_embedded
             base, tokenizer, image_processor, roe_dir, extra = load_embedded(dev, dt)
             roe = roe or roe_dir
             info.update(extra)
         elif model == "tiny":
-            from .tiny import tiny_llava
+            from ..runtime.tiny import tiny_llava
             base, tokenizer, image_processor = tiny_llava(seed=seed)
             base = base.to(device=dev, dtype=dt)
             info["trained_on"] = "nothing: random weights (tests and smoke runs)"

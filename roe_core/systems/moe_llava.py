@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,9 +27,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .conversation import Batch
-from .inference import Timing
-from .model import DecoderInputs, OverBase, RoutedKVCache, additive_mask, embed_inputs, parts_config
+from ..runtime.conversation import Batch
+from ..runtime.decoder import DecoderInputs, OverBase, RoutedKVCache, additive_mask, embed_inputs, parts_config
+from ..runtime.generation import Timing, greedy
 
 CONFIG_NAME = "moe_config.json"
 WEIGHTS_NAME = "moe.safetensors"
@@ -526,33 +525,11 @@ class MoELlavaModel(OverBase):
             self.train(was_training)
 
     def _generate(self, batch: Batch, max_new_tokens: int, stop_ids, callback) -> MoEGeneration:
-        device = next(self.parameters()).device
-        b = batch.to(device)
-        stop = torch.tensor(sorted(stop_ids or ()), dtype=torch.long, device=device)
-        t0 = time.perf_counter()
-        logits, state = self.prefill(self.layout(b.input_ids, b.token_ok, b.pixel_values, b.turn_ids),
-                                     max_new_tokens)
-        token = logits.argmax(-1)
-        t1 = time.perf_counter()
-        B = token.shape[0]
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        out = []
-        for step in range(max_new_tokens):
-            done = done | torch.isin(token, stop)
-            if bool(done.all()):
-                break
-            out.append(torch.where(done, -1, token))
-            if callback is not None:
-                callback(step, token)
-            if step + 1 < max_new_tokens:
-                token = self.decode_one_token(token, state).argmax(-1)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        timing = Timing(t1 - t0, time.perf_counter() - t1, len(out))
-        ids = torch.stack(out, 1).tolist() if out else [[] for _ in range(B)]
-        tokens = [[t for t in row if t >= 0] for row in ids]
-        traces = self.traces(b, state.prompt_gates, state.step_gates, tokens)
-        return MoEGeneration(tokens, traces, timing)
+        b = batch.to(next(self.parameters()).device)
+        tokens, timing, state = greedy(
+            lambda: self.prefill(self.layout(b.input_ids, b.token_ok, b.pixel_values, b.turn_ids), max_new_tokens),
+            self.decode_one_token, max_new_tokens, stop_ids, b.input_ids.device, callback)
+        return MoEGeneration(tokens, self.traces(b, state.prompt_gates, state.step_gates, tokens), timing)
 
     def traces(self, batch: Batch, prompt_gates: list[Top2Gating], step_gates: list[list[Top2Gating]] = (),
                tokens: list[list[int]] | None = None) -> list[ExpertTrace]:

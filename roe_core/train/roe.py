@@ -21,23 +21,19 @@ optimizer.safetensors + trainer_state.json (to resume with --resume).
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from .conversation import IMAGE_PLACEHOLDER, ConversationEncoder
-from .images import load_image
-from .inference import layout_batch
-from .model import RoEModel
+from ..runtime.conversation import ConversationEncoder
+from ..systems.roe import RoEModel, layout_batch
+from .loop import LlavaJsonDataset, LoopConfig, fit
 
 
 @dataclass
@@ -171,43 +167,6 @@ def roe_loss(model: RoEModel, batch, w_skip_fn, rho: float, lam: float, per_turn
     return {"loss": loss, **out}
 
 
-class LlavaJsonDataset(Dataset):
-    """LLaVA conversation JSON: [{"image": "x.png", "conversations": [{"from": "human", "value":
-    "<image>\\nQ"}, {"from": "gpt", "value": "A"}, ...]}, ...]. Records without an image are skipped."""
-
-    def __init__(self, json_path: str | Path, image_folder: str | Path | None = None, max_turns: int = 4):
-        records = json.loads(Path(json_path).read_text())
-        self.folder = Path(image_folder) if image_folder else Path(json_path).parent
-        self.items = []
-        for r in records:
-            conv = r.get("conversations", [])
-            if "image" not in r or len(conv) < 2:
-                continue
-            turns = []
-            for human, gpt in zip(conv[0::2], conv[1::2]):
-                if human.get("from") != "human" or gpt.get("from") != "gpt":
-                    raise ValueError(f"record {r.get('id')}: turns must alternate human/gpt")
-                q = human["value"].replace(IMAGE_PLACEHOLDER, "").strip()
-                turns.append((q, gpt["value"].strip()))
-            self.items.append((r["image"], turns[:max_turns]))
-        if not self.items:
-            raise ValueError(f"{json_path}: no usable records (need 'image' and human/gpt 'conversations')")
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i):
-        image, turns = self.items[i]
-        return load_image(self.folder / image), turns
-
-
-def make_collate(encoder: ConversationEncoder):
-    def collate(items):
-        images, turns = zip(*items)
-        return encoder.collate([encoder.encode(t) for t in turns], list(images))
-    return collate
-
-
 def backbone_parameters(model: RoEModel, which: str) -> list[torch.nn.Parameter]:
     if which == "none":
         return []
@@ -239,120 +198,56 @@ def set_trainable(model: RoEModel, stage: int, backbone: list, routers_only: boo
             p.requires_grad_(True)
 
 
-def save_optimizer(optimizer, named: dict[str, torch.nn.Parameter], path: Path) -> None:
-    """AdamW moments as safetensors (keyed by parameter name), step counts in its metadata."""
-    names = {id(p): n for n, p in named.items()}
-    tensors, steps = {}, {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            st = optimizer.state.get(p)
-            if st:
-                n = names[id(p)]
-                tensors[f"{n}.exp_avg"] = st["exp_avg"].contiguous().cpu()
-                tensors[f"{n}.exp_avg_sq"] = st["exp_avg_sq"].contiguous().cpu()
-                steps[n] = float(st["step"])
-    save_file(tensors, str(path), metadata={"steps": json.dumps(steps)})
+class RoEObjective:
+    """RoE's three stages (set_trainable) and loss (roe_loss) for the shared loop."""
+    desc = "RoE training"
 
+    def __init__(self, model: RoEModel, cfg: TrainConfig):
+        self.cfg = cfg
+        self.schedule = RouteSchedule(cfg)
+        self.backbone = backbone_parameters(model, cfg.backbone) if cfg.backbone_lr > 0 else []
+        ids = {id(p) for p in self.backbone}
+        self.backbone_names = [n for n, p in model.named_parameters() if id(p) in ids]
 
-def load_optimizer(optimizer, named: dict[str, torch.nn.Parameter], path: Path) -> None:
-    with safe_open(str(path), framework="pt") as f:
-        for n, s in json.loads(f.metadata()["steps"]).items():
-            p = named[n]
-            optimizer.state[p] = {"step": torch.tensor(s), "exp_avg": f.get_tensor(f"{n}.exp_avg").to(p.device),
-                                  "exp_avg_sq": f.get_tensor(f"{n}.exp_avg_sq").to(p.device)}
+    def param_groups(self, model: RoEModel) -> list[dict]:
+        return [{"params": model.roe_parameters(), "lr": self.cfg.lr},
+                {"params": self.backbone, "lr": self.cfg.backbone_lr}]
 
+    def set_trainable(self, model: RoEModel, step: int) -> None:
+        set_trainable(model, self.schedule.stage(step), self.backbone, self.cfg.routers_only)
 
-def save_checkpoint(out: Path, model: RoEModel, optimizer, step: int, cfg: TrainConfig, backbone_names,
-                    log_tail: dict) -> None:
-    """All safetensors + JSON: the RoE folder, the trained backbone tensors, AdamW moments."""
-    model.save_roe(out)
-    named = dict(model.named_parameters())
-    if backbone_names:
-        save_file({n: named[n].detach().contiguous().cpu() for n in backbone_names}, str(out / "backbone.safetensors"))
-    save_optimizer(optimizer, named, out / "optimizer.safetensors")
-    state = {"step": step, "config": asdict(cfg), "last": log_tail}
-    (out / "trainer_state.json").write_text(json.dumps(state, indent=1))
+    def lr_factor(self, step: int) -> float:
+        return 1.0
 
+    def loss(self, model: RoEModel, batch, step: int) -> dict[str, Tensor]:
+        c = self.cfg
+        return roe_loss(model, batch, lambda i, lg: self.schedule.weights(lg, step), c.rho, c.sparsity_weight,
+                        c.per_turn_sparsity, c.per_turn_ce, c.rho_max, c.distill_weight)
 
-def load_checkpoint(out: Path, model: RoEModel, optimizer) -> int:
-    state = json.loads((out / "trainer_state.json").read_text())
-    model.load_state_dict(load_file(str(out / "roe.safetensors")), strict=False)
-    if (out / "backbone.safetensors").is_file():
-        model.load_state_dict(load_file(str(out / "backbone.safetensors")), strict=False)
-    load_optimizer(optimizer, dict(model.named_parameters()), out / "optimizer.safetensors")
-    return int(state["step"])
+    def row(self, step: int) -> dict:
+        s = self.schedule
+        return {"stage": s.stage(step), "temperature": s.temperature(step), "bias": s.bias(step)}
+
+    def save_parts(self, model: RoEModel, out: Path) -> None:
+        model.save_roe(out)
+
+    def load_parts(self, model: RoEModel, out: Path) -> None:
+        model.load_state_dict(load_file(str(out / "roe.safetensors")), strict=False)
+
+    def base_tensors(self, model: RoEModel) -> list[str]:
+        return self.backbone_names
 
 
 def train(model: RoEModel, encoder: ConversationEncoder, dataset: Dataset, cfg: TrainConfig,
           out: str | Path, resume: bool = False, progress: bool = True) -> list[dict]:
-    """Trains in place; returns the log (one dict every log_every steps)."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", cpu=not torch.cuda.is_available())
-    set_seed(cfg.seed)
-    schedule = RouteSchedule(cfg)
-    backbone = backbone_parameters(model, cfg.backbone) if cfg.backbone_lr > 0 else []
-    backbone_ids = {id(p) for p in backbone}
-    named = dict(model.named_parameters())
-    backbone_names = [n for n, p in named.items() if id(p) in backbone_ids]
-    groups = [{"params": model.roe_parameters(), "lr": cfg.lr}]
-    if backbone:
-        groups.append({"params": backbone, "lr": cfg.backbone_lr})
-    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    start = load_checkpoint(out, model, optimizer) if resume and (out / "trainer_state.json").is_file() else 0
-
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, collate_fn=make_collate(encoder),
-                        generator=torch.Generator().manual_seed(cfg.seed), drop_last=len(dataset) > cfg.batch_size)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    core: RoEModel = accelerator.unwrap_model(model)
-    core.train()
-    epoch_len = len(loader)
-    log, history_path = [], out / "train_log.jsonl"
-    if start == 0 and accelerator.is_main_process:
-        history_path.unlink(missing_ok=True)      # a fresh run starts a fresh learning curve
-    bar = tqdm(total=cfg.steps, initial=start, disable=not (progress and accelerator.is_main_process),
-               desc="RoE training", dynamic_ncols=True)
-    step, t_last = start, time.perf_counter()
-    while step < cfg.steps:
-        epoch, skip = divmod(step, epoch_len)
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
-        for batch in batches:
-            if step >= cfg.steps:
-                break
-            set_trainable(core, schedule.stage(step), backbone, cfg.routers_only)
-            with accelerator.autocast():
-                stats = roe_loss(core, batch, lambda i, lg: schedule.weights(lg, step), cfg.rho, cfg.sparsity_weight,
-                                 cfg.per_turn_sparsity, cfg.per_turn_ce, cfg.rho_max, cfg.distill_weight)
-            accelerator.backward(stats["loss"])
-            if cfg.max_grad_norm:
-                accelerator.clip_grad_norm_([p for p in core.parameters() if p.requires_grad], cfg.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-            row = {k: float(v.detach()) for k, v in stats.items()}
-            row.update(step=step, stage=schedule.stage(step - 1), temperature=schedule.temperature(step - 1),
-                       bias=schedule.bias(step - 1))
-            bar.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row['ce']:.3f}", skip=f"{row['skip_ratio']:.2f}",
-                            stage=row["stage"])
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                row["s_per_step"] = (time.perf_counter() - t_last) / cfg.log_every
-                t_last = time.perf_counter()
-                log.append(row)
-                if accelerator.is_main_process:
-                    with history_path.open("a") as f:
-                        f.write(json.dumps(row) + "\n")
-            if accelerator.is_main_process and (step % cfg.save_every == 0 or step == cfg.steps):
-                save_checkpoint(out, core, optimizer, step, cfg, backbone_names, row)
-    bar.close()
-    core.eval()
-    return log
+    """Trains the RoE parts in place (the shared loop, loop.fit); returns the log (one dict every
+    log_every steps). Checkpoints in `out`: roe_config.json + roe.safetensors, backbone.safetensors
+    (when the backbone trains), optimizer.safetensors + trainer_state.json."""
+    loop = LoopConfig(steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed, max_grad_norm=cfg.max_grad_norm,
+                      weight_decay=cfg.weight_decay, save_every=cfg.save_every, log_every=cfg.log_every,
+                      bf16=cfg.bf16)
+    return fit(model, RoEObjective(model, cfg), encoder, dataset, loop, out, resume, progress,
+               record={"roe": asdict(cfg)})
 
 
 def main(argv=None) -> None:
@@ -378,7 +273,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     cfg = TrainConfig(**{k: getattr(args, k) for k in TrainConfig.__dataclass_fields__})
 
-    from .pipeline import RoEPipeline
+    from ..systems.pipeline import RoEPipeline
     pipe = RoEPipeline.load(args.model, roe=args.roe, device="auto", dtype="float32")
     pipe.model.config.base_model = args.model
     pipe.model.config.extra.update(train_data=str(args.data), train_steps=cfg.steps, rho=cfg.rho)

@@ -1,0 +1,1 @@
+"""The routing systems, one file each, behind one interface (pipeline.py)."""

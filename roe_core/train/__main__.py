@@ -1,0 +1,3 @@
+from .roe import main
+
+main()
