@@ -593,6 +593,49 @@ def stage_refine(args) -> None:
     _ship_routed("refine", model, base, cfg, out, lora, t0, args)
 
 
+MOE_DIR = "moe_llava"      # assets/embedded/moe_llava: moe_config.json + moe.safetensors (routers + deltas)
+MOE_DELTA_RANK = 16        # each tuned FFN = its upcycled weights + rank-16 deltas (the size budget: README)
+
+
+def stage_moe_llava(args) -> None:
+    """MoE-LLaVA's MoE-tuning (train.moe_llava) from the shipped dense model: the LoRA-merged decoder,
+    vision tower and projector that RoE routes. The same data as the RoE parts (train split, the
+    first --n-roe-data scenes, as LLaVA JSON) and batch size; --steps at least theirs."""
+    from ..systems.moe_llava import MoELlavaModel
+    from ..train import LlavaJsonDataset
+    from ..train.moe_llava import MoETuneConfig, train_moe_llava
+    js = _roe_data(args.n_roe_data, args.roe_data_from)
+    base, tok = build_base(None, merge_lora=True)
+    torch.manual_seed(args.seed)
+    model = MoELlavaModel(base, base_model="embedded", expert_delta_rank=args.delta_rank,
+                          dense_delta_rank=args.delta_rank)
+    cfg = MoETuneConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr or 5e-4, seed=args.seed,
+                        save_every=args.save_every, log_every=args.log_every, bf16=cpu_bf16_is_fast())
+    model.config.extra.update(train_data=f"roe_core.scenes train split, scenes {args.roe_data_from}"
+                                         f"..{args.roe_data_from + args.n_roe_data - 1}",
+                              trained_on=TRAINED_ON, dense_base="assets/embedded (vision, align, finetune)")
+    out = RUNS / MOE_DIR
+    t0 = time.perf_counter()
+    train_moe_llava(model, make_encoder(base, tok), LlavaJsonDataset(js, js.parent / "images"), cfg, out,
+                    resume=args.resume)
+    ship_moe_llava(model, out, args.steps, (time.perf_counter() - t0) / 60)
+
+
+def ship_moe_llava(model, out: Path, steps: int, minutes: float) -> None:
+    """Copies the MoE parts into assets/embedded/moe_llava (fp16) and the learning curve into logs/."""
+    LOGS.mkdir(parents=True, exist_ok=True)
+    if (out / "train_log.jsonl").is_file():
+        shutil.copy(out / "train_log.jsonl", LOGS / f"{MOE_DIR}.jsonl")
+    ship = ASSETS / MOE_DIR
+    ship.mkdir(parents=True, exist_ok=True)
+    model.config.save(ship)
+    parts = load_file(str(out / "moe.safetensors"))
+    routers = {k: v for k, v in parts.items() if k.endswith(".router.weight")}   # routers stay fp32 (the method)
+    _save_half({k: v for k, v in parts.items() if k not in routers}, ship / "moe.safetensors")
+    save_file({**load_file(str(ship / "moe.safetensors")), **routers}, str(ship / "moe.safetensors"))
+    write_state(MOE_DIR, step=steps, target_steps=steps, done=True, minutes=minutes)
+
+
 def evaluate_routes(roe_dir: str, n: int = 200) -> dict:
     """Exact match and skip ratio on n single val questions, routed and dense (bench.evaluate), and
     the routed path's mean layers executed per question type."""
@@ -740,7 +783,8 @@ def layer_skip_probe(n: int = 16) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=("convert", "vision", "align", "finetune", "roe", "refine", "calibrate", "eval", "skip-probe"))
+    ap.add_argument("stage", choices=("convert", "vision", "align", "finetune", "roe", "refine", "moe-llava", "calibrate",
+                                      "eval", "skip-probe"))
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--resume", action="store_true", help="continue from the stage's last checkpoint")
     ap.add_argument("--batch-size", type=int, default=None)
@@ -763,6 +807,8 @@ def main(argv=None) -> None:
                          "(train.roe_loss); default: the method's fixed rho")
     ap.add_argument("--distill", type=float, default=0.0,
                     help="roe/refine: weight of KL(dense || routed) on answer tokens (an extra dense forward)")
+    ap.add_argument("--delta-rank", type=int, default=MOE_DELTA_RANK,
+                    help="moe-llava: rank of each tuned FFN's stored delta (0: full weights, too big to ship)")
     ap.add_argument("--sparsity-weight", type=float, default=None, help="lambda of the hinge (roe: 6, refine: 1)")
     ap.add_argument("--backbone", choices=("lora", "none"), default="lora", help="roe: what stage 2 also trains")
     ap.add_argument("--backbone-lr", type=float, default=None, help="stage-2 LR of the backbone LoRA (roe: 2e-4, refine: 1e-4)")
@@ -790,7 +836,8 @@ def main(argv=None) -> None:
     ap.add_argument("--per-layer", action="store_true", help="skip-probe: one layer at a time, shipped adapters")
     args = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("ROE_THREADS", "2")))
-    defaults = {"vision": (800, 96), "align": (60, 12), "finetune": (240, 12), "roe": (900, 8), "refine": (200, 8)}
+    defaults = {"vision": (800, 96), "align": (60, 12), "finetune": (240, 12), "roe": (900, 8), "refine": (200, 8),
+                "moe-llava": (600, 8)}
     if args.stage in defaults:
         s, b = defaults[args.stage]
         args.steps = args.steps or s
@@ -811,6 +858,8 @@ def main(argv=None) -> None:
         stage_roe(args)
     elif args.stage == "refine":
         stage_refine(args)
+    elif args.stage == "moe-llava":
+        stage_moe_llava(args)
     elif args.stage == "calibrate":
         print(json.dumps(calibrate(args.calibrate_n, args.thresholds, args.min_skip), indent=1))
     elif args.stage == "skip-probe":

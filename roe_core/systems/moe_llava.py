@@ -48,6 +48,8 @@ class MoELlavaConfig:
     capacity_factor_eval: float = 2.0     # E <= 4: C >= tokens, no drops
     aux_loss_coef: float = 0.01           # loss = CE + coef * sum over MoE layers of l_aux
     expert_delta_rank: int = 0            # 0: full expert weights stored; r > 0: rank-r deltas over the base FFN
+    dense_delta_rank: int = 0             # r > 0: the non-MoE layers' FFNs are tuned (stage III) as rank-r deltas,
+                                          # stored with the MoE parts; 0: they stay the base's own FFNs
     extra: dict = field(default_factory=dict)   # free-form provenance (training data, steps, ...)
 
     def __post_init__(self):
@@ -354,6 +356,11 @@ class MoELlavaModel(OverBase):
             str(i): MoEFFN(layers[i].mlp, config.num_experts, config.expert_delta_rank,
                            config.capacity_factor_train, config.capacity_factor_eval)
             for i in config.moe_layers})
+        # stage III also tunes the dense FFNs of the other layers; stored as deltas they stand in for
+        # the base's FFN (a copy plus a rank-r delta), so the base itself is never edited
+        self.dense_ffn = nn.ModuleDict({
+            str(i): Expert(layers[i].mlp, config.dense_delta_rank)
+            for i in range(config.num_layers) if i not in config.moe_layers and config.dense_delta_rank})
 
     @property
     def moe_layers(self) -> list[int]:
@@ -363,9 +370,12 @@ class MoELlavaModel(OverBase):
     def moe_state_dict(self) -> dict[str, Tensor]:
         """Routers and experts; with expert_delta_rank > 0 routers and the experts' deltas only (the
         upcycled weights are the base's own FFN)."""
-        state = {k: v for k, v in self.state_dict().items() if k.startswith("moe.")}
+        state = {k: v for k, v in self.state_dict().items() if k.startswith(("moe.", "dense_ffn."))}
         if self.config.expert_delta_rank:
-            state = {k: v for k, v in state.items() if k.endswith(".router.weight") or ".delta." in k}
+            state = {k: v for k, v in state.items() if not k.startswith("moe.") or k.endswith(".router.weight")
+                     or ".delta." in k}
+        if self.config.dense_delta_rank:   # the copies are the base's own weights: only the deltas are stored
+            state = {k: v for k, v in state.items() if not k.startswith("dense_ffn.") or ".delta." in k}
         return state
 
     def save_moe(self, folder: str | Path) -> None:
@@ -407,15 +417,23 @@ class MoELlavaModel(OverBase):
         for ffn in self.moe.values():
             for expert in ffn.experts:
                 expert.merge()
+        for ffn in self.dense_ffn.values():
+            ffn.merge()
 
     # --- what trains in stage III ---
     def ffn_parameters(self) -> list[nn.Parameter]:
-        """Stage III (MoE-tuning): routers, experts and the dense FFNs of the non-MoE layers. The
-        latter belong to the base: they are not in save_moe's folder (save them with the base)."""
+        """Stage III (MoE-tuning): routers, experts and the dense FFNs of the non-MoE layers. With
+        dense_delta_rank > 0 the latter are their deltas (in save_moe's folder); else the base's own
+        FFN weights, which save_moe does not store (save them with the base)."""
         moe = []
         for ffn in self.moe.values():   # with deltas, the upcycled weights stay frozen
             moe += [ffn.router.weight] + [p for e in ffn.experts for p in (e.delta if e.delta_rank else e).parameters()]
-        dense = [p for i, layer in enumerate(self.layers) if str(i) not in self.moe for p in layer.mlp.parameters()]
+        dense = []
+        for i, layer in enumerate(self.layers):
+            if str(i) in self.moe:
+                continue
+            dense += list(self.dense_ffn[str(i)].delta.parameters() if str(i) in self.dense_ffn
+                          else layer.mlp.parameters())
         return moe + dense
 
     # --- parameter counts ---
@@ -459,7 +477,8 @@ class MoELlavaModel(OverBase):
         x = layer.post_attention_layernorm(h)
         ffn = self.moe[str(i)] if str(i) in self.moe else None
         if ffn is None:
-            return h + layer.mlp(x), None
+            dense = self.dense_ffn[str(i)] if str(i) in self.dense_ffn else layer.mlp
+            return h + dense(x), None
         y, gating = ffn(x, token_ok)
         return h + y, gating
 

@@ -1,0 +1,93 @@
+"""MoE-LLaVA's stage III, "MoE-tuning" (MOE_METHODS.md), on the shared loop.
+
+Starting from a dense LLaVA (stages I-II done), the FFN of every other decoder layer is upcycled into
+E experts (exact copies) with a top-2 router; then every FFN (experts and the dense FFNs of the other
+layers) and the routers train, attention, embeddings, vision tower and projector frozen, on
+CE + 0.01 x the sum over MoE layers of l_aux, with a cosine learning rate after a 3% warm-up.
+
+    python -m roe_core.train --system moe_llava --model <llava> --data train.json --out runs/moe
+    accelerate launch -m roe_core.train --system moe_llava ...      (several processes)
+
+With `expert_delta_rank` / `dense_delta_rank` r > 0 each trained FFN is its upcycled weights (frozen)
+plus a trained rank-r delta per projection, so the checkpoint holds routers + deltas only (the
+embedded model ships this way to fit the size budget).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from safetensors.torch import load_file
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from ..runtime.conversation import ConversationEncoder
+from ..systems.moe_llava import WEIGHTS_NAME, MoELlavaModel, moe_lm_loss
+from .loop import LoopConfig, cosine_with_warmup, fit
+
+
+@dataclass
+class MoETuneConfig:
+    steps: int = 600
+    batch_size: int = 8
+    lr: float = 2e-5                 # the method's, for full FFN weights; rank-r deltas want more (the embedded recipe: 5e-4)
+    warmup: float = 0.03             # fraction of steps, then cosine to 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    save_every: int = 100
+    log_every: int = 10
+    bf16: bool = False
+
+
+class MoETuneObjective:
+    """MoE-tuning for the shared loop: the FFNs and routers train, nothing else."""
+    desc = "MoE-tuning"
+
+    def __init__(self, model: MoELlavaModel, cfg: MoETuneConfig):
+        self.cfg = cfg
+        self.params = model.ffn_parameters()
+        ids = {id(p) for p in self.params}
+        stored = set(model.moe_state_dict())
+        # trained tensors the MoE checkpoint does not hold (full-weight dense FFNs of the base)
+        self.base_names = [n for n, p in model.named_parameters() if id(p) in ids and n not in stored]
+
+    def param_groups(self, model: MoELlavaModel) -> list[dict]:
+        return [{"params": self.params, "lr": self.cfg.lr}]
+
+    def set_trainable(self, model: MoELlavaModel, step: int) -> None:
+        if step == 0 or not self.params[0].requires_grad:
+            model.requires_grad_(False)
+            for p in self.params:
+                p.requires_grad_(True)
+
+    def lr_factor(self, step: int) -> float:
+        return cosine_with_warmup(step, self.cfg.steps, self.cfg.warmup)
+
+    def loss(self, model: MoELlavaModel, batch, step: int) -> dict[str, Tensor]:
+        return moe_lm_loss(model, batch)
+
+    def row(self, step: int) -> dict:
+        return {}
+
+    def save_parts(self, model: MoELlavaModel, out: Path) -> None:
+        model.save_moe(out)
+
+    def load_parts(self, model: MoELlavaModel, out: Path) -> None:
+        model.load_state_dict(load_file(str(out / WEIGHTS_NAME)), strict=False)
+
+    def base_tensors(self, model: MoELlavaModel) -> list[str]:
+        return self.base_names
+
+
+def train_moe_llava(model: MoELlavaModel, encoder: ConversationEncoder, dataset: Dataset, cfg: MoETuneConfig,
+                    out: str | Path, resume: bool = False, progress: bool = True) -> list[dict]:
+    """MoE-tunes `model` in place (loop.fit); returns the learning curve. Checkpoints in `out`:
+    moe_config.json + moe.safetensors, backbone.safetensors (full-weight dense FFNs, if they train),
+    optimizer.safetensors + trainer_state.json."""
+    model.config.extra.setdefault("moe_tuning", asdict(cfg))
+    loop = LoopConfig(steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed, max_grad_norm=cfg.max_grad_norm,
+                      weight_decay=cfg.weight_decay, save_every=cfg.save_every, log_every=cfg.log_every,
+                      bf16=cfg.bf16)
+    return fit(model, MoETuneObjective(model, cfg), encoder, dataset, loop, out, resume, progress,
+               record={"moe_llava": asdict(cfg)})
