@@ -10,8 +10,10 @@ Hugging Face LLaVA models.
 """
 from .runtime.conversation import ConversationEncoder, InputError
 from .runtime.loading import ModelLoadError
-from .systems.pipeline import Answer, RoEPipeline, SpeedComparison
-from .systems.roe import RoEConfig, RoEModel, Router, RouteTrace, SkipAdapter, generate
+from .systems import SYSTEMS, load_system, load_systems
+from .systems.pipeline import Answer, Pipeline
+from .systems.roe import RoEConfig, RoEModel, RoEPipeline, Router, RouteTrace, SkipAdapter, SpeedComparison, generate
 
-__all__ = ["Answer", "ConversationEncoder", "InputError", "ModelLoadError", "RoEConfig", "RoEModel",
-           "RoEPipeline", "RouteTrace", "Router", "SkipAdapter", "SpeedComparison", "generate"]
+__all__ = ["Answer", "ConversationEncoder", "InputError", "ModelLoadError", "Pipeline", "RoEConfig", "RoEModel",
+           "RoEPipeline", "RouteTrace", "Router", "SYSTEMS", "SkipAdapter", "SpeedComparison", "generate",
+           "load_system", "load_systems"]

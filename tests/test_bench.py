@@ -50,7 +50,7 @@ def test_bench_threshold_moves_the_routes(tmp_path):
 
 def test_threshold_choice_needs_the_skip_target():
     from roe_core.embedded.recipe import choose_threshold
-    from roe_core.systems.pipeline import RoEPipeline
+    from roe_core.systems.roe import RoEPipeline
     pipe = RoEPipeline.load("tiny", device="cpu")
     qs = bench.test_questions(4, image_size=32, split="val")
     # threshold 1 skips every layer, 0 runs every one

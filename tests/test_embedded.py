@@ -65,7 +65,7 @@ def test_pipeline_answers_fixed_questions(loaded):
     if "finetune" not in extra["stages"]:
         pytest.skip(f"the finetune stage is not shipped yet (shipped: {extra['stages']})")
     from roe_core.systems.roe import RoEModel
-    from roe_core.systems.pipeline import RoEPipeline
+    from roe_core.systems.roe import RoEPipeline
     from roe_core.scenes import answers_match
     pipe = RoEPipeline(RoEModel(base), embedded.make_encoder(base, tok), extra)
     answers = pipe.answer_batch([(embedded_image(o), q, ()) for o, q, _ in FIXED], route="dense", max_new_tokens=12)
@@ -79,7 +79,7 @@ def test_shipped_roe_parts_route(loaded):
     if roe_dir is None:
         pytest.skip("the roe stage is not shipped yet (no assets/embedded/roe)")
     from roe_core.systems.roe import RoEModel
-    from roe_core.systems.pipeline import RoEPipeline
+    from roe_core.systems.roe import RoEPipeline
     from roe_core.scenes import answers_match
     pipe = RoEPipeline(RoEModel.from_roe_folder(base, roe_dir), embedded.make_encoder(base, tok), extra)
     items = [(embedded_image(o), q, ()) for o, q, _ in FIXED]
@@ -160,7 +160,7 @@ def test_shipped_model_answers_shifted_questions(loaded):
     if "finetune" not in extra["stages"]:
         pytest.skip(f"the finetune stage is not shipped yet (shipped: {extra['stages']})")
     from roe_core.systems.roe import RoEModel
-    from roe_core.systems.pipeline import RoEPipeline
+    from roe_core.systems.roe import RoEPipeline
     from roe_core.scenes import answers_match, make_shifted_split
     picked = {"colour": [], "shape": []}
     for s in make_shifted_split(120):

@@ -1,13 +1,21 @@
-"""Dense vs RoE, side by side in one run, on the scene test split.
+"""Every routing system side by side in one run, on the scene test split.
 
-    python -m roe_core.bench                 # embedded model, 1,008 test questions
-    python -m roe_core.bench --quick         # < 60 s on 2 cores
+    python -m roe_core.bench                                 # embedded model, every shipped system
+    python -m roe_core.bench --systems dense,roe,moe_llava   # the same, named
+    python -m roe_core.bench --quick                         # a smoke run, < 2 min on 2 cores
     python -m roe_core.bench --model tiny --quick --out /tmp/bench
 
 Writes <out>/results.json and <out>/results.md. Accuracy is exact match (scenes.answers_match) with
-greedy decoding. Speed: examples per second of prefill + the whole answer; RoE and dense are timed
-in interleaved rounds (RoE, dense, RoE, dense, ...) after an untimed warm-up, and the median round
-is reported. speedup_bs16 uses batches of 16 examples whose routes differ.
+greedy decoding, the same for every system. Speed: examples per second of prefill + the whole
+answer, batch 1 and batches of 16; every system is timed in the same interleaved rounds (dense, RoE,
+RoE's own every-layer path, MoE-LLaVA, dense, ...) after an untimed warm-up round, and the median
+round is reported.
+
+Per system, under `systems.<name>`: accuracy, by-type accuracy, shifted-split accuracy, examples/s,
+parameters in total and active per token; MoE systems add the expert load per MoE layer (image vs
+text tokens, top-1) and the load-balancing figure l_aux. Top level: RoE's own figures (against its
+every-layer path: speedup_bs1/_bs16, ideal_speedup, by type and difficulty, routes) and
+`speedup_roe_vs_moe_llava` with the accuracy difference, beside the papers' figures.
 
 ideal_speedup counts multiply-adds (parameters touched per token): decoder layers executed, adapters
 of skipped layers, plus what every path runs (vision tower, projector, LM head on generated tokens).
@@ -28,8 +36,13 @@ from pathlib import Path
 import torch
 
 from .. import scenes
-from ..systems.pipeline import RoEPipeline
-from ..systems.roe import generate
+from ..systems import LABELS, SYSTEMS, load_base, load_systems
+from ..systems.pipeline import Pipeline
+from ..systems.roe import RoEPipeline
+
+# The papers' own figures (RoE, ICLR 2025, Table 2 / Fig. 1): RoE-LLaVA-HR vs MoE-LLaVA, five benchmarks
+PAPER = {"accuracy_points_roe_minus_moe_llava": 3.3, "speedup_roe_vs_moe_llava": 1.61,
+         "examples_per_s": {"roe": 6.77, "moe_llava": 4.95}}
 
 
 @dataclass
@@ -78,33 +91,37 @@ def _batches(xs, size):
     return [xs[i:i + size] for i in range(0, len(xs), size)]
 
 
-def evaluate(pipe: RoEPipeline, qs: list[Question], route: str, batch_size: int, max_new_tokens: int,
+def evaluate(pipe: Pipeline, qs: list[Question], route: str | None, batch_size: int, max_new_tokens: int,
              threshold: float | None = None):
+    """(predictions, correct, traces) of a system on questions, in batches. route/threshold: RoE's
+    (None for the other systems)."""
     from tqdm.auto import tqdm
+    opts = {"route": route or "auto", "threshold": threshold} if isinstance(pipe, RoEPipeline) else {}
     preds, traces = [], []
-    for chunk in tqdm(_batches(qs, batch_size), desc=f"accuracy, {route} route", unit="batch"):
-        answers = pipe.answer_batch([(q.image, q.question, q.history) for q in chunk], route=route,
-                                    threshold=threshold, max_new_tokens=max_new_tokens)
+    label = pipe.system + (f", {route} route" if isinstance(pipe, RoEPipeline) else "")
+    for chunk in tqdm(_batches(qs, batch_size), desc=f"accuracy, {label}", unit="batch"):
+        answers = pipe.answer_batch([(q.image, q.question, q.history) for q in chunk],
+                                    max_new_tokens=max_new_tokens, **opts)
         preds += [a.text for a in answers]
         traces += [a.trace for a in answers]
     correct = [scenes.answers_match(p, q.gold) for p, q in zip(preds, qs)]
     return preds, correct, traces
 
 
-def time_rounds(pipe: RoEPipeline, batches, repeats: int, max_new_tokens: int,
-                threshold: float | None = None) -> dict[str, list[float]]:
-    """Seconds per round over all batches, RoE and dense interleaved; one untimed warm-up round each."""
+def time_rounds(paths: dict, batches, repeats: int, max_new_tokens: int) -> dict[str, list[float]]:
+    """Seconds per round over all batches for each path {name: generate(batch, max_new_tokens)},
+    the paths interleaved within every round; one untimed warm-up round."""
     from tqdm.auto import tqdm
-    times = {"auto": [], "dense": []}
+    times = {k: [] for k in paths}
     for r in tqdm(range(repeats + 1), desc=f"timing, batches of {batches[0].input_ids.shape[0]}", unit="round"):
-        for route in ("auto", "dense"):
+        for name, fn in paths.items():
             t0 = time.perf_counter()
             for b in batches:
-                generate(pipe.model, b, route, max_new_tokens, pipe.encoder.stop_ids, threshold)
-            if pipe.device.type == "cuda":
+                fn(b, max_new_tokens)
+            if torch.cuda.is_available():
                 torch.cuda.synchronize()
             if r > 0:
-                times[route].append(time.perf_counter() - t0)
+                times[name].append(time.perf_counter() - t0)
     return times
 
 
@@ -134,48 +151,151 @@ def ideal_speedups(pipe: RoEPipeline, traces, qs_tokens: list[tuple[int, int]]) 
     return dense / roe, dense_l / roe_l
 
 
+def timing_paths(pipes: dict[str, Pipeline], threshold: float | None) -> dict:
+    """What each timed path runs. RoE is timed on its route and on its own every-layer path (the
+    reference of its speedup_bs1); the other systems as they answer."""
+    paths = {}
+    for name, pipe in pipes.items():
+        if isinstance(pipe, RoEPipeline):
+            paths["roe"] = lambda b, m, p=pipe: p.generate(b, m, route="auto", threshold=threshold)
+            paths["roe_dense_route"] = lambda b, m, p=pipe: p.generate(b, m, route="dense")
+        else:
+            paths[name] = lambda b, m, p=pipe: p.generate(b, m)
+    return paths
+
+
+def expert_stats(pipe: Pipeline, qs: list[Question], traces, n_aux: int = 64) -> dict:
+    """An MoE system's routing on the evaluated questions: per MoE layer the top-1 expert shares of
+    image tokens and of text tokens (everything else, answers included), and l_aux per layer on a
+    teacher-forced pass over the first n_aux questions with their gold answers (balanced = 1.0 per
+    layer, the method's loss sums them)."""
+    from ..systems.moe_llava import TOKEN_KINDS
+    model = pipe.model
+    E = model.config.num_experts
+    img = TOKEN_KINDS.index("image")
+    load = {"image": torch.zeros(len(model.moe_layers), E), "text": torch.zeros(len(model.moe_layers), E)}
+    for tr in traces:
+        top1 = tr.experts[..., 0]                                               # (M, N)
+        is_img = tr.kinds == img
+        for kind, sel in (("image", is_img), ("text", ~is_img)):
+            load[kind] += torch.nn.functional.one_hot(top1[:, sel], E).sum(1).float()
+    share = {k: (v / v.sum(1, keepdim=True).clamp(min=1)).tolist() for k, v in load.items()}
+    aux = []
+    with torch.inference_mode():
+        for chunk in _batches(qs[:n_aux], 16):
+            convs = [pipe.encoder.encode(list(q.history) + [(q.question, q.gold)]) for q in chunk]
+            b = pipe.encoder.collate(convs, [q.image for q in chunk]).to(pipe.device)
+            out = model(b.input_ids, b.token_ok, b.pixel_values, logits_at=torch.zeros_like(b.token_ok))
+            aux.append(torch.stack([g.l_aux for g in out.gates]))
+    per_layer = torch.stack(aux).mean(0).tolist()
+    return {"moe_layers": list(model.moe_layers), "num_experts": E, "expert_load": share,
+            "l_aux_per_layer": per_layer, "l_aux_sum": sum(per_layer), "l_aux_balanced_sum": len(per_layer)}
+
+
+def shipped_systems(model: str) -> list[str]:
+    """Every system the model has parts for (the embedded model: those in assets/; others: all, fresh)."""
+    if model != "embedded":
+        return list(SYSTEMS)
+    from ..embedded.base import parts_folder
+    return [s for s in SYSTEMS if s == "dense" or parts_folder(s) is not None]
+
+
 def run(model: str = "embedded", roe: str | None = None, n: int = 1008, quick: bool = False,
         out: str | Path = "bench", device: str = "auto", max_new_tokens: int = 24, repeats: int = 5,
-        timing_n: int = 48, batch_size: int = 16, threshold: float | None = None, shifted_n: int = 400) -> dict:
+        timing_n: int = 48, batch_size: int = 16, threshold: float | None = None, shifted_n: int = 400,
+        systems: list[str] | None = None, moe_llava: str | None = None) -> dict:
     if quick:
         n, repeats, timing_n, shifted_n = min(n, 24), 2, 8, min(shifted_n, 16)
+    systems = list(systems or shipped_systems(model))
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown:
+        raise ValueError(f"unknown systems {unknown}: choose from {', '.join(SYSTEMS)}")
     torch.manual_seed(0)
-    pipe = RoEPipeline.load(model, roe=roe, device=device)
+    pipes = load_systems(systems, loaded=load_base(model, device), parts={"roe": roe, "moe_llava": moe_llava})
+    any_pipe = next(iter(pipes.values()))
     qs = test_questions(n)
-    t0 = time.perf_counter()
-    d_pred, d_ok, d_tr = evaluate(pipe, qs, "dense", batch_size, max_new_tokens)
-    r_pred, r_ok, r_tr = evaluate(pipe, qs, "auto", batch_size, max_new_tokens, threshold)
     sq = shifted_questions(shifted_n)
-    s_pred, s_dense_ok, _ = evaluate(pipe, sq, "dense", batch_size, max_new_tokens)
-    s_rpred, s_ok, s_tr = evaluate(pipe, sq, "auto", batch_size, max_new_tokens, threshold)
+    t0 = time.perf_counter()
+    ev, ev_shifted = {}, {}
+    for name, pipe in pipes.items():
+        ev[name] = evaluate(pipe, qs, None, batch_size, max_new_tokens, threshold)
+        ev_shifted[name] = evaluate(pipe, sq, None, batch_size, max_new_tokens, threshold)
+    roe_pipe = pipes.get("roe")
+    if roe_pipe is not None and "dense" not in pipes:   # RoE's every-layer path stands in for the dense model
+        ev["dense"] = evaluate(roe_pipe, qs, "dense", batch_size, max_new_tokens)
+        ev_shifted["dense"] = evaluate(roe_pipe, sq, "dense", batch_size, max_new_tokens)
     eval_s = time.perf_counter() - t0
 
-    # speed: the first timing_n questions, one at a time and in batches of 16 (mixed routes)
+    # speed: the first timing_n questions, one at a time and in batches of 16 (RoE: mixed routes)
     tq = qs[:timing_n]
     items = [(q.image, q.question, q.history) for q in tq]
-    bs1 = time_rounds(pipe, [pipe.batch([it]) for it in items], repeats, max_new_tokens, threshold)
-    bs16 = time_rounds(pipe, [pipe.batch(c) for c in _batches(items, 16)], repeats, max_new_tokens, threshold)
-    routes16 = {tuple(t.route) for t in r_tr[:timing_n]}
-    med = {k: {r: statistics.median(v) for r, v in d.items()} for k, d in (("bs1", bs1), ("bs16", bs16))}
+    paths = timing_paths(pipes, threshold)
+    bs1 = time_rounds(paths, [any_pipe.batch([it]) for it in items], repeats, max_new_tokens)
+    bs16 = time_rounds(paths, [any_pipe.batch(c) for c in _batches(items, 16)], repeats, max_new_tokens)
+    med = {k: {p: statistics.median(v) for p, v in d.items()} for k, d in (("bs1", bs1), ("bs16", bs16))}
+    eps = {k: {p: len(tq) / v for p, v in d.items()} for k, d in med.items()}
 
+    results = {
+        "model": model, "systems_run": systems, "device": str(any_pipe.device), "dtype": any_pipe.info.get("dtype"),
+        "cpu_threads": torch.get_num_threads(), "machine": platform.machine(), "quick": quick,
+        "n_questions": len(qs), "max_new_tokens": max_new_tokens, "eval_seconds": eval_s,
+        "num_layers": any_pipe.info.get("num_layers"),
+        "timing": {"n_examples": len(tq), "repeats": repeats, "bs1_seconds": bs1, "bs16_seconds": bs16,
+                   "bs1_examples_per_s": eps["bs1"], "bs16_examples_per_s": eps["bs16"]},
+        "dense": {"accuracy": statistics.mean(ev["dense"][1]), "layers_executed": any_pipe.info.get("num_layers")},
+        "systems": {},
+        "paper": PAPER,
+    }
+    for name, pipe in pipes.items():
+        preds, ok, traces = ev[name]
+        _, s_ok, _ = ev_shifted[name]
+        by_type = defaultdict(list)
+        for q, k in zip(qs, ok):
+            by_type[q.qtype].append(k)
+        layers = statistics.mean(t.layers_executed for t in traces) if name == "roe" else None
+        counts = pipe.parameter_counts(layers) if name == "roe" else pipe.parameter_counts()
+        row = {"label": LABELS[name], "parts": pipe.info.get(name), "accuracy": statistics.mean(ok),
+               "by_type": {k: statistics.mean(v) for k, v in sorted(by_type.items())},
+               "shifted_accuracy": statistics.mean(s_ok) if sq else None,
+               "examples_per_s_bs1": eps["bs1"][name], "examples_per_s_bs16": eps["bs16"][name],
+               "params": counts.to_dict()}
+        if name == "moe_llava":
+            row.update(expert_stats(pipe, qs, traces))
+        results["systems"][name] = row
+    if roe_pipe is not None:
+        results.update(roe_results(roe_pipe, qs, sq, ev, ev_shifted, eps, med, threshold, len(tq)))
+    if "roe" in pipes and "moe_llava" in pipes:
+        sy = results["systems"]
+        results["speedup_roe_vs_moe_llava"] = {"bs1": eps["bs1"]["roe"] / eps["bs1"]["moe_llava"],
+                                               "bs16": eps["bs16"]["roe"] / eps["bs16"]["moe_llava"]}
+        results["accuracy_roe_minus_moe_llava"] = sy["roe"]["accuracy"] - sy["moe_llava"]["accuracy"]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(markdown(results))
+    return results
+
+
+def roe_results(pipe: RoEPipeline, qs, sq, ev, ev_shifted, eps, med, threshold, n_timed: int) -> dict:
+    """RoE's own figures: routes, skip ratio, speed against its every-layer path, ideal speedup, by
+    question type and difficulty, the shifted split."""
+    d_pred, d_ok, d_tr = ev["dense"]
+    r_pred, r_ok, r_tr = ev["roe"]
+    s_pred, s_dense_ok, _ = ev_shifted["dense"]
+    s_rpred, s_ok, s_tr = ev_shifted["roe"]
     lengths = [(len(pipe.encoder.encode(list(q.history) + [(q.question, None)]).input_ids),
                 len(pipe.encoder.tokenizer(a, add_special_tokens=False)["input_ids"]) + 1)
                for q, a in zip(qs, r_pred)]
     ideal, ideal_layers = ideal_speedups(pipe, r_tr, lengths)
-
     by_level = defaultdict(lambda: defaultdict(list))
     for q, dk, rk, tr in zip(qs, d_ok, r_ok, r_tr):
         level = by_level[scenes.DIFFICULTY.get(q.qtype)]
         level["types"].append(q.qtype)
         level["dense"].append(dk), level["roe"].append(rk), level["layers"].append(tr.layers_executed)
     L = pipe.model.num_layers
-    results = {
-        "model": model, "roe_parts": pipe.info.get("roe"), "device": str(pipe.device),
-        "dtype": pipe.info.get("dtype"), "cpu_threads": torch.get_num_threads(),
-        "machine": platform.machine(), "quick": quick, "n_questions": len(qs),
-        "max_new_tokens": max_new_tokens, "num_layers": L, "eval_seconds": eval_s,
+    r = {
+        "roe_parts": pipe.info.get("roe"),
         "threshold": pipe.model.config.threshold if threshold is None else threshold,
-        "dense": {"accuracy": statistics.mean(d_ok), "layers_executed": L},
         "roe": {
             "accuracy": statistics.mean(r_ok),
             "skip_ratio": statistics.mean(t.skip_ratio for t in r_tr),
@@ -183,18 +303,17 @@ def run(model: str = "embedded", roe: str | None = None, n: int = 1008, quick: b
             "distinct_routes": len({tuple(t.route) for t in r_tr}),
             "layer_run_rate": [statistics.mean(t.route[i] for t in r_tr) for i in range(L)],
         },
-        "speedup_bs1": med["bs1"]["dense"] / med["bs1"]["auto"],
-        "speedup_bs16": med["bs16"]["dense"] / med["bs16"]["auto"],
+        # against RoE's own every-layer path, timed in the same rounds
+        "speedup_bs1": med["bs1"]["roe_dense_route"] / med["bs1"]["roe"],
+        "speedup_bs16": med["bs16"]["roe_dense_route"] / med["bs16"]["roe"],
         "ideal_speedup": ideal,
         "ideal_speedup_layers": ideal_layers,
-        "timing": {
-            "n_examples": len(tq), "repeats": repeats, "distinct_routes_in_timed_set": len(routes16),
-            "bs1_seconds": bs1, "bs16_seconds": bs16,
-            "bs1_examples_per_s": {r: len(tq) / s for r, s in med["bs1"].items()},
-            "bs16_examples_per_s": {r: len(tq) / s for r, s in med["bs16"].items()},
+        "roe_timing": {
+            "bs1_examples_per_s": {"auto": eps["bs1"]["roe"], "dense": eps["bs1"]["roe_dense_route"]},
+            "bs16_examples_per_s": {"auto": eps["bs16"]["roe"], "dense": eps["bs16"]["roe_dense_route"]},
             # each path generates its own full answer; answers of different lengths cost differently
-            "mean_new_tokens": {"auto": statistics.mean(t.new_tokens for t in r_tr[:timing_n]),
-                                "dense": statistics.mean(t.new_tokens for t in d_tr[:timing_n])},
+            "mean_new_tokens": {"auto": statistics.mean(t.new_tokens for t in r_tr[:n_timed]),
+                                "dense": statistics.mean(t.new_tokens for t in d_tr[:n_timed])},
         },
         "by_type": accuracy_by_type(qs, d_ok, r_ok, r_tr),
         # the question types pooled by their difficulty (scenes.DIFFICULTY: 1 easy ... 3 hard)
@@ -219,29 +338,76 @@ def run(model: str = "embedded", roe: str | None = None, n: int = 1008, quick: b
                          for q, dp, rp in list(zip(sq, s_pred, s_rpred))[:12]],
         },
     }
-    results["speedup_bs1_fraction_of_ideal"] = results["speedup_bs1"] / ideal
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "results.md").write_text(markdown(results))
-    return results
+    r["speedup_bs1_fraction_of_ideal"] = r["speedup_bs1"] / ideal
+    return r
+
+
+def _f(v, fmt=".3f") -> str:
+    return "-" if v is None else format(v, fmt)
 
 
 def markdown(r: dict) -> str:
+    sy = r["systems"]
+    names = list(sy)
+    lines = [f"# Benchmark: {', '.join(sy[n]['label'] for n in names)} ({r['model']}, {r['device']}, {r['dtype']}, "
+             f"{r['n_questions']} test questions{', quick' if r['quick'] else ''})", "",
+             "| | " + " | ".join(sy[n]["label"] for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+
+    def row(label, fn):
+        lines.append(f"| {label} | " + " | ".join(fn(n, sy[n]) for n in names) + " |")
+    row("accuracy (exact match)", lambda n, v: f"{v['accuracy']:.3f}")
+    row("shifted split accuracy", lambda n, v: _f(v["shifted_accuracy"]))
+    row("examples/s, batch 1", lambda n, v: f"{v['examples_per_s_bs1']:.2f}")
+    row("examples/s, batch 16", lambda n, v: f"{v['examples_per_s_bs16']:.2f}")
+    row("parameters, total (M)", lambda n, v: f"{v['params']['total'] / 1e6:.1f}")
+    row("parameters active per token (M)", lambda n, v: f"{v['params']['active'] / 1e6:.1f}")
+    row("decoder layers run per token", lambda n, v: (f"{r['roe']['layers_executed']:.1f} of {r['num_layers']}"
+                                                      if n == "roe" else f"{r['num_layers']}"))
+    if "moe_llava" in sy:
+        row("l_aux per MoE layer (balanced 1.0)", lambda n, v: f"{v['l_aux_sum'] / len(v['l_aux_per_layer']):.3f}"
+            if "l_aux_sum" in v else "-")
+    if "speedup_roe_vs_moe_llava" in r:
+        sp, d = r["speedup_roe_vs_moe_llava"], r["accuracy_roe_minus_moe_llava"]
+        pa = r["paper"]
+        lines += ["", "| RoE vs MoE-LLaVA | here | the RoE paper |", "|---|---|---|",
+                  f"| accuracy, RoE minus MoE-LLaVA (points) | {100 * d:+.1f} | +{pa['accuracy_points_roe_minus_moe_llava']}"
+                  " (5 benchmarks, LLaVA-HR base) |",
+                  f"| speed, RoE / MoE-LLaVA, batch 1 | {sp['bs1']:.2f}x | {pa['speedup_roe_vs_moe_llava']}x "
+                  f"({pa['examples_per_s']['roe']} vs {pa['examples_per_s']['moe_llava']} examples/s) |",
+                  f"| speed, RoE / MoE-LLaVA, batch 16 | {sp['bs16']:.2f}x | - |"]
+        if d < 0:
+            lines += ["", f"**MoE-LLaVA is more accurate than RoE here, by {-100 * d:.1f} points.**"]
+    lines += ["", "| type | " + " | ".join(sy[n]["label"] for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+    for t in sorted({t for n in names for t in sy[n]["by_type"]}):
+        lines.append(f"| {t} | " + " | ".join(_f(sy[n]["by_type"].get(t)) for n in names) + " |")
+    if "moe_llava" in sy and "expert_load" in sy["moe_llava"]:
+        m = sy["moe_llava"]
+        lines += ["", "MoE-LLaVA expert load (top-1 share of each expert, image tokens | text tokens):", "",
+                  "| MoE layer | image | text | l_aux |", "|---|---|---|---|"]
+        for i, layer in enumerate(m["moe_layers"]):
+            img = " ".join(f"{x:.2f}" for x in m["expert_load"]["image"][i])
+            txt = " ".join(f"{x:.2f}" for x in m["expert_load"]["text"][i])
+            lines.append(f"| {layer} | {img} | {txt} | {m['l_aux_per_layer'][i]:.3f} |")
+    if "roe" in r:
+        lines += ["", roe_markdown(r)]
+    return "\n".join(lines) + "\n"
+
+
+def roe_markdown(r: dict) -> str:
+    t = r["roe_timing"]
     lines = [
-        f"# RoE benchmark ({r['model']}, {r['device']}, {r['dtype']}, {r['n_questions']} test questions"
-        f"{', quick' if r['quick'] else ''}, router threshold {r['threshold']:g})", "",
-        "| | dense | RoE |", "|---|---|---|",
+        f"## RoE against its own every-layer path (router threshold {r['threshold']:g})", "",
+        "| | every layer | RoE |", "|---|---|---|",
         f"| accuracy (exact match) | {r['dense']['accuracy']:.3f} | {r['roe']['accuracy']:.3f} |",
         f"| layers executed (mean of {r['num_layers']}) | {r['num_layers']} | {r['roe']['layers_executed']:.2f} |",
         f"| skip ratio | 0 | {r['roe']['skip_ratio']:.3f} |",
         f"| distinct routes | 1 | {r['roe']['distinct_routes']} |",
-        f"| examples/s, batch 1 | {r['timing']['bs1_examples_per_s']['dense']:.2f} | {r['timing']['bs1_examples_per_s']['auto']:.2f} |",
-        f"| examples/s, batch 16 (mixed routes) | {r['timing']['bs16_examples_per_s']['dense']:.2f} | {r['timing']['bs16_examples_per_s']['auto']:.2f} |",
+        f"| examples/s, batch 1 | {t['bs1_examples_per_s']['dense']:.2f} | {t['bs1_examples_per_s']['auto']:.2f} |",
+        f"| examples/s, batch 16 (mixed routes) | {t['bs16_examples_per_s']['dense']:.2f} | {t['bs16_examples_per_s']['auto']:.2f} |",
         "", f"speedup_bs1 = **{r['speedup_bs1']:.3f}**, speedup_bs16 = **{r['speedup_bs16']:.3f}**, "
         f"ideal_speedup = {r['ideal_speedup']:.3f} (layers only: {r['ideal_speedup_layers']:.3f}); "
         f"bs1 reaches {100 * r['speedup_bs1_fraction_of_ideal']:.0f}% of ideal. Mean answer length in the timed set: "
-        f"RoE {r['timing']['mean_new_tokens']['auto']:.1f}, dense {r['timing']['mean_new_tokens']['dense']:.1f} tokens.", "",
+        f"RoE {t['mean_new_tokens']['auto']:.1f}, dense {t['mean_new_tokens']['dense']:.1f} tokens.", "",
         "| type | difficulty | n | dense acc | RoE acc | mean layers executed |", "|---|---|---|---|---|---|",
     ]
     for k, v in r["by_type"].items():
@@ -261,15 +427,18 @@ def markdown(r: dict) -> str:
         for k, v in sh["by_type"].items():
             lines.append(f"| {k} | {v['n']} | {v['dense_accuracy']:.3f} | {v['roe_accuracy']:.3f} "
                          f"| {v['mean_layers_executed']:.2f} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="embedded")
-    ap.add_argument("--roe", default=None)
+    ap.add_argument("--systems", default=None,
+                    help=f"comma-separated, of {','.join(SYSTEMS)} (default: every system the model has parts for)")
+    ap.add_argument("--roe", default=None, help="RoE parts folder (default: the shipped ones)")
+    ap.add_argument("--moe-llava", default=None, help="MoE-LLaVA parts folder (default: the shipped ones)")
     ap.add_argument("--n", type=int, default=1008, help="test questions (fixed seed)")
-    ap.add_argument("--quick", action="store_true", help="24 questions, 8 timed, fewer repeats: < 60 s on 2 cores")
+    ap.add_argument("--quick", action="store_true", help="24 questions, 8 timed, fewer repeats: a smoke run")
     ap.add_argument("--out", default="bench")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--max-new-tokens", type=int, default=24)
@@ -280,7 +449,9 @@ def main(argv=None) -> None:
                     help="run a layer iff p_run > this (default: the RoE parts' own, roe_config.json)")
     args = ap.parse_args(argv)
     r = run(args.model, args.roe, args.n, args.quick, args.out, args.device, args.max_new_tokens,
-            args.repeats, args.timing_n, threshold=args.threshold, shifted_n=args.shifted_n)
+            args.repeats, args.timing_n, threshold=args.threshold, shifted_n=args.shifted_n,
+            systems=[x.strip() for x in args.systems.split(",") if x.strip()] if args.systems else None,
+            moe_llava=args.moe_llava)
     print(markdown(r))
 
 

@@ -239,6 +239,18 @@ def merge_lora_adapter(base, folder: Path) -> None:
     base.model.language_model = lm.merge_and_unload()
 
 
+PARTS_FOLDERS = {"roe": "roe", "moe_llava": "moe_llava"}   # each system's shipped parts in assets/embedded
+PARTS_CONFIGS = {"roe": "roe_config.json", "moe_llava": "moe_config.json"}
+
+
+def parts_folder(system: str) -> Path | None:
+    """assets/embedded/<folder> of a system's shipped parts, or None when they are not there."""
+    if system not in PARTS_FOLDERS:
+        return None
+    folder = ASSETS / PARTS_FOLDERS[system]
+    return folder if (folder / PARTS_CONFIGS[system]).is_file() else None
+
+
 def load_embedded(device=None, dtype=None):
     """(base LlavaForConditionalGeneration (eval), tokenizer, image_processor, roe_dir or None, extra)."""
     device = torch.device(device or "cpu")

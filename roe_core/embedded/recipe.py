@@ -362,7 +362,7 @@ def evaluate(base, tok, n: int = 200, split: str = "val", batch_size: int = 25, 
              samples=None) -> dict:
     """Exact match (answers_match) on n single-question samples of a split, greedy, dense route."""
     from ..systems.roe import RoEModel
-    from ..systems.pipeline import RoEPipeline
+    from ..systems.roe import RoEPipeline
     from ..scenes import make_split, render
     was_training = base.training
     base.eval()
@@ -640,7 +640,7 @@ def evaluate_routes(roe_dir: str, n: int = 200) -> dict:
     """Exact match and skip ratio on n single val questions, routed and dense (bench.evaluate), and
     the routed path's mean layers executed per question type."""
     from ..bench import Question, evaluate
-    from ..systems.pipeline import RoEPipeline
+    from ..systems.roe import RoEPipeline
     from ..scenes import make_split, render
     pipe = RoEPipeline.load("embedded", roe=roe_dir, device="cpu", dtype="float32")
     qs = [Question(render(s.scene, 256), s.turns[0].question, [], s.turns[0].answer, s.turns[0].qtype)
@@ -705,7 +705,7 @@ def calibrate(n: int = 240, thresholds=CALIBRATE_THRESHOLDS, min_skip: float = 0
     measures it on test."""
     from ..bench import evaluate, test_questions
     from ..systems.roe import RoEConfig
-    from ..systems.pipeline import RoEPipeline
+    from ..systems.roe import RoEPipeline
     pipe = RoEPipeline.load("embedded", device="cpu", dtype="float32")
     qs = test_questions(n, split="val")
     _, dense_ok, _ = evaluate(pipe, qs, "dense", 16, 24)

@@ -30,6 +30,8 @@ from torch import Tensor, nn
 from ..runtime.conversation import Batch
 from ..runtime.decoder import DecoderInputs, OverBase, RoutedKVCache, additive_mask, embed_inputs, parts_config
 from ..runtime.generation import Timing, greedy
+from ..runtime.loading import ModelLoadError
+from .pipeline import LoadedBase, ParamCounts, Pipeline, numel, shipped_parts
 
 CONFIG_NAME = "moe_config.json"
 WEIGHTS_NAME = "moe.safetensors"
@@ -252,6 +254,8 @@ class ExpertTrace:
     kinds: Tensor                   # (N,) long: index into TOKEN_KINDS
     experts: Tensor                 # (M, N, 2) long, M = len(layers): [top-1, top-2]
     weights: Tensor                 # (M, N, 2) fp32, 0 = dropped
+    timing: Timing | None = None    # the batch's generation time (generate only)
+    new_tokens: int = 0
 
     def top1_load(self, num_experts: int, kind: str | None = None) -> Tensor:
         """(M, E) top-1 assignment counts per MoE layer, over the tokens of `kind` (all when None)."""
@@ -261,9 +265,13 @@ class ExpertTrace:
         return F.one_hot(top1, num_experts).sum(1)                               # (M, E)
 
     def to_dict(self) -> dict:
-        return {"layers": self.layers, "token_ids": self.token_ids.tolist(),
-                "kinds": [TOKEN_KINDS[k] for k in self.kinds.tolist()],
-                "experts": self.experts.tolist(), "weights": self.weights.tolist()}
+        d = {"layers": self.layers, "token_ids": self.token_ids.tolist(),
+             "kinds": [TOKEN_KINDS[k] for k in self.kinds.tolist()],
+             "experts": self.experts.tolist(), "weights": self.weights.tolist(), "new_tokens": self.new_tokens}
+        if self.timing is not None:
+            d["timing"] = {"prefill_s": self.timing.prefill_s, "decode_s": self.timing.decode_s,
+                           "total_s": self.timing.total_s, "tokens_per_s": self.timing.tokens_per_s}
+        return d
 
 
 @dataclass
@@ -280,33 +288,6 @@ class MoEGeneration:
     tokens: list[list[int]]         # generated ids per example (stop token excluded)
     traces: list[ExpertTrace]
     timing: Timing
-
-
-@dataclass
-class ParamCounts:
-    vision: int
-    projector: int
-    decoder_total: int              # embeddings, attention, norms, FFNs/experts, routers, LM head
-    decoder_active: int             # the same with only top_k experts per MoE layer
-
-    @property
-    def total(self) -> int:
-        return self.vision + self.projector + self.decoder_total
-
-    @property
-    def active(self) -> int:
-        return self.vision + self.projector + self.decoder_active
-
-    @classmethod
-    def of_dense(cls, base: nn.Module) -> "ParamCounts":
-        llava = base.model
-        dec = _numel(list(llava.language_model.parameters()) + list(base.lm_head.parameters()))
-        return cls(_numel(llava.vision_tower.parameters()), _numel(llava.multi_modal_projector.parameters()), dec, dec)
-
-
-def _numel(params) -> int:
-    """Parameters counted once (tied embeddings are one tensor)."""
-    return sum(p.numel() for p in {id(p): p for p in params}.values())
 
 
 def token_kinds(batch: Batch, image_token_id: int) -> Tensor:
@@ -442,7 +423,7 @@ class MoELlavaModel(OverBase):
         router in total, top_k experts and the router as active; the base's own FFN at a MoE layer is
         not counted (the wrapper never runs it)."""
         dense = ParamCounts.of_dense(self.base)
-        ffn = sum(_numel(self.layers[i].mlp.parameters()) for i in self.moe_layers)
+        ffn = sum(numel(self.layers[i].mlp.parameters()) for i in self.moe_layers)
         E, k, d = self.config.num_experts, self.config.top_k, self.config.hidden_size
         routers = len(self.moe_layers) * E * d
         total = dense.decoder_total - ffn + E * ffn + routers
@@ -548,7 +529,10 @@ class MoELlavaModel(OverBase):
         tokens, timing, state = greedy(
             lambda: self.prefill(self.layout(b.input_ids, b.token_ok, b.pixel_values, b.turn_ids), max_new_tokens),
             self.decode_one_token, max_new_tokens, stop_ids, b.input_ids.device, callback)
-        return MoEGeneration(tokens, self.traces(b, state.prompt_gates, state.step_gates, tokens), timing)
+        traces = self.traces(b, state.prompt_gates, state.step_gates, tokens)
+        for t, ids in zip(traces, tokens):
+            t.timing, t.new_tokens = timing, len(ids)
+        return MoEGeneration(tokens, traces, timing)
 
     def traces(self, batch: Batch, prompt_gates: list[Top2Gating], step_gates: list[list[Top2Gating]] = (),
                tokens: list[list[int]] | None = None) -> list[ExpertTrace]:
@@ -598,3 +582,34 @@ def moe_lm_loss(model: MoELlavaModel, batch: Batch, coef: float | None = None) -
     out = model(batch.input_ids, batch.token_ok, batch.pixel_values, logits_at=at)
     ce = F.cross_entropy(out.logits.float(), batch.input_ids[:, 1:][target])
     return {"loss": moe_loss(ce, out.l_aux, coef), "ce": ce.detach(), "l_aux": out.l_aux.detach()}
+
+
+# --- the pipeline: MoE-LLaVA behind the one interface ---------------------------------------------------
+
+class MoELlavaPipeline(Pipeline):
+    system = "moe_llava"
+
+    @classmethod
+    def from_base(cls, loaded: LoadedBase, parts: str | None = None, seed: int = 0) -> "MoELlavaPipeline":
+        info = cls.base_info(loaded)
+        parts = parts or shipped_parts(loaded, "moe_llava")
+        if parts is not None:
+            if not Path(parts).is_dir():
+                raise ModelLoadError(f"MoE-LLaVA folder {parts!r} does not exist")
+            model = MoELlavaModel.from_moe_folder(loaded.base, parts)
+            info["moe_llava"] = str(parts)
+        else:
+            torch.manual_seed(seed)
+            model = MoELlavaModel(loaded.base)
+            info["moe_llava"] = "untrained (routers fresh, experts exact copies: answers equal the dense model's)"
+        model = model.to(device=loaded.base.device, dtype=loaded.base.dtype)
+        for ffn in model.moe.values():
+            ffn.router.float()                      # the router stays fp32 (the method)
+        return cls(model, cls.make_encoder(loaded), info)
+
+    def generate(self, batch, max_new_tokens: int, callback=None):
+        gen = self.model.generate(batch, max_new_tokens, self.encoder.stop_ids, callback)
+        return gen.tokens, gen.traces, gen.timing
+
+    def parameter_counts(self) -> ParamCounts:
+        return self.model.parameter_counts()

@@ -1,25 +1,31 @@
-"""The one call: an image + a question (+ the conversation so far) -> the answer and its trace.
+"""The one call every routing system answers: an image + a question (+ the conversation so far) ->
+the answer and what the system decided for it.
 
-    from roe_core import RoEPipeline
-    pipe = RoEPipeline.load()                    # the embedded model, on GPU if there is one
+    from roe_core.systems import load_system, load_systems
+    pipe = load_system("moe_llava")                 # "dense", "roe", "moe_llava"; the embedded model
     ans = pipe.answer("scene.png", "How many circles are there?")
-    ans.text, ans.trace.route, ans.trace.l1, ans.trace.timing.tokens_per_s
+    ans.text, ans.trace, ans.timing.total_s, pipe.parameter_counts().active
+
+`Pipeline` is written once: loading a base (the embedded model, the tiny test model, a local folder
+or a hub id), encoding conversations, batching, streaming, timing. Each system's file subclasses it
+with its own `generate` (batched greedy decoding through runtime.generation.greedy) and trace:
+RoE a route per layer (RouteTrace), an MoE system the experts and weights per MoE layer and token
+(ExpertTrace), the dense model the layers it ran (DenseTrace).
 """
 from __future__ import annotations
 
-import statistics
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from PIL import Image
+from torch import nn
 
 from ..runtime.conversation import ConversationEncoder, InputError
+from ..runtime.generation import Timing
 from ..runtime.images import load_image
 from ..runtime.loading import ModelLoadError, load_llava, pick_device, pick_dtype
-from .roe import Route, RoEModel, RouteTrace, generate, prefill_l1
 
 History = Sequence[tuple[str, str]]   # [(question, answer), ...] of earlier turns about the same image
 
@@ -27,108 +33,165 @@ History = Sequence[tuple[str, str]]   # [(question, answer), ...] of earlier tur
 @dataclass
 class Answer:
     text: str
-    trace: RouteTrace
+    trace: Any                    # the system's trace: RouteTrace, ExpertTrace, DenseTrace
     question: str = ""
+    system: str = "roe"
+    timing: Timing | None = None  # the batch's prefill + decode time (shared by a batch's answers)
 
 
 @dataclass
-class SpeedComparison:
-    """The same turn answered with the route and with every layer, timed in interleaved repeats."""
-    roe: Answer
-    dense: Answer
-    roe_s: float                  # median seconds (prefill + whole answer)
-    dense_s: float
-    repeats: int
-    roe_times: list[float] = field(default_factory=list)
-    dense_times: list[float] = field(default_factory=list)
+class ParamCounts:
+    """Parameters of a system: in total, and active per token (an MoE token runs top-k experts)."""
+    vision: int
+    projector: int
+    decoder_total: int              # embeddings, attention, norms, FFNs/experts, routers/adapters, LM head
+    decoder_active: int
 
     @property
-    def speedup(self) -> float:
-        return self.dense_s / self.roe_s if self.roe_s > 0 else float("nan")
+    def total(self) -> int:
+        return self.vision + self.projector + self.decoder_total
+
+    @property
+    def active(self) -> int:
+        return self.vision + self.projector + self.decoder_active
+
+    @classmethod
+    def of_dense(cls, base: nn.Module) -> "ParamCounts":
+        llava = base.model
+        dec = numel(list(llava.language_model.parameters()) + list(base.lm_head.parameters()))
+        return cls(numel(llava.vision_tower.parameters()), numel(llava.multi_modal_projector.parameters()), dec, dec)
+
+    def to_dict(self) -> dict:
+        return {"total": self.total, "active": self.active, "vision": self.vision, "projector": self.projector,
+                "decoder_total": self.decoder_total, "decoder_active": self.decoder_active}
 
 
-class RoEPipeline:
-    def __init__(self, model: RoEModel, encoder: ConversationEncoder, info: dict | None = None):
+def numel(params) -> int:
+    """Parameters counted once (tied embeddings are one tensor)."""
+    return sum(p.numel() for p in {id(p): p for p in params}.values())
+
+
+@dataclass
+class LoadedBase:
+    """A LLaVA base with its tokenizer and image processor, shareable by several systems (each wraps it
+    without editing it)."""
+    base: nn.Module
+    tokenizer: Any
+    image_processor: Any
+    info: dict
+    embedded: bool = False
+
+
+def load_base(model: str = "embedded", device: str | None = "auto", dtype: str | torch.dtype | None = None,
+              seed: int = 0) -> LoadedBase:
+    """model: "embedded" (shipped), "tiny" (random, for tests), a local folder or a hub id."""
+    dev = pick_device(device)
+    dt = pick_dtype(dev, dtype)
+    info = {"model": model}
+    if model == "embedded":
+        from ..embedded.base import load_embedded
+        base, tokenizer, image_processor, _, extra = load_embedded(dev, dt)
+        info.update(extra)
+    elif model == "tiny":
+        from ..runtime.tiny import tiny_llava
+        base, tokenizer, image_processor = tiny_llava(seed=seed)
+        base = base.to(device=dev, dtype=dt)
+        info["trained_on"] = "nothing: random weights (tests and smoke runs)"
+    else:
+        base, tokenizer, image_processor = load_llava(model, dev, dt)
+    return LoadedBase(base.eval(), tokenizer, image_processor, info, embedded=model == "embedded")
+
+
+def shipped_parts(loaded: LoadedBase, system: str) -> str | None:
+    """The embedded model's shipped parts folder of a system (assets/embedded/<folder>), else None."""
+    if not loaded.embedded:
+        return None
+    from ..embedded.base import parts_folder
+    folder = parts_folder(system)
+    return str(folder) if folder is not None else None
+
+
+class Pipeline:
+    """One system over a LLaVA base: answers, batches, streams. Subclasses set `system` and implement
+    `generate(batch, max_new_tokens, callback, **options) -> (token ids per example, traces, Timing)`
+    and `parameter_counts()`; `from_base(loaded, parts)` builds one over a loaded base."""
+    system = "?"
+
+    def __init__(self, model: nn.Module, encoder: ConversationEncoder, info: dict | None = None):
         self.model = model.eval()
         self.encoder = encoder
         self.device = next(model.parameters()).device
         self.info = dict(info or {})
+        self.info.setdefault("system", self.system)
         self.info.setdefault("device", str(self.device))
         self.info.setdefault("dtype", str(next(model.parameters()).dtype).replace("torch.", ""))
-        self.info.setdefault("num_layers", model.num_layers)
+        self.info.setdefault("num_layers", model.base.config.text_config.num_hidden_layers
+                             if hasattr(model, "base") else None)
 
-    @property
-    def threshold(self) -> float:
-        """The routers' default threshold (run a layer iff p_run > it), from the RoE parts' config."""
-        return self.model.config.threshold
+    # --- building ---
+    @classmethod
+    def from_base(cls, loaded: LoadedBase, parts: str | None = None, seed: int = 0) -> "Pipeline":
+        raise NotImplementedError
 
     @classmethod
-    def load(cls, model: str = "embedded", roe: str | None = None, device: str | None = "auto",
-             dtype: str | torch.dtype | None = None, seed: int = 0) -> "RoEPipeline":
-        """model: "embedded" (shipped), "tiny" (random, for tests), a local folder or a hub id.
-        roe: an RoE folder (roe_config.json + roe.safetensors); None = the embedded model's own
-        parts, or fresh untrained ones for any other model."""
-        dev = pick_device(device)
-        dt = pick_dtype(dev, dtype)
-        info = {"model": model}
-        if model == "embedded":
-            from ..embedded.base import load_embedded
-            base, tokenizer, image_processor, roe_dir, extra = load_embedded(dev, dt)
-            roe = roe or roe_dir
-            info.update(extra)
-        elif model == "tiny":
-            from ..runtime.tiny import tiny_llava
-            base, tokenizer, image_processor = tiny_llava(seed=seed)
-            base = base.to(device=dev, dtype=dt)
-            info["trained_on"] = "nothing: random weights (tests and smoke runs)"
-        else:
-            base, tokenizer, image_processor = load_llava(model, dev, dt)
-        if roe is not None:
-            if not Path(roe).is_dir():
-                raise ModelLoadError(f"RoE folder {roe!r} does not exist")
-            rmodel = RoEModel.from_roe_folder(base, roe)
-            info["roe"] = str(roe)
-        else:
-            torch.manual_seed(seed)
-            rmodel = RoEModel(base)
-            info["roe"] = "untrained (fresh routers and adapters)"
-        encoder = ConversationEncoder.for_model(base, tokenizer, image_processor,
-                                                system_prompt=info.pop("system_prompt", None))
-        return cls(rmodel, encoder, info)
+    def load(cls, model: str = "embedded", parts: str | None = None, device: str | None = "auto",
+             dtype: str | torch.dtype | None = None, seed: int = 0) -> "Pipeline":
+        """model: "embedded", "tiny", a local folder or a hub id. parts: the system's folder (None: the
+        embedded model's shipped parts, or fresh untrained ones for any other model)."""
+        if parts is not None and not Path(parts).is_dir():
+            raise ModelLoadError(f"{cls.system} folder {parts!r} does not exist")
+        return cls.from_base(load_base(model, device, dtype, seed), parts, seed)
+
+    @staticmethod
+    def make_encoder(loaded: LoadedBase) -> ConversationEncoder:
+        return ConversationEncoder.for_model(loaded.base, loaded.tokenizer, loaded.image_processor,
+                                             system_prompt=loaded.info.get("system_prompt"))
+
+    @staticmethod
+    def base_info(loaded: LoadedBase) -> dict:
+        return {k: v for k, v in loaded.info.items() if k != "system_prompt"}
+
+    # --- what each system implements ---
+    def generate(self, batch, max_new_tokens: int, callback=None, **options) -> tuple[list[list[int]], list, Timing]:
+        raise NotImplementedError
+
+    def parameter_counts(self) -> ParamCounts:
+        raise NotImplementedError
 
     # --- answering ---
-    def answer(self, image, question: str, history: History = (), route: Route = "auto",
-               threshold: float | None = None, max_new_tokens: int = 48, trace_l1: bool = True,
-               dense_l1: bool = True, on_token: Callable[[str], None] | None = None) -> Answer:
-        """Answers one question about one image. The route is decided on this question alone and held
-        for the whole answer. on_token(text_so_far) streams the answer."""
-        return self.answer_batch([(image, question, history)], route, threshold, max_new_tokens,
-                                 trace_l1, dense_l1, on_token)[0]
+    def answer(self, image, question: str, history: History = (), max_new_tokens: int = 48,
+               on_token: Callable[[str], None] | None = None, **options) -> Answer:
+        """Answers one question about one image; on_token(text_so_far) streams the answer."""
+        return self.answer_batch([(image, question, history)], max_new_tokens, on_token, **options)[0]
 
-    def answer_batch(self, items: Sequence[tuple], route: Route = "auto", threshold: float | None = None,
-                     max_new_tokens: int = 48, trace_l1: bool = False, dense_l1: bool = False,
-                     on_token: Callable[[str], None] | None = None) -> list[Answer]:
-        """items: [(image, question, history)]. Examples in one batch may take different routes."""
+    def answer_batch(self, items: Sequence[tuple], max_new_tokens: int = 48,
+                     on_token: Callable[[str], None] | None = None, **options) -> list[Answer]:
+        """items: [(image, question, history)], answered as one batch (left-padded)."""
         if not items:
             return []
         batch = self.batch(items)
-        tok = self.encoder.tokenizer
-        callback = None
-        if on_token is not None:
-            streamed: list[int] = []
+        tokens, traces, timing = self.generate(batch, max_new_tokens, self.streamer(on_token), **options)
+        return self.answers(items, tokens, traces, timing)
 
-            def callback(step, tokens):
-                streamed.append(int(tokens[0]))
-                on_token(tok.decode(streamed, skip_special_tokens=True))
-        gen = generate(self.model, batch, route, max_new_tokens, self.encoder.stop_ids, threshold,
-                       trace_l1=trace_l1, callback=callback)
-        if dense_l1:
-            for trace, row in zip(gen.traces, prefill_l1(self.model, batch, "dense").tolist()):
-                trace.l1_dense = row
-        return [Answer(tok.decode(ids, skip_special_tokens=True).strip(), trace, q)
-                for ids, trace, (_, q, _) in zip(gen.tokens, gen.traces, items)]
+    def answers(self, items, tokens, traces, timing) -> list[Answer]:
+        tok = self.encoder.tokenizer
+        return [Answer(tok.decode(ids, skip_special_tokens=True).strip(), trace, q, self.system, timing)
+                for ids, trace, (_, q, _) in zip(tokens, traces, items)]
+
+    def streamer(self, on_token):
+        """callback(step, tokens) for generate that streams example 0's text to on_token."""
+        if on_token is None:
+            return None
+        streamed: list[int] = []
+        tok = self.encoder.tokenizer
+
+        def callback(step, tokens):
+            streamed.append(int(tokens[0]))
+            on_token(tok.decode(streamed, skip_special_tokens=True))
+        return callback
 
     def batch(self, items: Sequence[tuple]):
+        """Encodes and collates [(image, question, history)]; InputError on an empty question or no image."""
         convs, images = [], []
         for image, question, history in items:
             if question is None or not str(question).strip():
@@ -139,21 +202,3 @@ class RoEPipeline:
             convs.append(self.encoder.encode(turns, has_image=True))
             images.append(load_image(image) if not isinstance(image, Image.Image) else image)
         return self.encoder.collate(convs, images, last_turn_only=True)
-
-    def compare(self, image, question: str, history: History = (), route: Route = "auto",
-                threshold: float | None = None, max_new_tokens: int = 48, repeats: int = 3) -> SpeedComparison:
-        """Times this turn with its route and densely, interleaved (RoE, dense, RoE, dense, ...) after
-        one untimed warm-up of each; medians. Also returns both answers."""
-        items = [(image, question, history)]
-        roe = self.answer_batch(items, route, threshold, max_new_tokens, trace_l1=True, dense_l1=True)[0]
-        dense = self.answer_batch(items, "dense", threshold, max_new_tokens, trace_l1=True)[0]
-        batch = self.batch(items)
-        roe_t, dense_t = [], []
-        for _ in range(max(1, repeats)):
-            for r, out in ((route, roe_t), ("dense", dense_t)):
-                t0 = time.perf_counter()
-                generate(self.model, batch, r, max_new_tokens, self.encoder.stop_ids, threshold)
-                out.append(time.perf_counter() - t0)
-        dense.trace.l1_dense = dense.trace.l1
-        return SpeedComparison(roe, dense, statistics.median(roe_t), statistics.median(dense_t),
-                               repeats, roe_t, dense_t)

@@ -26,8 +26,11 @@ token of that answer, holds no KV cache, and its adapter stands in.
 from __future__ import annotations
 
 import json
+import statistics
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +40,8 @@ from torch import Tensor, nn
 from ..runtime.conversation import Batch
 from ..runtime.decoder import DecoderInputs, OverBase, RoutedKVCache, additive_mask, embed_inputs, parts_config
 from ..runtime.generation import Timing, greedy
+from ..runtime.loading import ModelLoadError
+from .pipeline import Answer, History, LoadedBase, ParamCounts, Pipeline, numel, shipped_parts
 
 CONFIG_NAME = "roe_config.json"
 WEIGHTS_NAME = "roe.safetensors"
@@ -431,3 +436,120 @@ def all_logits(model: RoEModel, batch: Batch, route: Route = "dense") -> Tensor:
         run = model.decide(i, h, x.num_routing, model.config.threshold)[0] if forced is None else forced[:, i]
         h = model.routed_layer(i, h, LayerPlan.from_run(run), x.mask, pos_emb, None)
     return model.final_logits(h[:, x.num_routing:])
+
+
+# --- the pipeline: RoE behind the one interface ------------------------------------------------------------
+
+@dataclass
+class SpeedComparison:
+    """The same turn answered with the route and with every layer, timed in interleaved repeats."""
+    roe: Answer
+    dense: Answer
+    roe_s: float                  # median seconds (prefill + whole answer)
+    dense_s: float
+    repeats: int
+    roe_times: list[float] = field(default_factory=list)
+    dense_times: list[float] = field(default_factory=list)
+
+    @property
+    def speedup(self) -> float:
+        return self.dense_s / self.roe_s if self.roe_s > 0 else float("nan")
+
+
+class RoEPipeline(Pipeline):
+    """RoE over a LLaVA base. Options of generate/answer: route ("auto", "dense" or booleans per layer),
+    threshold (run a layer iff p_run > it; default the parts' config), trace_l1."""
+    system = "roe"
+
+    @property
+    def threshold(self) -> float:
+        """The routers' default threshold (run a layer iff p_run > it), from the RoE parts' config."""
+        return self.model.config.threshold
+
+    @classmethod
+    def from_base(cls, loaded: LoadedBase, parts: str | None = None, seed: int = 0) -> "RoEPipeline":
+        info = cls.base_info(loaded)
+        parts = parts or shipped_parts(loaded, "roe")
+        if parts is not None:
+            if not Path(parts).is_dir():
+                raise ModelLoadError(f"RoE folder {parts!r} does not exist")
+            model = RoEModel.from_roe_folder(loaded.base, parts)
+            info["roe"] = str(parts)
+        else:
+            torch.manual_seed(seed)
+            model = RoEModel(loaded.base)
+            info["roe"] = "untrained (fresh routers and adapters)"
+        model = model.to(device=loaded.base.device, dtype=loaded.base.dtype)
+        return cls(model, cls.make_encoder(loaded), info)
+
+    @classmethod
+    def load(cls, model: str = "embedded", roe: str | None = None, device: str | None = "auto",
+             dtype: str | torch.dtype | None = None, seed: int = 0) -> "RoEPipeline":
+        """model: "embedded" (shipped), "tiny" (random, for tests), a local folder or a hub id.
+        roe: an RoE folder (roe_config.json + roe.safetensors); None = the embedded model's own
+        parts, or fresh untrained ones for any other model."""
+        return super().load(model, roe, device, dtype, seed)
+
+    def generate(self, batch, max_new_tokens: int, callback=None, route: Route = "auto",
+                 threshold: float | None = None, trace_l1: bool = False):
+        gen = generate(self.model, batch, route, max_new_tokens, self.encoder.stop_ids, threshold,
+                       trace_l1=trace_l1, callback=callback)
+        return gen.tokens, gen.traces, gen.timing
+
+    def parameter_counts(self, layers_executed: float | None = None) -> ParamCounts:
+        """Total: the base + routers, routing tokens and adapters. Active per token: with
+        `layers_executed` (a mean over examples) the executed layers plus the adapters standing in for
+        the others, plus the routers; else every layer (the dense path)."""
+        dense = ParamCounts.of_dense(self.model.base)
+        parts = numel(self.model.roe_parameters())
+        L = self.model.num_layers
+        if layers_executed is None:
+            active = dense.decoder_total + numel(self.model.routers.parameters())
+        else:
+            layer = numel(self.model.layers[0].parameters())
+            adapter = numel(self.model.adapters[0].parameters())
+            skipped = L - layers_executed
+            active = (dense.decoder_total - skipped * layer + skipped * adapter
+                      + numel(self.model.routers.parameters()))
+        return ParamCounts(dense.vision, dense.projector, dense.decoder_total + parts, int(round(active)))
+
+    # --- answering (RoE's signature: route and threshold come first) ---
+    def answer(self, image, question: str, history: History = (), route: Route = "auto",
+               threshold: float | None = None, max_new_tokens: int = 48, trace_l1: bool = True,
+               dense_l1: bool = True, on_token: Callable[[str], None] | None = None) -> Answer:
+        """Answers one question about one image. The route is decided on this question alone and held
+        for the whole answer. on_token(text_so_far) streams the answer."""
+        return self.answer_batch([(image, question, history)], route, threshold, max_new_tokens,
+                                 trace_l1, dense_l1, on_token)[0]
+
+    def answer_batch(self, items: Sequence[tuple], route: Route = "auto", threshold: float | None = None,
+                     max_new_tokens: int = 48, trace_l1: bool = False, dense_l1: bool = False,
+                     on_token: Callable[[str], None] | None = None) -> list[Answer]:
+        """items: [(image, question, history)]. Examples in one batch may take different routes."""
+        if not items:
+            return []
+        batch = self.batch(items)
+        tokens, traces, timing = self.generate(batch, max_new_tokens, self.streamer(on_token), route=route,
+                                               threshold=threshold, trace_l1=trace_l1)
+        if dense_l1:
+            for trace, row in zip(traces, prefill_l1(self.model, batch, "dense").tolist()):
+                trace.l1_dense = row
+        return self.answers(items, tokens, traces, timing)
+
+    def compare(self, image, question: str, history: History = (), route: Route = "auto",
+                threshold: float | None = None, max_new_tokens: int = 48, repeats: int = 3) -> SpeedComparison:
+        """Times this turn with its route and densely, interleaved (RoE, dense, RoE, dense, ...) after
+        one untimed warm-up of each; medians. Also returns both answers."""
+        items = [(image, question, history)]
+        roe = self.answer_batch(items, route, threshold, max_new_tokens, trace_l1=True, dense_l1=True)[0]
+        dense = self.answer_batch(items, "dense", threshold, max_new_tokens, trace_l1=True)[0]
+        batch = self.batch(items)
+        roe_t, dense_t = [], []
+        for _ in range(max(1, repeats)):
+            for r, out in ((route, roe_t), ("dense", dense_t)):
+                t0 = time.perf_counter()
+                generate(self.model, batch, r, max_new_tokens, self.encoder.stop_ids, threshold)
+                out.append(time.perf_counter() - t0)
+        dense.trace.l1_dense = dense.trace.l1
+        return SpeedComparison(roe, dense, statistics.median(roe_t), statistics.median(dense_t),
+                               repeats, roe_t, dense_t)

@@ -210,7 +210,9 @@ def fit(model: nn.Module, objective: Objective, encoder: ConversationEncoder, da
             optimizer.zero_grad(set_to_none=True)
             step += 1
             bar.update(1)
-            row = {k: float(v.detach()) for k, v in stats.items()}
+            # logged: the mean over processes (one process: its own values)
+            row = {k: float(accelerator.reduce(v.detach().float(), "mean")) if accelerator.num_processes > 1
+                   else float(v.detach()) for k, v in stats.items()}
             row.update(step=step, lr_factor=f, **objective.row(step - 1))
             bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k not in ("step",)}, refresh=False)
             if step % cfg.log_every == 0 or step == cfg.steps:

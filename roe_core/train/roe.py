@@ -273,7 +273,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     cfg = TrainConfig(**{k: getattr(args, k) for k in TrainConfig.__dataclass_fields__})
 
-    from ..systems.pipeline import RoEPipeline
+    from ..systems.roe import RoEPipeline
     pipe = RoEPipeline.load(args.model, roe=args.roe, device="auto", dtype="float32")
     pipe.model.config.base_model = args.model
     pipe.model.config.extra.update(train_data=str(args.data), train_steps=cfg.steps, rho=cfg.rho)

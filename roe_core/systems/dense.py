@@ -1,0 +1,96 @@
+"""The dense baseline: the unmodified transformers LLaVA model, every layer for every token.
+
+Decoding calls the base model's own forward with its own KV cache (`DynamicCache`): nothing of
+RoE's or the MoE systems' code runs, so it is the reference the others are measured against.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..runtime.conversation import Batch
+from ..runtime.generation import Timing, greedy
+from .pipeline import LoadedBase, ParamCounts, Pipeline
+
+
+@dataclass
+class DenseTrace:
+    """What a dense answer did: every layer, for every token."""
+    num_layers: int
+    timing: Timing | None = None
+    new_tokens: int = 0
+
+    @property
+    def layers_executed(self) -> int:
+        return self.num_layers
+
+    @property
+    def skip_ratio(self) -> float:
+        return 0.0
+
+    def to_dict(self) -> dict:
+        d = {"layers_executed": self.num_layers, "skip_ratio": 0.0, "new_tokens": self.new_tokens}
+        if self.timing is not None:
+            d["timing"] = {"prefill_s": self.timing.prefill_s, "decode_s": self.timing.decode_s,
+                           "total_s": self.timing.total_s, "tokens_per_s": self.timing.tokens_per_s}
+        return d
+
+
+@dataclass
+class DenseState:
+    cache: object                   # the base's DynamicCache
+    attention_mask: Tensor          # (B, K) 1 for real keys
+    next_pos: Tensor                # (B,) position id of the next token
+
+
+class DenseModel(nn.Module):
+    """Greedy decoding of left-padded batches with the base model's own forward."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+
+    @property
+    def num_layers(self) -> int:
+        return self.base.config.text_config.num_hidden_layers
+
+    def prefill(self, batch: Batch, max_new_tokens: int = 0) -> tuple[Tensor, DenseState]:
+        from transformers import DynamicCache
+        mask = batch.token_ok.long()
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.base.config.text_config)
+        out = self.base(input_ids=batch.input_ids, pixel_values=batch.pixel_values, attention_mask=mask,
+                        position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1], DenseState(out.past_key_values, mask, pos[:, -1] + 1)
+
+    def decode_one_token(self, token: Tensor, state: DenseState) -> Tensor:
+        state.attention_mask = torch.cat([state.attention_mask, torch.ones_like(state.attention_mask[:, :1])], 1)
+        out = self.base(input_ids=token[:, None], attention_mask=state.attention_mask,
+                        position_ids=state.next_pos[:, None], past_key_values=state.cache, use_cache=True)
+        state.cache = out.past_key_values
+        state.next_pos = state.next_pos + 1
+        return out.logits[:, -1]
+
+    @torch.inference_mode()
+    def generate(self, batch: Batch, max_new_tokens: int = 32, stop_ids: set[int] | None = None,
+                 callback=None) -> tuple[list[list[int]], list[DenseTrace], Timing]:
+        b = batch.to(next(self.parameters()).device)
+        tokens, timing, _ = greedy(lambda: self.prefill(b, max_new_tokens), self.decode_one_token,
+                                   max_new_tokens, stop_ids, b.input_ids.device, callback)
+        return tokens, [DenseTrace(self.num_layers, timing, len(t)) for t in tokens], timing
+
+
+class DensePipeline(Pipeline):
+    system = "dense"
+
+    @classmethod
+    def from_base(cls, loaded: LoadedBase, parts: str | None = None, seed: int = 0) -> "DensePipeline":
+        return cls(DenseModel(loaded.base), cls.make_encoder(loaded), cls.base_info(loaded))
+
+    def generate(self, batch, max_new_tokens: int, callback=None):
+        return self.model.generate(batch, max_new_tokens, self.encoder.stop_ids, callback)
+
+    def parameter_counts(self) -> ParamCounts:
+        return ParamCounts.of_dense(self.model.base)
