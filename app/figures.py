@@ -4,6 +4,9 @@
     plot_route(trace)             the expert path: a lane of layers, executed vs skipped, router p_run
     plot_adapter_usage(traces)    turns x layers skip map + per-layer skip rate across the conversation
     plot_speed(comparison)        the route against every layer: latency and tokens/s
+    plot_expert_load(trace, E)    MoE: per MoE layer, top-1 expert shares of image vs text tokens (stacked)
+    plot_token_pathways(trace, tokens)  MoE: each token's top-1 expert across the MoE layers
+    plot_systems(answers)         the side-by-side view: latency and active parameters per system
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from roe_core import RouteTrace, SpeedComparison
+from roe_core.systems.moe_llava import TOKEN_KINDS, ExpertTrace
 
 RUN = "#2563eb"        # layer executed
 SKIP = "#f59e0b"       # layer skipped; its adapter stood in
@@ -158,3 +162,74 @@ def plot_speed(cmp: SpeedComparison, label: str = "RoE route") -> go.Figure:
 
 def tokens_per_s(tokens: int, seconds: float) -> float:
     return tokens / seconds if seconds > 0 else 0.0
+
+
+EXPERT_COLOURS = ["#2563eb", "#f59e0b", "#10b981", "#ef4444", "#8b5cf6", "#ec4899", "#14b8a6", "#6b7280"]
+
+
+def expert_shares(trace: ExpertTrace, num_experts: int) -> dict[str, list[list[float]]]:
+    """Per MoE layer, the share of image tokens and of text tokens (everything else) whose top-1 is each
+    expert. Each modality sums to 1 per layer, so both weigh the same whatever their token counts."""
+    img = trace.kinds == TOKEN_KINDS.index("image")
+    out = {}
+    for kind, sel in (("image", img), ("text", ~img)):
+        top1 = trace.experts[:, sel, 0]                                          # (M, n)
+        counts = [[int((row == e).sum()) for e in range(num_experts)] for row in top1]
+        out[kind] = [[c / max(1, sum(r)) for c in r] for r in counts]
+    return out
+
+
+def plot_expert_load(trace: ExpertTrace, num_experts: int, title: str = "Expert load per MoE layer") -> go.Figure:
+    """MoE-LLaVA's own view: for each MoE layer two stacked bars, image tokens and text tokens, split by
+    the share of tokens whose top-1 expert is each expert."""
+    shares = expert_shares(trace, num_experts)
+    x = [[f"layer {layer}" for layer in trace.layers for _ in (0, 1)], [k for _ in trace.layers for k in ("image", "text")]]
+    fig = go.Figure()
+    for e in range(num_experts):
+        y = [shares[k][m][e] for m in range(len(trace.layers)) for k in ("image", "text")]
+        fig.add_trace(go.Bar(x=x, y=y, name=f"expert {e}", marker_color=EXPERT_COLOURS[e % len(EXPERT_COLOURS)],
+                             hovertemplate="%{x}<br>expert " + str(e) + ": %{y:.0%} of the tokens<extra></extra>"))
+    fig.update_layout(barmode="stack")
+    fig.update_yaxes(title_text="share of tokens (top-1)", tickformat=".0%", range=[0, 1])
+    return _layout(fig, title, 340)
+
+
+def plot_token_pathways(trace: ExpertTrace, tokens: Sequence[str], title: str = "Token pathways") -> go.Figure:
+    """Each token (x, in reading order; image tokens grouped) and its top-1 expert at every MoE layer (y),
+    with hover: the token, its kind, both experts and their weights."""
+    top1 = trace.experts[..., 0].tolist()                                        # (M, N)
+    kinds = [TOKEN_KINDS[k] for k in trace.kinds.tolist()]
+    w = trace.weights.tolist()
+    ex = trace.experts.tolist()
+    text = [[f"{tokens[n]!r} ({kinds[n]})<br>layer {layer}: expert {ex[m][n][0]} ({w[m][n][0]:.2f}) + "
+             f"expert {ex[m][n][1]} ({w[m][n][1]:.2f})" for n in range(len(kinds))]
+            for m, layer in enumerate(trace.layers)]
+    E = max(2, int(trace.experts.max()) + 1)
+    scale = []
+    for e in range(E):
+        c = EXPERT_COLOURS[e % len(EXPERT_COLOURS)]
+        scale += [[e / E, c], [(e + 1) / E, c]]
+    fig = go.Figure(go.Heatmap(z=top1, x=list(range(len(kinds))), y=[f"layer {layer}" for layer in trace.layers],
+                               text=text, hovertemplate="%{text}<extra></extra>", colorscale=scale, zmin=-0.5,
+                               zmax=E - 0.5, colorbar=dict(title="top-1", tickvals=list(range(E)))))
+    starts = {}
+    for n, k in enumerate(kinds):
+        starts.setdefault(k, n)
+    for k, n in starts.items():
+        if k != "other":
+            fig.add_vline(x=n - 0.5, line=dict(color="#111827", width=1, dash="dot"))
+            fig.add_annotation(x=n, y=1.0, yref="paper", text=k, showarrow=False, xanchor="left", yanchor="bottom",
+                               font=dict(size=11))
+    fig.update_xaxes(title_text="token (prompt, then the answer)")
+    return _layout(fig, title, 360)
+
+
+def plot_systems(rows: Sequence[dict]) -> go.Figure:
+    """The side-by-side view: each system's latency for this question and its active parameters per token."""
+    names = [r["system"] for r in rows]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("latency (s), prefill + answer", "active parameters (M)"))
+    fig.add_trace(go.Bar(x=names, y=[r["seconds"] for r in rows], marker_color=RUN, showlegend=False,
+                         hovertemplate="%{x}: %{y:.3f} s<extra></extra>"), 1, 1)
+    fig.add_trace(go.Bar(x=names, y=[r["active_m"] for r in rows], marker_color=SKIP, showlegend=False,
+                         hovertemplate="%{x}: %{y:.1f} M active per token<extra></extra>"), 1, 2)
+    return _layout(fig, "Same question, every system", 300)

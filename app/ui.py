@@ -13,7 +13,8 @@ Endpoints (gradio_client api_names; the conversation state travels with the clie
     /set_image  image                        -> status, ... (a new image starts a new conversation)
     /reset                                   -> status, ... (same image, no turns)
     /export                                  -> CSV file, JSON file, status
-    /answer     image, question, history_json, route, threshold -> JSON {answer, trace} (stateless)
+    /systems    systems, question            -> summary, table, 3 figures: the same question to every system
+    /answer     image, question, history_json, route, threshold, system -> JSON {answer, trace} (stateless)
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ import pandas as pd
 from PIL import Image
 
 from roe_core import InputError, RoEPipeline
+from roe_core.systems import LABELS
+from roe_core.systems.pipeline import Pipeline
 from roe_core.runtime.images import MAX_BYTES
 
 from . import figures as F
@@ -71,9 +74,10 @@ def launch_options() -> dict:
 
 
 def build_demo(pipe: RoEPipeline, max_new_tokens: int = 48, speed_repeats: int = 3,
-               notice: str | None = None) -> gr.Blocks:
-    """The whole page. notice: a warning shown under the title (e.g. why a fallback model is loaded)."""
-    ex = Explorer(pipe, max_new_tokens, speed_repeats)
+               notice: str | None = None, systems: dict[str, Pipeline] | None = None) -> gr.Blocks:
+    """The whole page. notice: a warning shown under the title (e.g. why a fallback model is loaded).
+    systems: every loaded system by name (the RoE pipe among them) for the side-by-side view."""
+    ex = Explorer(pipe, max_new_tokens, speed_repeats, systems)
     L = ex.num_layers
     examples = load_examples()
 
@@ -162,6 +166,29 @@ def build_demo(pipe: RoEPipeline, max_new_tokens: int = 48, speed_repeats: int =
                         whatif_speed = gr.Plot(F.empty_figure("Its speed against every layer appears here", 220),
                                                label="whatif_speed_figure", show_label=False)
 
+        with gr.Accordion("Side by side: the same question to every system", open=True):
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=4):
+                    arena_systems = gr.CheckboxGroup([(LABELS.get(k, k), k) for k in ex.systems],
+                                                     value=list(ex.systems), label="Systems to ask",
+                                                     elem_id="arena-systems")
+                    arena_q = gr.Textbox(label="Question (empty: the last one asked), about the image above, "
+                                               "with this conversation's earlier turns", elem_id="arena-question")
+                    arena_btn = gr.Button("Ask every system", variant="primary", elem_id="arena-go")
+                    gr.Markdown(SYSTEMS_CAPTION, elem_classes="caption")
+                with gr.Column(scale=7):
+                    arena_md = gr.Markdown("_Pick systems and ask: each answers the same question; their latency "
+                                           "is measured live, one after the other._", elem_id="arena-summary")
+                    arena_table = gr.Dataframe(headers=SYSTEM_HEADERS, label="arena_table", interactive=False,
+                                               wrap=True, show_label=False, max_height=240)
+                    arena_plot = gr.Plot(F.empty_figure("Latency and active parameters appear here", 260),
+                                         label="arena_figure", show_label=False)
+            with gr.Row():
+                moe_load = gr.Plot(F.empty_figure("MoE-LLaVA: expert load per MoE layer, image vs text", 300),
+                                   label="expert_load_figure", show_label=False)
+                moe_paths = gr.Plot(F.empty_figure("MoE-LLaVA: each token's top-1 expert across layers", 300),
+                                    label="token_pathways_figure", show_label=False)
+
         with gr.Accordion("Export and raw trace", open=False):
             with gr.Row():
                 export_btn = gr.Button("Export this conversation's traces")
@@ -177,6 +204,7 @@ def build_demo(pipe: RoEPipeline, max_new_tokens: int = 48, speed_repeats: int =
             api_history = gr.Textbox(label="history_json", value="[]")
             api_route = gr.Textbox(label="route", value="auto")
             api_threshold = gr.Number(label="threshold", value=None)
+            api_system = gr.Textbox(label="system", value="roe")
             api_result = gr.Textbox(label="result_json")
             api_btn = gr.Button()
 
@@ -203,12 +231,21 @@ def build_demo(pipe: RoEPipeline, max_new_tokens: int = 48, speed_repeats: int =
 
         export_btn.click(ex.export, conv, [export_csv, export_json, export_md], api_name="export",
                          concurrency_limit=None)
-        api_btn.click(ex.answer_json, [api_image, api_question, api_history, api_route, api_threshold], api_result,
-                      api_name="answer", **MODEL)
+        arena_btn.click(ex.compare_systems, [conv, arena_systems, arena_q],
+                        [arena_md, arena_table, arena_plot, moe_load, moe_paths], api_name="systems", **MODEL)
+        api_btn.click(ex.answer_json, [api_image, api_question, api_history, api_route, api_threshold, api_system],
+                      api_result, api_name="answer", **MODEL)
     demo.queue(max_size=64)
     return demo
 
 
+SYSTEM_HEADERS = ["system", "answer", "latency (s)", "tokens/s", "active params (M)", "total params (M)",
+                  "what it decided"]
+SYSTEMS_CAPTION = (
+    "**Dense**: the unmodified transformers model, every layer. **RoE**: its router picks, from the question, "
+    "which decoder layers run. **MoE-LLaVA**: every other layer's FFN is 4 experts, each token runs its top 2. "
+    "Active parameters are those one token touches (RoE: the layers it ran plus adapters; MoE: 2 of 4 experts). "
+    "All share one base: the same vision tower, projector and decoder.")
 SPEED_HEADERS = ["path", "layers run", "latency (s)", "tokens/s", "tokens", "answer"]
 WHATIF_HEADERS = ["path", "layers run", "latency (s)", "tokens/s", "answer"]
 N_TURN_VIEWS = 11   # chat, trace, l1, route, usage, adapters, layers, threshold, speed plot, table, summary
@@ -234,8 +271,10 @@ def model_markdown(info: dict) -> str:
 class Explorer:
     """The page's handlers. Each takes this user's Conversation first and returns the new one first."""
 
-    def __init__(self, pipe: RoEPipeline, max_new_tokens: int = 48, speed_repeats: int = 3):
+    def __init__(self, pipe: RoEPipeline, max_new_tokens: int = 48, speed_repeats: int = 3,
+                 systems: dict[str, Pipeline] | None = None):
         self.pipe = pipe
+        self.systems = dict(systems or {"roe": pipe})
         self.max_new_tokens = max_new_tokens
         self.speed_repeats = speed_repeats
         self.num_layers = int(pipe.info["num_layers"])
@@ -384,20 +423,95 @@ class Explorer:
         return (str(csv_path), str(json_path),
                 f"Exported {len(conv.turns)} turn(s) and {len(conv.whatifs)} what-if(s): {rows} rows.")
 
+    # ---- the side-by-side view ----
+    def system_pipe(self, name: str) -> Pipeline:
+        name = (name or "roe").strip()
+        if name not in self.systems:
+            raise InputError(f"unknown system {name!r}: this app has {', '.join(self.systems)}")
+        return self.systems[name]
+
+    def compare_systems(self, conv: Conversation, chosen: list[str], question: str):
+        """The same question (default: the last one asked) about this conversation's image, with its earlier
+        turns, to each chosen system in turn. -> (summary, table, figure, expert load, token pathways)."""
+        keep = (gr.skip(),) * 4
+        try:
+            chosen = [c for c in (chosen or []) if c in self.systems]
+            if not chosen:
+                raise InputError("pick at least one system")
+            question = (question or "").strip()
+            history = conv.history()
+            if not question and conv.last is not None:   # the last question, asked again with what preceded it
+                question, history = conv.last.question, conv.history(-1)
+            if not question:
+                raise InputError("the question is empty: type one here or ask one in the chat first")
+            if conv.image is None:
+                raise InputError("there is no image: upload one (or pick an example) before asking")
+            rows, moe = [], None
+            for name in chosen:
+                pipe = self.systems[name]
+                ans = (pipe.answer(conv.image, question, history, max_new_tokens=self.max_new_tokens, trace_l1=False,
+                                   dense_l1=False) if isinstance(pipe, RoEPipeline)
+                       else pipe.answer(conv.image, question, history, max_new_tokens=self.max_new_tokens))
+                secs = ans.timing.total_s
+                if isinstance(pipe, RoEPipeline):
+                    counts = pipe.parameter_counts(ans.trace.layers_executed)
+                    decided = f"ran {ans.trace.layers_executed} of {len(ans.trace.route)} layers"
+                elif name == "moe_llava":
+                    counts = pipe.parameter_counts()
+                    moe = (pipe, ans)
+                    decided = (f"top-2 of {pipe.model.config.num_experts} experts in {len(pipe.model.moe_layers)} "
+                               "MoE layers")
+                else:
+                    counts = pipe.parameter_counts()
+                    decided = "every layer"
+                rows.append({"system": LABELS.get(name, name), "answer": ans.text, "seconds": secs,
+                             "tokens_per_s": F.tokens_per_s(ans.trace.new_tokens, secs),
+                             "active_m": counts.active / 1e6, "total_m": counts.total / 1e6, "decided": decided})
+        except Exception as e:  # noqa: BLE001
+            return (problem("Could not compare", e), *keep)
+        table = pd.DataFrame([[r["system"], r["answer"], round(r["seconds"], 3), round(r["tokens_per_s"], 1),
+                               round(r["active_m"], 3), round(r["total_m"], 3), r["decided"]] for r in rows],
+                             columns=SYSTEM_HEADERS)
+        fastest = min(rows, key=lambda r: r["seconds"])
+        md = f"**{question}** — fastest: **{fastest['system']}** ({fastest['seconds']:.3f} s). " + " · ".join(
+            f"{r['system']}: {r['seconds']:.3f} s ({r['seconds'] / fastest['seconds']:.2f}×)" for r in rows)
+        if len({r["answer"] for r in rows}) > 1:
+            md += " · the answers differ."
+        if moe is None:
+            load = paths = F.empty_figure("Tick MoE-LLaVA to see its expert load and token pathways", 300)
+        else:
+            pipe, ans = moe
+            tok = pipe.encoder.tokenizer
+            image_id = pipe.model.base.config.image_token_id
+            words = ["<image>" if t == image_id else tok.convert_ids_to_tokens(t) for t in ans.trace.token_ids.tolist()]
+            load = F.plot_expert_load(ans.trace, pipe.model.config.num_experts,
+                                      "MoE-LLaVA: expert load per MoE layer, this turn (image | text tokens)")
+            paths = F.plot_token_pathways(ans.trace, words, "MoE-LLaVA: token pathways, this turn (hover a token)")
+        return md, table, F.plot_systems(rows), load, paths
+
     # ---- the stateless endpoint ----
     def answer_json(self, image, question: str, history_json: str = "[]", route: str = "auto",
-                    threshold: float | None = None) -> str:
+                    threshold: float | None = None, system: str = "roe") -> str:
         """(image file, question, history as JSON [[q, a], ...], route "auto" | "dense" | JSON list of
-        booleans, threshold or None) -> JSON {"answer", "trace", "num_layers", "model"} or {"error"}."""
+        booleans, threshold or None, system "roe" | "dense" | "moe_llava") -> JSON {"answer", "trace",
+        "num_layers", "model", "system"} or {"error"}. route and threshold are RoE's; the other systems
+        take no options (a route other than "auto" is an error for them)."""
         try:
+            pipe = self.system_pipe(system)
             path = upload_path(image, self.workdir)
             if path is None:
                 raise InputError("there is no image")
-            ans = self.pipe.answer(path, question, parse_history(history_json), parse_route(route),
-                                   None if threshold is None else float(threshold),
-                                   max_new_tokens=self.max_new_tokens)
+            history = parse_history(history_json)
+            if isinstance(pipe, RoEPipeline):
+                ans = pipe.answer(path, question, history, parse_route(route),
+                                  None if threshold is None else float(threshold), max_new_tokens=self.max_new_tokens)
+            else:
+                if (route or "auto").strip() != "auto" or threshold is not None:
+                    raise InputError(f"route and threshold are RoE's options; {pipe.system} takes none")
+                ans = pipe.answer(path, question, history, max_new_tokens=self.max_new_tokens)
             return json.dumps({"answer": ans.text, "trace": ans.trace.to_dict(), "num_layers": self.num_layers,
-                               "model": self.pipe.info.get("model")})
+                               "model": pipe.info.get("model"), "system": pipe.system,
+                               "seconds": ans.timing.total_s if ans.timing else None})
         except Exception as e:  # noqa: BLE001
             return json.dumps({"error": message_of(e)})
 

@@ -33,8 +33,10 @@ handle_file = gradio_client.handle_file
 def server(free_port):
     from app.ui import build_demo, launch_options
 
-    pipe = RoEPipeline.load("tiny")
-    demo = build_demo(pipe, max_new_tokens=6, speed_repeats=1)
+    from roe_core.systems import SYSTEMS, load_systems
+    pipes = load_systems(SYSTEMS, model="tiny")     # one tiny base, wrapped by every system
+    pipe = pipes["roe"]
+    demo = build_demo(pipe, max_new_tokens=6, speed_repeats=1, systems=pipes)
     _, url, _ = demo.launch(prevent_thread_lock=True, server_port=free_port(), quiet=True, **launch_options())
     yield url, pipe.info["num_layers"]
     demo.close()
@@ -285,13 +287,56 @@ def test_a_missing_model_path_exits_with_a_clear_error(entry, capsys):
 
 
 def test_the_embedded_model_falls_back_to_tiny_and_says_why(entry, monkeypatch):
-    real_load = RoEPipeline.load
+    import roe_core.systems as systems
+    real_load = systems.load_base
 
-    def load(model="embedded", **kw):
+    def load(model="embedded", *a, **kw):
         if model == "embedded":
             raise ImportError("no embedded model in this checkout")
-        return real_load(model, **kw)
-    monkeypatch.setattr(RoEPipeline, "load", staticmethod(load))
-    pipe, notice = entry.load_pipeline(entry.parse_args([]))
-    assert pipe.info["model"] == "tiny"
+        return real_load(model, *a, **kw)
+    monkeypatch.setattr(systems, "load_base", load)
+    pipes, notice = entry.load_pipelines(entry.parse_args([]))
+    assert set(pipes) == {"dense", "roe", "moe_llava"} and pipes["roe"].info["model"] == "tiny"
     assert "embedded model could not be loaded" in notice and "no embedded model in this checkout" in notice
+
+
+def test_answer_endpoint_takes_a_system(url):
+    scene_png = IMAGE
+    client = new_client(url)
+    for system in ("dense", "roe", "moe_llava"):
+        out = json.loads(client.predict(handle_file(str(scene_png)), "What colour is the circle?", "[]", "auto", None,
+                                        system, api_name="/answer"))
+        assert "error" not in out, out
+        assert out["system"] == system and isinstance(out["answer"], str) and out["seconds"] > 0
+        if system == "moe_llava":     # per MoE layer and token: the two experts and their weights
+            t = out["trace"]
+            assert t["layers"] == [0, 2, 4] and len(t["experts"]) == 3 and len(t["experts"][0]) == len(t["kinds"])
+            assert {"image", "question"} <= set(t["kinds"])
+        elif system == "roe":
+            assert len(out["trace"]["route"]) == out["num_layers"]
+    bad = json.loads(client.predict(handle_file(str(scene_png)), "What colour?", "[]", "auto", None, "gpt-9",
+                                    api_name="/answer"))
+    assert "unknown system 'gpt-9'" in bad["error"] and "moe_llava" in bad["error"]
+    bad = json.loads(client.predict(handle_file(str(scene_png)), "What colour?", "[]", "dense", None, "moe_llava",
+                                    api_name="/answer"))
+    assert "RoE's options" in bad["error"]
+
+
+def test_side_by_side_asks_every_system_and_keeps_the_conversation(url):
+    scene_png = IMAGE
+    client = new_client(url)
+    first = ask(client, scene_png, "How many objects are there?")
+    md, table, fig, load, paths = client.predict(["dense", "roe", "moe_llava"], "", api_name="/systems")
+    assert "How many objects are there?" in md          # empty question: the last one asked
+    assert [r[0] for r in table["data"]] == ["Dense", "RoE", "MoE-LLaVA"]
+    active = {r[0]: r[4] for r in table["data"]}
+    assert active["MoE-LLaVA"] > active["Dense"] >= active["RoE"]   # top-2 of 4 experts; RoE skips layers
+    assert all(r[2] > 0 for r in table["data"])                     # each latency measured
+    bars = figure(load)["data"]
+    assert [b["name"] for b in bars] == [f"expert {e}" for e in range(4)]
+    assert figure(paths)["data"][0]["type"] == "heatmap"
+    # nothing chosen: a clear message, and the chat is untouched
+    md, *_ = client.predict([], "What colour?", api_name="/systems")
+    assert "pick at least one system" in md and "kept" in md
+    again = ask(client, scene_png, "Is there a circle?")
+    assert texts(again["chat"])[:2] == texts(first["chat"])[:2]

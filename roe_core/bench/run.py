@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from .. import scenes
-from ..systems import LABELS, SYSTEMS, load_base, load_systems
+from ..systems import LABELS, SYSTEMS, load_base, load_systems, shipped_systems
 from ..systems.pipeline import Pipeline
 from ..systems.roe import RoEPipeline
 
@@ -190,14 +190,6 @@ def expert_stats(pipe: Pipeline, qs: list[Question], traces, n_aux: int = 64) ->
     per_layer = torch.stack(aux).mean(0).tolist()
     return {"moe_layers": list(model.moe_layers), "num_experts": E, "expert_load": share,
             "l_aux_per_layer": per_layer, "l_aux_sum": sum(per_layer), "l_aux_balanced_sum": len(per_layer)}
-
-
-def shipped_systems(model: str) -> list[str]:
-    """Every system the model has parts for (the embedded model: those in assets/; others: all, fresh)."""
-    if model != "embedded":
-        return list(SYSTEMS)
-    from ..embedded.base import parts_folder
-    return [s for s in SYSTEMS if s == "dense" or parts_folder(s) is not None]
 
 
 def run(model: str = "embedded", roe: str | None = None, n: int = 1008, quick: bool = False,

@@ -28,6 +28,15 @@ def pipeline_class(system: str) -> type[Pipeline]:
     raise ValueError(f"unknown system {system!r}: choose from {', '.join(SYSTEMS)}")
 
 
+def shipped_systems(model: str = "embedded") -> list[str]:
+    """Every system a model has parts for: the embedded model's shipped ones (dense always); any other
+    model all of them (fresh parts, untrained, unless given)."""
+    if model != "embedded":
+        return list(SYSTEMS)
+    from ..embedded.base import parts_folder
+    return [s for s in SYSTEMS if s == "dense" or parts_folder(s) is not None]
+
+
 def load_system(system: str = "roe", model: str = "embedded", parts: str | None = None, device: str | None = "auto",
                 dtype=None, seed: int = 0) -> Pipeline:
     """One system over `model` ("embedded", "tiny", a folder or a hub id); parts: its folder (None: the
@@ -45,4 +54,4 @@ def load_systems(systems=SYSTEMS, model: str = "embedded", parts: dict[str, str]
 
 
 __all__ = ["Answer", "LABELS", "LoadedBase", "ParamCounts", "Pipeline", "SYSTEMS", "load_base", "load_system",
-           "load_systems", "pipeline_class"]
+           "load_systems", "pipeline_class", "shipped_systems"]
