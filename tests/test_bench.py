@@ -30,7 +30,7 @@ def test_quick_bench_writes_every_key(tmp_path):
         assert all(row["difficulty"] == int(k) for row in rows) and sum(row["n"] for row in rows) == v["n"]
         assert v["mean_layers_executed"] == pytest.approx(
             sum(row["n"] * row["mean_layers_executed"] for row in rows) / v["n"])
-    assert (tmp_path / "results.md").read_text().startswith("# RoE benchmark")
+    assert (tmp_path / "results.md").read_text().startswith("# Benchmark: Dense, RoE, MoE-LLaVA")
     assert saved["threshold"] == 0.5
     # the shifted split beside the test split (quick: 16 questions)
     sh = saved["shifted"]
@@ -38,6 +38,38 @@ def test_quick_bench_writes_every_key(tmp_path):
     assert 0.0 <= sh["dense"]["accuracy"] <= 1.0 and 0.0 <= sh["roe"]["accuracy"] <= 1.0
     assert 0.0 <= sh["roe"]["skip_ratio"] <= 1.0
     assert "Shifted split (16 questions" in (tmp_path / "results.md").read_text()
+    # every system, the same keys, side by side (tiny: every system, fresh parts)
+    sy = saved["systems"]
+    assert list(sy) == ["dense", "roe", "moe_llava"] == saved["systems_run"]
+    for name, v in sy.items():
+        for key in ("accuracy", "by_type", "shifted_accuracy", "examples_per_s_bs1", "examples_per_s_bs16", "params"):
+            assert key in v, (name, key)
+        assert v["examples_per_s_bs1"] > 0 and v["examples_per_s_bs16"] > 0
+        assert v["params"]["total"] >= v["params"]["active"] > 0
+        assert sum(1 for _ in v["by_type"]) == len(saved["by_type"])
+    assert sy["roe"]["accuracy"] == saved["roe"]["accuracy"] and sy["dense"]["accuracy"] == saved["dense"]["accuracy"]
+    moe = sy["moe_llava"]
+    assert moe["params"]["active"] > sy["dense"]["params"]["active"]          # top-2 of 4 experts in 3 of 6 layers
+    assert moe["params"]["total"] > moe["params"]["active"]
+    assert moe["moe_layers"] == [0, 2, 4] and len(moe["l_aux_per_layer"]) == 3
+    assert moe["l_aux_sum"] >= 0.99 * len(moe["moe_layers"])                   # >= 1 per layer, 1 when balanced
+    for kind in ("image", "text"):
+        assert len(moe["expert_load"][kind]) == 3
+        assert all(abs(sum(row) - 1) < 1e-6 for row in moe["expert_load"][kind])
+    # fresh MoE parts are exact copies of the dense FFNs: the same answers as the dense model
+    assert moe["accuracy"] == sy["dense"]["accuracy"]
+    assert set(saved["speedup_roe_vs_moe_llava"]) == {"bs1", "bs16"}
+    assert saved["accuracy_roe_minus_moe_llava"] == sy["roe"]["accuracy"] - moe["accuracy"]
+    md = (tmp_path / "results.md").read_text()
+    assert "| RoE vs MoE-LLaVA | here | the RoE paper |" in md and "1.61x" in md and "+3.3" in md
+
+
+def test_bench_runs_a_chosen_subset_of_systems(tmp_path):
+    r = bench.run(model="tiny", quick=True, out=tmp_path, n=4, timing_n=2, max_new_tokens=2, shifted_n=0,
+                  systems=["dense", "moe_llava"])
+    assert list(r["systems"]) == ["dense", "moe_llava"] and "roe" not in r and "speedup_roe_vs_moe_llava" not in r
+    with pytest.raises(ValueError, match="unknown systems"):
+        bench.run(model="tiny", quick=True, out=tmp_path, n=2, systems=["gpt"])
 
 
 def test_bench_threshold_moves_the_routes(tmp_path):
