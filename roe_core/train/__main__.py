@@ -1,3 +1,16 @@
-from .roe import main
+"""python -m roe_core.train [--system roe|moe_llava] ...: trains a system's parts (default: RoE)."""
+import sys
 
-main()
+argv = sys.argv[1:]
+system = "roe"
+if "--system" in argv:
+    i = argv.index("--system")
+    system = argv[i + 1] if i + 1 < len(argv) else ""
+    del argv[i:i + 2]
+if system == "roe":
+    from .roe import main
+elif system == "moe_llava":
+    from .moe_llava import main
+else:
+    sys.exit(f"--system must be roe or moe_llava, not {system!r}")
+main(argv)

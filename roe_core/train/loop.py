@@ -158,6 +158,46 @@ def load_checkpoint(out: Path, model: nn.Module, objective: Objective, optimizer
 
 # --- the loop ------------------------------------------------------------------------------------------
 
+@torch.no_grad()
+def average_gradients(params: list[nn.Parameter], num_processes: int, bucket_numel: int = 1 << 24) -> None:
+    """Replaces each parameter's gradient by its mean over the processes (what DDP does). A process
+    where a parameter got no gradient (an MoE expert no token of its batch was routed to) counts as
+    0; a parameter no process has a gradient for keeps None (AdamW then skips it, as in one process).
+    Every process must pass the same parameters in the same order."""
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    if not params:
+        return
+    dev = params[0].device
+    had = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=dev)
+    dist.all_reduce(had)
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    groups: dict[tuple, list[nn.Parameter]] = {}
+    for p in params:
+        groups.setdefault((p.grad.dtype, p.grad.device), []).append(p)
+    for group in groups.values():
+        start = 0
+        while start < len(group):
+            bucket, n = [], 0
+            while start < len(group) and (not bucket or n + group[start].numel() <= bucket_numel):
+                bucket.append(group[start])
+                n += group[start].numel()
+                start += 1
+            grads = [p.grad for p in bucket]
+            flat = _flatten_dense_tensors(grads)
+            dist.all_reduce(flat)
+            flat /= num_processes
+            for g, avg in zip(grads, _unflatten_dense_tensors(flat, grads)):
+                g.copy_(avg)
+    for p, h in zip(params, had.tolist()):
+        if h == 0:
+            p.grad = None
+
+
+
 def fit(model: nn.Module, objective: Objective, encoder: ConversationEncoder, dataset: Dataset, cfg: LoopConfig,
         out: str | Path, resume: bool = False, progress: bool = True, record: dict | None = None) -> list[dict]:
     """Trains `model` in place with `objective`; returns the learning curve (a dict every log_every
@@ -204,8 +244,13 @@ def fit(model: nn.Module, objective: Objective, encoder: ConversationEncoder, da
             with accelerator.autocast():
                 stats = objective.loss(core, batch, step)
             accelerator.backward(stats["loss"])
+            trainable = [p for p in core.parameters() if p.requires_grad]
+            if accelerator.num_processes > 1:
+                # the loss ran on the unwrapped model (objectives read its attributes), so the DDP
+                # wrapper's forward never ran and its hooks do not all-reduce: average here, before clipping
+                average_gradients(trainable, accelerator.num_processes)
             if cfg.max_grad_norm:
-                accelerator.clip_grad_norm_([p for p in core.parameters() if p.requires_grad], cfg.max_grad_norm)
+                accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1

@@ -91,3 +91,39 @@ def train_moe_llava(model: MoELlavaModel, encoder: ConversationEncoder, dataset:
                       bf16=cfg.bf16)
     return fit(model, MoETuneObjective(model, cfg), encoder, dataset, loop, out, resume, progress,
                record={"moe_llava": asdict(cfg)})
+
+
+def main(argv=None) -> None:
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m roe_core.train --system moe_llava", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="embedded", help="embedded | tiny | local LLaVA folder | hub id (the dense model)")
+    ap.add_argument("--data", required=True, help="LLaVA conversation JSON")
+    ap.add_argument("--images", default=None, help="image folder (default: the JSON's folder)")
+    ap.add_argument("--out", required=True, help="output folder (checkpoints, train_log.jsonl)")
+    ap.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    ap.add_argument("--num-experts", type=int, default=4)
+    ap.add_argument("--moe-layers", default=None, help="comma-separated layer indices (default: 0, 2, 4, ...)")
+    ap.add_argument("--expert-delta-rank", type=int, default=0,
+                    help="r > 0: experts train rank-r deltas over the upcycled FFN (small checkpoints)")
+    ap.add_argument("--dense-delta-rank", type=int, default=0,
+                    help="r > 0: the other layers' FFNs train rank-r deltas, stored with the MoE parts; "
+                         "0: their full weights train and are saved in backbone.safetensors")
+    for f in MoETuneConfig.__dataclass_fields__.values():
+        if f.name == "bf16":
+            ap.add_argument("--bf16", action="store_true", help="bf16 autocast")
+        else:
+            ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    args = ap.parse_args(argv)
+    cfg = MoETuneConfig(**{k: getattr(args, k) for k in MoETuneConfig.__dataclass_fields__})
+
+    from ..systems.pipeline import Pipeline, load_base
+    from .loop import LlavaJsonDataset
+    loaded = load_base(args.model, "auto", "float32")
+    layers = [int(x) for x in args.moe_layers.split(",")] if args.moe_layers else []
+    model = MoELlavaModel(loaded.base, base_model=args.model, num_experts=args.num_experts, moe_layers=layers,
+                          expert_delta_rank=args.expert_delta_rank, dense_delta_rank=args.dense_delta_rank)
+    model.config.extra.update(train_data=str(args.data))
+    train_moe_llava(model, Pipeline.make_encoder(loaded), LlavaJsonDataset(args.data, args.images), cfg, args.out,
+                    resume=args.resume)
+    print(f"saved MoE-LLaVA parts to {args.out}")
