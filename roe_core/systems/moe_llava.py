@@ -306,16 +306,28 @@ def moe_loss(ce: Tensor, l_aux_sum: Tensor, coef: float = 0.01) -> Tensor:
 
 
 class MoELlavaModel(OverBase):
-    """A LLaVA model whose MoE layers' FFN is a top-2 mixture of upcycled copies of it."""
+    """A LLaVA model whose MoE layers' FFN is a top-2 mixture of upcycled copies of it.
 
-    def __init__(self, base: nn.Module, config: MoELlavaConfig | None = None, **overrides):
-        super().__init__()
-        text_cfg = base.config.text_config
-        config = parts_config(base, MoELlavaConfig, config, overrides, "MoE")
+    Other MoE systems over the same machinery (EvoMoE) subclass it: `config_cls`, `check_config` and
+    `make_moe_ffn` (an FFN module returning (output, gating) with gating.experts/weights (N, top_k))."""
+    config_cls = MoELlavaConfig
+    label = "MoE-LLaVA"
+
+    def check_config(self, config) -> None:
         if config.top_k != 2:
             raise ValueError(f"only top-2 routing (MoE-LLaVA's) is implemented, not top_k={config.top_k}")
         if config.num_experts < 2:
             raise ValueError(f"top-2 routing needs at least 2 experts, not {config.num_experts}")
+
+    def make_moe_ffn(self, mlp: nn.Module, config) -> nn.Module:
+        return MoEFFN(mlp, config.num_experts, config.expert_delta_rank, config.capacity_factor_train,
+                      config.capacity_factor_eval)
+
+    def __init__(self, base: nn.Module, config: MoELlavaConfig | None = None, **overrides):
+        super().__init__()
+        text_cfg = base.config.text_config
+        config = parts_config(base, self.config_cls, config, overrides, "MoE")
+        self.check_config(config)
         bad = [i for i in config.moe_layers if not 0 <= i < config.num_layers]
         if bad or len(set(config.moe_layers)) != len(config.moe_layers):
             raise ValueError(f"moe_layers must be distinct indices in [0, {config.num_layers}), "
@@ -333,10 +345,7 @@ class MoELlavaModel(OverBase):
             base.set_attn_implementation("sdpa")   # flash kernels take no arbitrary masks (left padding)
         self.base = base
         self.config = config
-        self.moe = nn.ModuleDict({
-            str(i): MoEFFN(layers[i].mlp, config.num_experts, config.expert_delta_rank,
-                           config.capacity_factor_train, config.capacity_factor_eval)
-            for i in config.moe_layers})
+        self.moe = nn.ModuleDict({str(i): self.make_moe_ffn(layers[i].mlp, config) for i in config.moe_layers})
         # stage III also tunes the dense FFNs of the other layers; stored as deltas they stand in for
         # the base's FFN (a copy plus a rank-r delta), so the base itself is never edited
         self.dense_ffn = nn.ModuleDict({
@@ -352,8 +361,8 @@ class MoELlavaModel(OverBase):
         """Routers and experts; with expert_delta_rank > 0 routers and the experts' deltas only (the
         upcycled weights are the base's own FFN)."""
         state = {k: v for k, v in self.state_dict().items() if k.startswith(("moe.", "dense_ffn."))}
-        if self.config.expert_delta_rank:
-            state = {k: v for k, v in state.items() if not k.startswith("moe.") or k.endswith(".router.weight")
+        if self.config.expert_delta_rank:   # the experts' upcycled copies are the base's own FFN weights
+            state = {k: v for k, v in state.items() if not k.startswith("moe.") or ".experts." not in k
                      or ".delta." in k}
         if self.config.dense_delta_rank:   # the copies are the base's own weights: only the deltas are stored
             state = {k: v for k, v in state.items() if not k.startswith("dense_ffn.") or ".delta." in k}
@@ -372,7 +381,7 @@ class MoELlavaModel(OverBase):
         """Loads moe_config.json + moe.safetensors onto `base`. expected_base: the base_model name the
         parts must name. materialise: merge delta-stored experts into full weights (inference);
         False keeps the deltas separate and trainable."""
-        config = MoELlavaConfig.load(folder)
+        config = cls.config_cls.load(folder)
         if expected_base is not None and config.base_model != expected_base:
             raise ValueError(f"{folder!s} holds MoE parts made for base model {config.base_model!r}, "
                              f"not {expected_base!r}")
@@ -424,8 +433,8 @@ class MoELlavaModel(OverBase):
         not counted (the wrapper never runs it)."""
         dense = ParamCounts.of_dense(self.base)
         ffn = sum(numel(self.layers[i].mlp.parameters()) for i in self.moe_layers)
-        E, k, d = self.config.num_experts, self.config.top_k, self.config.hidden_size
-        routers = len(self.moe_layers) * E * d
+        E, k = self.config.num_experts, self.config.top_k
+        routers = sum(numel(ffn.router.parameters()) for ffn in self.moe.values())
         total = dense.decoder_total - ffn + E * ffn + routers
         active = dense.decoder_total - ffn + k * ffn + routers
         return ParamCounts(dense.vision, dense.projector, total, active)
@@ -548,8 +557,8 @@ class MoELlavaModel(OverBase):
             n_fed = min(len(tokens[k]), len(step_gates)) if tokens is not None else 0
             ex, wt = [], []
             for m in range(len(self.moe_layers)):
-                e = [prompt_gates[m].experts.view(B, S, 2)[k, ok]] + [s[m].experts[k:k + 1] for s in step_gates[:n_fed]]
-                w = [prompt_gates[m].weights.view(B, S, 2)[k, ok]] + [s[m].weights[k:k + 1] for s in step_gates[:n_fed]]
+                e = [prompt_gates[m].experts.view(B, S, -1)[k, ok]] + [s[m].experts[k:k + 1] for s in step_gates[:n_fed]]
+                w = [prompt_gates[m].weights.view(B, S, -1)[k, ok]] + [s[m].weights[k:k + 1] for s in step_gates[:n_fed]]
                 ex.append(torch.cat(e))
                 wt.append(torch.cat(w))
             fed = torch.tensor(tokens[k][:n_fed] if n_fed else [], dtype=torch.long, device=ok.device)

@@ -197,7 +197,6 @@ def average_gradients(params: list[nn.Parameter], num_processes: int, bucket_num
             p.grad = None
 
 
-
 def fit(model: nn.Module, objective: Objective, encoder: ConversationEncoder, dataset: Dataset, cfg: LoopConfig,
         out: str | Path, resume: bool = False, progress: bool = True, record: dict | None = None) -> list[dict]:
     """Trains `model` in place with `objective`; returns the learning curve (a dict every log_every
