@@ -4,6 +4,7 @@ import json
 import pytest
 
 from roe_core import bench
+from roe_core.systems import SYSTEMS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,7 +41,7 @@ def test_quick_bench_writes_every_key(tmp_path):
     assert "Shifted split (16 questions" in (tmp_path / "results.md").read_text()
     # every system, the same keys, side by side (tiny: every system, fresh parts)
     sy = saved["systems"]
-    assert list(sy) == ["dense", "roe", "moe_llava"] == saved["systems_run"]
+    assert list(sy) == list(SYSTEMS) == saved["systems_run"]
     for name, v in sy.items():
         for key in ("accuracy", "by_type", "shifted_accuracy", "examples_per_s_bs1", "examples_per_s_bs16", "params"):
             assert key in v, (name, key)

@@ -36,13 +36,19 @@ from pathlib import Path
 import torch
 
 from .. import scenes
-from ..systems import LABELS, SYSTEMS, load_base, load_systems, shipped_systems
+from ..systems import LABELS, MOE_SYSTEMS, SYSTEMS, load_base, load_systems, shipped_systems
 from ..systems.pipeline import Pipeline
 from ..systems.roe import RoEPipeline
 
 # The papers' own figures (RoE, ICLR 2025, Table 2 / Fig. 1): RoE-LLaVA-HR vs MoE-LLaVA, five benchmarks
 PAPER = {"accuracy_points_roe_minus_moe_llava": 3.3, "speedup_roe_vs_moe_llava": 1.61,
-         "examples_per_s": {"roe": 6.77, "moe_llava": 4.95}}
+         "examples_per_s": {"roe": 6.77, "moe_llava": 4.95},
+         # EvoMoE (AAAI-26): about +1 point over MoE-LLaVA on average; its ablation, Qwen-1.8B average
+         "evomoe_minus_moe_llava_points": 1.0,
+         "evomoe_ablation": {"dense": 65.4, "moe_tuning": 65.5, "+dtr": 66.0, "evolution+linear_router": 66.3,
+                             "evolution+dtr": 66.5},
+         # EvoMoE's evidence: shuffling MoE-LLaVA's router logits costs nothing (uniform experts)
+         "moe_llava_shuffled_routers_loss_points": 0.0}
 
 
 @dataclass
@@ -166,9 +172,10 @@ def timing_paths(pipes: dict[str, Pipeline], threshold: float | None) -> dict:
 
 def expert_stats(pipe: Pipeline, qs: list[Question], traces, n_aux: int = 64) -> dict:
     """An MoE system's routing on the evaluated questions: per MoE layer the top-1 expert shares of
-    image tokens and of text tokens (everything else, answers included), and l_aux per layer on a
-    teacher-forced pass over the first n_aux questions with their gold answers (balanced = 1.0 per
-    layer, the method's loss sums them)."""
+    image tokens and of text tokens (everything else, answers included), their Jensen-Shannon
+    divergence ("router rigidity": 0 = image and text tokens go to the experts alike), and l_aux per
+    layer on a teacher-forced pass over the first n_aux questions with their gold answers (balanced =
+    1.0 per layer; the loss sums them)."""
     from ..systems.moe_llava import TOKEN_KINDS
     model = pipe.model
     E = model.config.num_experts
@@ -179,31 +186,90 @@ def expert_stats(pipe: Pipeline, qs: list[Question], traces, n_aux: int = 64) ->
         is_img = tr.kinds == img
         for kind, sel in (("image", is_img), ("text", ~is_img)):
             load[kind] += torch.nn.functional.one_hot(top1[:, sel], E).sum(1).float()
-    share = {k: (v / v.sum(1, keepdim=True).clamp(min=1)).tolist() for k, v in load.items()}
+    share = {k: v / v.sum(1, keepdim=True).clamp(min=1) for k, v in load.items()}
     aux = []
     with torch.inference_mode():
-        for chunk in _batches(qs[:n_aux], 16):
-            convs = [pipe.encoder.encode(list(q.history) + [(q.question, q.gold)]) for q in chunk]
-            b = pipe.encoder.collate(convs, [q.image for q in chunk]).to(pipe.device)
+        for b in teacher_forced(pipe, qs[:n_aux]):
             out = model(b.input_ids, b.token_ok, b.pixel_values, logits_at=torch.zeros_like(b.token_ok))
             aux.append(torch.stack([g.l_aux for g in out.gates]))
     per_layer = torch.stack(aux).mean(0).tolist()
-    return {"moe_layers": list(model.moe_layers), "num_experts": E, "expert_load": share,
+    return {"moe_layers": list(model.moe_layers), "num_experts": E,
+            "expert_load": {k: v.tolist() for k, v in share.items()},
+            "rigidity_js_per_layer": [js_divergence(p, q) for p, q in zip(share["image"], share["text"])],
             "l_aux_per_layer": per_layer, "l_aux_sum": sum(per_layer), "l_aux_balanced_sum": len(per_layer)}
+
+
+def js_divergence(p: torch.Tensor, q: torch.Tensor) -> float:
+    """Jensen-Shannon divergence (bits, 0..1) of two distributions."""
+    m = (p + q) / 2
+
+    def kl(a, b):
+        keep = a > 0
+        return float((a[keep] * (a[keep] / b[keep]).log2()).sum())
+    return 0.5 * kl(p, m) + 0.5 * kl(q, m)
+
+
+def teacher_forced(pipe: Pipeline, qs: list[Question], size: int = 16):
+    """Collated batches of the questions with their gold answers (the training layout), on the device."""
+    for chunk in _batches(qs, size):
+        convs = [pipe.encoder.encode(list(q.history) + [(q.question, q.gold)]) for q in chunk]
+        yield pipe.encoder.collate(convs, [q.image for q in chunk]).to(pipe.device)
+
+
+def expert_similarity(pipe: Pipeline, qs: list[Question], n: int = 16) -> list[float]:
+    """Per MoE layer, the mean pairwise cosine similarity of the experts' outputs on the same tokens
+    (the layer's real inputs on n teacher-forced questions): 1.0 = the experts compute the same thing."""
+    model = pipe.model
+    inputs = {i: [] for i in model.moe_layers}
+    hooks = [model.moe[str(i)].register_forward_hook(
+        lambda mod, args, out, i=i: inputs[i].append(args[0][args[1]].detach() if len(args) > 1 and args[1] is not None
+                                                     else args[0].reshape(-1, args[0].shape[-1]).detach()))
+        for i in model.moe_layers]
+    try:
+        with torch.inference_mode():
+            for b in teacher_forced(pipe, qs[:n]):
+                model(b.input_ids, b.token_ok, b.pixel_values, logits_at=torch.zeros_like(b.token_ok))
+    finally:
+        for h in hooks:
+            h.remove()
+    sims = []
+    with torch.inference_mode():
+        for i in model.moe_layers:
+            x = torch.cat(inputs[i])[:2048]
+            outs = [e(x).float() for e in model.moe[str(i)].experts]
+            pairs = [torch.nn.functional.cosine_similarity(outs[a], outs[b], dim=-1).mean()
+                     for a in range(len(outs)) for b in range(a + 1, len(outs))]
+            sims.append(float(torch.stack(pairs).mean()))
+    return sims
+
+
+def uniformity(pipe: Pipeline, qs: list[Question], ok: list[bool], batch_size: int, max_new_tokens: int,
+               seed: int = 0) -> dict:
+    """EvoMoE's "expert uniformity" probe: accuracy with every MoE layer's router scores shuffled per
+    token at eval, beside the unshuffled accuracy on the same questions."""
+    pipe.model.shuffle_routers(seed)
+    try:
+        _, shuffled, _ = evaluate(pipe, qs, None, batch_size, max_new_tokens)
+    finally:
+        pipe.model.shuffle_routers(None)
+    return {"n": len(qs), "accuracy": statistics.mean(ok[:len(qs)]) if qs else None,
+            "accuracy_shuffled_routers": statistics.mean(shuffled) if qs else None}
 
 
 def run(model: str = "embedded", roe: str | None = None, n: int = 1008, quick: bool = False,
         out: str | Path = "bench", device: str = "auto", max_new_tokens: int = 24, repeats: int = 5,
         timing_n: int = 48, batch_size: int = 16, threshold: float | None = None, shifted_n: int = 400,
-        systems: list[str] | None = None, moe_llava: str | None = None) -> dict:
+        systems: list[str] | None = None, moe_llava: str | None = None, evomoe: str | None = None,
+        uniformity_n: int = 240) -> dict:
     if quick:
-        n, repeats, timing_n, shifted_n = min(n, 24), 2, 8, min(shifted_n, 16)
+        n, repeats, timing_n, shifted_n, uniformity_n = min(n, 24), 2, 8, min(shifted_n, 16), min(uniformity_n, 8)
     systems = list(systems or shipped_systems(model))
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
         raise ValueError(f"unknown systems {unknown}: choose from {', '.join(SYSTEMS)}")
     torch.manual_seed(0)
-    pipes = load_systems(systems, loaded=load_base(model, device), parts={"roe": roe, "moe_llava": moe_llava})
+    pipes = load_systems(systems, loaded=load_base(model, device), parts={"roe": roe, "moe_llava": moe_llava,
+                                                                                 "evomoe": evomoe})
     any_pipe = next(iter(pipes.values()))
     qs = test_questions(n)
     sq = shifted_questions(shifted_n)
@@ -251,8 +317,10 @@ def run(model: str = "embedded", roe: str | None = None, n: int = 1008, quick: b
                "shifted_accuracy": statistics.mean(s_ok) if sq else None,
                "examples_per_s_bs1": eps["bs1"][name], "examples_per_s_bs16": eps["bs16"][name],
                "params": counts.to_dict()}
-        if name == "moe_llava":
+        if name in MOE_SYSTEMS:
             row.update(expert_stats(pipe, qs, traces))
+            row["expert_similarity_per_layer"] = expert_similarity(pipe, qs)
+            row["uniformity"] = uniformity(pipe, qs[:uniformity_n], ok, batch_size, max_new_tokens)
         results["systems"][name] = row
     if roe_pipe is not None:
         results.update(roe_results(roe_pipe, qs, sq, ev, ev_shifted, eps, med, threshold, len(tq)))
@@ -355,7 +423,7 @@ def markdown(r: dict) -> str:
     row("parameters active per token (M)", lambda n, v: f"{v['params']['active'] / 1e6:.1f}")
     row("decoder layers run per token", lambda n, v: (f"{r['roe']['layers_executed']:.1f} of {r['num_layers']}"
                                                       if n == "roe" else f"{r['num_layers']}"))
-    if "moe_llava" in sy:
+    if any(n in sy for n in MOE_SYSTEMS):
         row("l_aux per MoE layer (balanced 1.0)", lambda n, v: f"{v['l_aux_sum'] / len(v['l_aux_per_layer']):.3f}"
             if "l_aux_sum" in v else "-")
     if "speedup_roe_vs_moe_llava" in r:
@@ -372,14 +440,34 @@ def markdown(r: dict) -> str:
     lines += ["", "| type | " + " | ".join(sy[n]["label"] for n in names) + " |", "|---" * (len(names) + 1) + "|"]
     for t in sorted({t for n in names for t in sy[n]["by_type"]}):
         lines.append(f"| {t} | " + " | ".join(_f(sy[n]["by_type"].get(t)) for n in names) + " |")
-    if "moe_llava" in sy and "expert_load" in sy["moe_llava"]:
-        m = sy["moe_llava"]
-        lines += ["", "MoE-LLaVA expert load (top-1 share of each expert, image tokens | text tokens):", "",
-                  "| MoE layer | image | text | l_aux |", "|---|---|---|---|"]
+    moes = [n for n in names if n in MOE_SYSTEMS and "expert_load" in sy[n]]
+    if "evomoe" in sy and "moe_llava" in sy:
+        d = sy["evomoe"]["accuracy"] - sy["moe_llava"]["accuracy"]
+        lines += ["", f"EvoMoE minus MoE-LLaVA: **{100 * d:+.1f}** points here; the EvoMoE paper: about "
+                  f"+{r['paper']['evomoe_minus_moe_llava_points']:.0f} (its ablation on Qwen-1.8B, average: dense 65.4, "
+                  "MoE-tuning 65.5, + DTR 66.0, evolution + linear router 66.3, evolution + DTR 66.5)."]
+    if moes:
+        lines += ["", "Expert uniformity and router rigidity (EvoMoE's evidence; means over MoE layers). The paper: "
+                  "shuffling MoE-LLaVA's router logits at eval costs nothing, and its image and text tokens get "
+                  "similar expert distributions.", "",
+                  "| system | accuracy (first n) | with router scores shuffled | expert-output cosine similarity "
+                  "| image-vs-text divergence (JS, bits) |", "|---|---|---|---|---|"]
+        for n in moes:
+            v = sy[n]
+            u = v["uniformity"]
+            lines.append(f"| {v['label']} | {_f(u['accuracy'])} (n={u['n']}) | {_f(u['accuracy_shuffled_routers'])} "
+                         f"| {statistics.mean(v['expert_similarity_per_layer']):.3f} "
+                         f"| {statistics.mean(v['rigidity_js_per_layer']):.3f} |")
+    for n in moes:
+        m = sy[n]
+        lines += ["", f"{m['label']} per MoE layer: top-1 share of each expert (image tokens | text tokens), "
+                  "their divergence, expert-output similarity, l_aux:", "",
+                  "| MoE layer | image | text | JS | cos sim | l_aux |", "|---|---|---|---|---|---|"]
         for i, layer in enumerate(m["moe_layers"]):
             img = " ".join(f"{x:.2f}" for x in m["expert_load"]["image"][i])
             txt = " ".join(f"{x:.2f}" for x in m["expert_load"]["text"][i])
-            lines.append(f"| {layer} | {img} | {txt} | {m['l_aux_per_layer'][i]:.3f} |")
+            lines.append(f"| {layer} | {img} | {txt} | {m['rigidity_js_per_layer'][i]:.3f} "
+                         f"| {m['expert_similarity_per_layer'][i]:.3f} | {m['l_aux_per_layer'][i]:.3f} |")
     if "roe" in r:
         lines += ["", roe_markdown(r)]
     return "\n".join(lines) + "\n"
@@ -429,6 +517,9 @@ def main(argv=None) -> None:
                     help=f"comma-separated, of {','.join(SYSTEMS)} (default: every system the model has parts for)")
     ap.add_argument("--roe", default=None, help="RoE parts folder (default: the shipped ones)")
     ap.add_argument("--moe-llava", default=None, help="MoE-LLaVA parts folder (default: the shipped ones)")
+    ap.add_argument("--evomoe", default=None, help="EvoMoE parts folder (default: the shipped ones)")
+    ap.add_argument("--uniformity-n", type=int, default=240,
+                    help="MoE systems: test questions re-answered with shuffled router scores")
     ap.add_argument("--n", type=int, default=1008, help="test questions (fixed seed)")
     ap.add_argument("--quick", action="store_true", help="24 questions, 8 timed, fewer repeats: a smoke run")
     ap.add_argument("--out", default="bench")
@@ -443,7 +534,7 @@ def main(argv=None) -> None:
     r = run(args.model, args.roe, args.n, args.quick, args.out, args.device, args.max_new_tokens,
             args.repeats, args.timing_n, threshold=args.threshold, shifted_n=args.shifted_n,
             systems=[x.strip() for x in args.systems.split(",") if x.strip()] if args.systems else None,
-            moe_llava=args.moe_llava)
+            moe_llava=args.moe_llava, evomoe=args.evomoe, uniformity_n=args.uniformity_n)
     print(markdown(r))
 
 

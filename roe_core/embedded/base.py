@@ -239,8 +239,8 @@ def merge_lora_adapter(base, folder: Path) -> None:
     base.model.language_model = lm.merge_and_unload()
 
 
-PARTS_FOLDERS = {"roe": "roe", "moe_llava": "moe_llava"}   # each system's shipped parts in assets/embedded
-PARTS_CONFIGS = {"roe": "roe_config.json", "moe_llava": "moe_config.json"}
+PARTS_FOLDERS = {"roe": "roe", "moe_llava": "moe_llava", "evomoe": "evomoe"}   # each system's parts in assets/embedded
+PARTS_CONFIGS = {"roe": "roe_config.json", "moe_llava": "moe_config.json", "evomoe": "evomoe_config.json"}
 
 
 def parts_folder(system: str) -> Path | None:

@@ -90,6 +90,7 @@ class DecoderInputs:
     token_ok: Tensor        # (B, S) bool: real (non-pad) ordinary tokens
     num_routing: int        # R
     turn_ids: Tensor        # (B, S) long: -1 shared (system prompt, image, pads), t = turn t
+    token_image: Tensor | None = None   # (B, S) bool: image-feature slots (systems that route by modality)
 
 
 class OverBase(nn.Module):

@@ -3,6 +3,7 @@
     dense.py       the unmodified transformers model (the reference)
     roe.py         Routing Experts: per-example layer skipping (the method of this project)
     moe_llava.py   MoE-LLaVA: top-2 mixture of upcycled FFN experts in every other layer
+    evomoe.py      EvoMoE: evolved experts and a top-1 Dynamic Token-aware Router (on MoE-LLaVA's machinery)
 
     pipes = load_systems(["dense", "roe", "moe_llava"])      # one base, shared, wrapped three times
     pipes["moe_llava"].answer(image, "How many circles are there?").trace
@@ -11,8 +12,9 @@ from __future__ import annotations
 
 from .pipeline import Answer, LoadedBase, ParamCounts, Pipeline, load_base
 
-SYSTEMS = ("dense", "roe", "moe_llava")
-LABELS = {"dense": "Dense", "roe": "RoE", "moe_llava": "MoE-LLaVA"}
+SYSTEMS = ("dense", "roe", "moe_llava", "evomoe")
+LABELS = {"dense": "Dense", "roe": "RoE", "moe_llava": "MoE-LLaVA", "evomoe": "EvoMoE"}
+MOE_SYSTEMS = ("moe_llava", "evomoe")
 
 
 def pipeline_class(system: str) -> type[Pipeline]:
@@ -25,6 +27,9 @@ def pipeline_class(system: str) -> type[Pipeline]:
     if system == "moe_llava":
         from .moe_llava import MoELlavaPipeline
         return MoELlavaPipeline
+    if system == "evomoe":
+        from .evomoe import EvoMoEPipeline
+        return EvoMoEPipeline
     raise ValueError(f"unknown system {system!r}: choose from {', '.join(SYSTEMS)}")
 
 
@@ -53,5 +58,5 @@ def load_systems(systems=SYSTEMS, model: str = "embedded", parts: dict[str, str]
     return {s: cls.from_base(loaded, (parts or {}).get(s), seed) for s, cls in classes.items()}
 
 
-__all__ = ["Answer", "LABELS", "LoadedBase", "ParamCounts", "Pipeline", "SYSTEMS", "load_base", "load_system",
+__all__ = ["Answer", "LABELS", "MOE_SYSTEMS", "LoadedBase", "ParamCounts", "Pipeline", "SYSTEMS", "load_base", "load_system",
            "load_systems", "pipeline_class", "shipped_systems"]

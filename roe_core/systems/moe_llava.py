@@ -20,6 +20,7 @@ import copy
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -40,6 +41,10 @@ TOKEN_KINDS = ("other", "image", "question", "answer")   # trace kinds; "other":
 
 @dataclass
 class MoELlavaConfig:
+    FILE: ClassVar[str] = CONFIG_NAME
+    WEIGHTS: ClassVar[str] = WEIGHTS_NAME
+    SYSTEM: ClassVar[str] = "MoE-LLaVA"
+
     base_model: str = ""                  # local folder or hub id of the LLaVA model these parts belong to
     num_layers: int = 0                   # decoder layers of the base model
     hidden_size: int = 0
@@ -60,13 +65,13 @@ class MoELlavaConfig:
         self.moe_layers = sorted(int(i) for i in self.moe_layers)
 
     def save(self, folder: str | Path) -> None:
-        Path(folder, CONFIG_NAME).write_text(json.dumps(asdict(self), indent=2))
+        Path(folder, self.FILE).write_text(json.dumps(asdict(self), indent=2))
 
     @classmethod
     def load(cls, folder: str | Path) -> "MoELlavaConfig":
-        path = Path(folder, CONFIG_NAME)
+        path = Path(folder, cls.FILE)
         if not path.is_file():
-            raise FileNotFoundError(f"no {CONFIG_NAME} in {folder!s}: not a MoE-LLaVA checkpoint folder")
+            raise FileNotFoundError(f"no {cls.FILE} in {folder!s}: not a {cls.SYSTEM} checkpoint folder")
         return cls(**json.loads(path.read_text()))
 
 
@@ -201,6 +206,7 @@ class MoEFFN(nn.Module):
         self.capacity_factor_train = capacity_factor_train
         self.capacity_factor_eval = capacity_factor_eval
         self.noise_generator: torch.Generator | None = None   # Gumbel noise of training (None: global RNG)
+        self.shuffle: torch.Generator | None = None   # set: router logits permuted per token (uniformity probe)
 
     @property
     def num_experts(self) -> int:
@@ -210,30 +216,48 @@ class MoEFFN(nn.Module):
         """Routing of x (..., d) flattened to N tokens; token_ok (...) bool marks real tokens."""
         flat = x.reshape(-1, x.shape[-1])
         logits = F.linear(flat.float(), self.router.weight.float())             # (N, E) fp32 routing
+        if self.shuffle is not None:
+            logits = shuffle_scores(logits, self.shuffle)
         cf = self.capacity_factor_train if self.training else self.capacity_factor_eval
         mask = None if token_ok is None else token_ok.reshape(-1)
         return top2_gating(logits, cf, self.training, self.noise_generator, mask)
 
-    def forward(self, x: Tensor, token_ok: Tensor | None = None) -> tuple[Tensor, Top2Gating]:
+    def forward(self, x: Tensor, token_ok: Tensor | None = None, token_image: Tensor | None = None
+                ) -> tuple[Tensor, Top2Gating]:
         """x (..., d) -> (y (..., d), gating over the flattened tokens). Each expert runs once, on the
-        tokens assigned to it (gathered), and its weighted outputs are added back (index_add_)."""
+        tokens assigned to it (gathered), and its weighted outputs are added back (index_add_).
+        token_image is not used: MoE-LLaVA's router sees every token alike."""
         gating = self.gate(x, token_ok)
-        flat = x.reshape(-1, x.shape[-1])                                       # (N, d)
-        N = flat.shape[0]
-        token = torch.arange(N, device=x.device).repeat_interleave(2)            # (2N,) assignment -> token
-        expert = gating.experts.reshape(-1)
-        weight = gating.weights.reshape(-1)
-        sel = gating.kept.reshape(-1).nonzero().squeeze(1)                       # kept assignments
-        sel = sel[torch.argsort(expert[sel], stable=True)]                       # grouped by expert
-        counts = torch.bincount(expert[sel], minlength=self.num_experts).tolist()
-        out = torch.zeros_like(flat)
-        for e, idx in enumerate(sel.split(counts)):
-            if idx.numel() == 0:
-                continue
-            tok = token[idx]
-            y = self.experts[e](flat.index_select(0, tok)) * weight[idx, None].to(flat.dtype)
-            out.index_add_(0, tok, y)
-        return out.view_as(x), gating
+        return dispatch(self.experts, x, gating), gating
+
+
+def shuffle_scores(scores: Tensor, generator: torch.Generator) -> Tensor:
+    """Each token's router scores in a random order: EvoMoE's "expert uniformity" probe (if the experts
+    are alike, shuffling which one a token gets costs nothing)."""
+    perm = torch.rand(scores.shape, generator=generator, device="cpu").argsort(-1).to(scores.device)
+    return scores.gather(1, perm)
+
+
+def dispatch(experts: nn.ModuleList, x: Tensor, gating) -> Tensor:
+    """Runs each expert once on the tokens assigned to it (gathered, grouped by expert) and adds back
+    its outputs times their weights (index_add_): sum_k w_k E_{e_k}(x) per token, for any top-k.
+    gating.experts / weights / kept: (N, k) over x's N = prod(x.shape[:-1]) tokens."""
+    flat = x.reshape(-1, x.shape[-1])                                           # (N, d)
+    N, k = gating.experts.shape
+    token = torch.arange(N, device=x.device).repeat_interleave(k)               # (kN,) assignment -> token
+    expert = gating.experts.reshape(-1)
+    weight = gating.weights.reshape(-1)
+    sel = gating.kept.reshape(-1).nonzero().squeeze(1)                          # kept assignments
+    sel = sel[torch.argsort(expert[sel], stable=True)]                          # grouped by expert
+    counts = torch.bincount(expert[sel], minlength=len(experts)).tolist()
+    out = torch.zeros_like(flat)
+    for e, idx in enumerate(sel.split(counts)):
+        if idx.numel() == 0:
+            continue
+        tok = token[idx]
+        y = experts[e](flat.index_select(0, tok)) * weight[idx, None].to(flat.dtype)
+        out.index_add_(0, tok, y)
+    return out.view_as(x)
 
 
 # --- the model -------------------------------------------------------------------------------------------
@@ -373,7 +397,7 @@ class MoELlavaModel(OverBase):
         folder.mkdir(parents=True, exist_ok=True)
         self.config.save(folder)
         save_file({k: v.detach().contiguous().cpu() for k, v in self.moe_state_dict().items()},
-                  str(folder / WEIGHTS_NAME))
+                  str(folder / self.config.WEIGHTS))
 
     @classmethod
     def from_moe_folder(cls, base: nn.Module, folder: str | Path, expected_base: str | None = None,
@@ -386,9 +410,9 @@ class MoELlavaModel(OverBase):
             raise ValueError(f"{folder!s} holds MoE parts made for base model {config.base_model!r}, "
                              f"not {expected_base!r}")
         model = cls(base, config)
-        weights = Path(folder, WEIGHTS_NAME)
+        weights = Path(folder, config.WEIGHTS)
         if not weights.is_file():
-            raise FileNotFoundError(f"no {WEIGHTS_NAME} in {folder!s}")
+            raise FileNotFoundError(f"no {config.WEIGHTS} in {folder!s}")
         state = load_file(str(weights))
         expected = model.moe_state_dict()
         if set(state) != set(expected):
@@ -402,6 +426,11 @@ class MoELlavaModel(OverBase):
         if materialise:
             model.merge_deltas()
         return model
+
+    def shuffle_routers(self, seed: int | None) -> None:
+        """seed: every MoE layer's router scores are permuted per token at random, reproducibly (None: off)."""
+        for i, ffn in enumerate(self.moe.values()):
+            ffn.shuffle = None if seed is None else torch.Generator().manual_seed(seed * 1000 + i)
 
     def merge_deltas(self) -> None:
         for ffn in self.moe.values():
@@ -454,12 +483,13 @@ class MoELlavaModel(OverBase):
         if turn_ids is None:
             turn_ids = torch.full_like(input_ids, -1)
         return DecoderInputs(embeds, position_ids, additive_mask(allowed, embeds.dtype), token_ok.bool(),
-                             token_ok.bool(), 0, turn_ids)
+                             token_ok.bool(), 0, turn_ids, input_ids == self.base.config.image_token_id)
 
     # --- one decoder layer, its FFN swapped where it is a MoE layer ---
     def layer(self, i: int, h: Tensor, mask: Tensor, pos_emb: tuple[Tensor, Tensor], cache: RoutedKVCache | None,
-              token_ok: Tensor) -> tuple[Tensor, Top2Gating | None]:
-        """h (B, S, d) through decoder layer i: the base's attention, then its FFN or the MoE."""
+              token_ok: Tensor, token_image: Tensor | None = None) -> tuple[Tensor, Top2Gating | None]:
+        """h (B, S, d) through decoder layer i: the base's attention, then its FFN or the MoE.
+        token_image (B, S) bool: image tokens, for MoE FFNs that route by modality."""
         layer = self.layers[i]
         a, _ = layer.self_attn(hidden_states=layer.input_layernorm(h), position_embeddings=pos_emb,
                                attention_mask=mask, past_key_values=cache)
@@ -469,7 +499,7 @@ class MoELlavaModel(OverBase):
         if ffn is None:
             dense = self.dense_ffn[str(i)] if str(i) in self.dense_ffn else layer.mlp
             return h + dense(x), None
-        y, gating = ffn(x, token_ok)
+        y, gating = ffn(x, token_ok, token_image)
         return h + y, gating
 
     def decoder(self, x: DecoderInputs, cache: RoutedKVCache | None = None) -> tuple[Tensor, list[Top2Gating]]:
@@ -479,7 +509,7 @@ class MoELlavaModel(OverBase):
         pos_emb = self.lm.rotary_emb(h, position_ids=x.position_ids)
         gates = []
         for i in range(self.num_layers):
-            h, g = self.layer(i, h, x.mask, pos_emb, cache, x.token_ok)
+            h, g = self.layer(i, h, x.mask, pos_emb, cache, x.token_ok, x.token_image)
             if g is not None:
                 gates.append(g)
         return h, gates
@@ -514,7 +544,7 @@ class MoELlavaModel(OverBase):
         token_ok = torch.ones_like(token, dtype=torch.bool)[:, None]
         gates = []
         for i in range(self.num_layers):
-            h, g = self.layer(i, h, mask, pos_emb, state.cache, token_ok)
+            h, g = self.layer(i, h, mask, pos_emb, state.cache, token_ok, torch.zeros_like(token_ok))
             if g is not None:
                 gates.append(g)
         state.step_gates.append(gates)

@@ -1,4 +1,4 @@
-"""python -m roe_core.train [--system roe|moe_llava] ...: trains a system's parts (default: RoE)."""
+"""python -m roe_core.train [--system roe|moe_llava|evomoe] ...: trains a system's parts (default: RoE)."""
 import sys
 
 argv = sys.argv[1:]
@@ -11,6 +11,8 @@ if system == "roe":
     from .roe import main
 elif system == "moe_llava":
     from .moe_llava import main
+elif system == "evomoe":
+    from .evomoe import main
 else:
-    sys.exit(f"--system must be roe or moe_llava, not {system!r}")
+    sys.exit(f"--system must be roe, moe_llava or evomoe, not {system!r}")
 main(argv)

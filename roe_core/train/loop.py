@@ -49,6 +49,8 @@ class Objective(Protocol):
 
     def row(self, step: int) -> dict: ...                       # extra learning-curve fields of a step
 
+    # optional: after_step(model, step) runs after every optimizer step (e.g. EvoMoE's expert evolution)
+
 
 @dataclass
 class LoopConfig:
@@ -252,6 +254,8 @@ def fit(model: nn.Module, objective: Objective, encoder: ConversationEncoder, da
                 accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if hasattr(objective, "after_step"):
+                objective.after_step(core, step)
             step += 1
             bar.update(1)
             # logged: the mean over processes (one process: its own values)
