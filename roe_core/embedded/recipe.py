@@ -22,6 +22,9 @@ learning curves in assets/embedded/logs/<stage>.jsonl):
     python -m roe_core.embedded finetune --steps 240    # LoRA on the decoder + projector + ViT
     python -m roe_core.embedded roe      --steps 900    # RoE routers + adapters + LoRA (roe_core.train)
     python -m roe_core.embedded refine   --steps 200    # stage 2 continued, T = 1, lambda 1: routes per example
+    python -m roe_core.embedded moe-llava --steps 450   # MoE-LLaVA's MoE-tuning from the dense model
+    python -m roe_core.embedded evomoe-evolve --steps 225   # EvoMoE: FFN_1 trains, experts 2..4 evolve along it
+    python -m roe_core.embedded evomoe-router --steps 225   # EvoMoE: the DTRs alone, experts frozen
     python -m roe_core.embedded eval     --n 200        # exact match on a split, dense route
     (add --resume to continue a stage from its last checkpoint)
 """
@@ -626,14 +629,60 @@ def ship_moe_llava(model, out: Path, steps: int, minutes: float) -> None:
     LOGS.mkdir(parents=True, exist_ok=True)
     if (out / "train_log.jsonl").is_file():
         shutil.copy(out / "train_log.jsonl", LOGS / f"{MOE_DIR}.jsonl")
-    ship = ASSETS / MOE_DIR
+    ship_parts(model, out, ASSETS / MOE_DIR, "moe.safetensors")
+    write_state(MOE_DIR, step=steps, target_steps=steps, done=True, minutes=minutes)
+
+
+EVO_DIR = "evomoe"         # assets/embedded/evomoe: evomoe_config.json + evomoe.safetensors (DTRs + expert deltas)
+
+
+def stage_evomoe(stage: str, args) -> None:
+    """EvoMoE from the shipped dense model (the LoRA-merged decoder, vision tower and projector RoE and
+    MoE-LLaVA use), on the same data and batch size: `evomoe-evolve` trains FFN_1 of every MoE layer
+    (rank-16 deltas) and evolves experts 2..4 along it; `evomoe-router` then trains the DTRs alone,
+    experts frozen, from the evolve stage's checkpoint."""
+    from ..systems.evomoe import EvoMoEModel
+    from ..train import LlavaJsonDataset
+    from ..train.evomoe import EvoTrainConfig, train_evomoe
+    js = _roe_data(args.n_roe_data, args.roe_data_from)
+    base, tok = build_base(None, merge_lora=True)
+    torch.manual_seed(args.seed)
+    which = stage.split("-")[1]
+    if which == "evolve":
+        model = EvoMoEModel(base, base_model="embedded", expert_delta_rank=args.delta_rank)
+        model.config.extra.update(train_data=f"roe_core.scenes train split, scenes {args.roe_data_from}"
+                                             f"..{args.roe_data_from + args.n_roe_data - 1}",
+                                  trained_on=TRAINED_ON, dense_base="assets/embedded (vision, align, finetune)")
+    else:
+        src = RUNS / EVO_DIR / "evolve"
+        if not (src / "evomoe.safetensors").is_file():
+            raise FileNotFoundError(f"no evolve-stage checkpoint in {src}: run `evomoe-evolve` first")
+        model = EvoMoEModel.from_moe_folder(base, src)     # experts frozen from here: deltas merged
+    cfg = EvoTrainConfig(stage=which, steps=args.steps, batch_size=args.batch_size,
+                         lr=args.lr or (5e-4 if which == "evolve" else 1e-3), seed=args.seed,
+                         save_every=args.save_every, log_every=args.log_every, bf16=cpu_bf16_is_fast())
+    out = RUNS / EVO_DIR / which
+    t0 = time.perf_counter()
+    train_evomoe(model, make_encoder(base, tok), LlavaJsonDataset(js, js.parent / "images"), cfg, out,
+                 resume=args.resume)
+    LOGS.mkdir(parents=True, exist_ok=True)
+    if (out / "train_log.jsonl").is_file():
+        shutil.copy(out / "train_log.jsonl", LOGS / f"{EVO_DIR}_{which}.jsonl")
+    if which == "router":   # the finished system ships
+        ship_parts(model, out, ASSETS / EVO_DIR, "evomoe.safetensors")
+    write_state(f"{EVO_DIR}_{which}", step=args.steps, target_steps=args.steps, done=True,
+                minutes=(time.perf_counter() - t0) / 60)
+
+
+def ship_parts(model, out: Path, ship: Path, weights: str) -> None:
+    """A MoE system's checkpoint into assets/: its config, and its tensors in bf16 except the routers
+    (fp32, as the methods keep them)."""
     ship.mkdir(parents=True, exist_ok=True)
     model.config.save(ship)
-    parts = load_file(str(out / "moe.safetensors"))
-    routers = {k: v for k, v in parts.items() if k.endswith(".router.weight")}   # routers stay fp32 (the method)
-    _save_half({k: v for k, v in parts.items() if k not in routers}, ship / "moe.safetensors")
-    save_file({**load_file(str(ship / "moe.safetensors")), **routers}, str(ship / "moe.safetensors"))
-    write_state(MOE_DIR, step=steps, target_steps=steps, done=True, minutes=minutes)
+    parts = load_file(str(out / weights))
+    routers = {k: v for k, v in parts.items() if ".router." in k}
+    _save_half({k: v for k, v in parts.items() if k not in routers}, ship / weights)
+    save_file({**load_file(str(ship / weights)), **routers}, str(ship / weights))
 
 
 def evaluate_routes(roe_dir: str, n: int = 200) -> dict:
@@ -783,8 +832,8 @@ def layer_skip_probe(n: int = 16) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=("convert", "vision", "align", "finetune", "roe", "refine", "moe-llava", "calibrate",
-                                      "eval", "skip-probe"))
+    ap.add_argument("stage", choices=("convert", "vision", "align", "finetune", "roe", "refine", "moe-llava", "evomoe-evolve",
+                                      "evomoe-router", "calibrate", "eval", "skip-probe"))
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--resume", action="store_true", help="continue from the stage's last checkpoint")
     ap.add_argument("--batch-size", type=int, default=None)
@@ -808,7 +857,7 @@ def main(argv=None) -> None:
     ap.add_argument("--distill", type=float, default=0.0,
                     help="roe/refine: weight of KL(dense || routed) on answer tokens (an extra dense forward)")
     ap.add_argument("--delta-rank", type=int, default=MOE_DELTA_RANK,
-                    help="moe-llava: rank of each tuned FFN's stored delta (0: full weights, too big to ship)")
+                    help="moe-llava/evomoe-evolve: rank of each tuned FFN's stored delta (0: full weights, too big to ship)")
     ap.add_argument("--sparsity-weight", type=float, default=None, help="lambda of the hinge (roe: 6, refine: 1)")
     ap.add_argument("--backbone", choices=("lora", "none"), default="lora", help="roe: what stage 2 also trains")
     ap.add_argument("--backbone-lr", type=float, default=None, help="stage-2 LR of the backbone LoRA (roe: 2e-4, refine: 1e-4)")
@@ -837,7 +886,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("ROE_THREADS", "2")))
     defaults = {"vision": (800, 96), "align": (60, 12), "finetune": (240, 12), "roe": (900, 8), "refine": (200, 8),
-                "moe-llava": (600, 8)}
+                "moe-llava": (600, 8), "evomoe-evolve": (225, 8), "evomoe-router": (225, 8)}
     if args.stage in defaults:
         s, b = defaults[args.stage]
         args.steps = args.steps or s
@@ -860,6 +909,8 @@ def main(argv=None) -> None:
         stage_refine(args)
     elif args.stage == "moe-llava":
         stage_moe_llava(args)
+    elif args.stage.startswith("evomoe-"):
+        stage_evomoe(args.stage, args)
     elif args.stage == "calibrate":
         print(json.dumps(calibrate(args.calibrate_n, args.thresholds, args.min_skip), indent=1))
     elif args.stage == "skip-probe":
