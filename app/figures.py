@@ -7,6 +7,8 @@
     plot_expert_load(trace, E)    MoE: per MoE layer, top-1 expert shares of image vs text tokens (stacked)
     plot_token_pathways(trace, tokens)  MoE: each token's top-1 expert across the MoE layers
     plot_systems(answers)         the side-by-side view: latency and active parameters per system
+    plot_rigidity(traces)         MoE systems side by side: per MoE layer, how differently image and text
+                                  tokens are routed (Jensen-Shannon divergence of their top-1 distributions)
 """
 from __future__ import annotations
 
@@ -201,8 +203,8 @@ def plot_token_pathways(trace: ExpertTrace, tokens: Sequence[str], title: str = 
     kinds = [TOKEN_KINDS[k] for k in trace.kinds.tolist()]
     w = trace.weights.tolist()
     ex = trace.experts.tolist()
-    text = [[f"{tokens[n]!r} ({kinds[n]})<br>layer {layer}: expert {ex[m][n][0]} ({w[m][n][0]:.2f}) + "
-             f"expert {ex[m][n][1]} ({w[m][n][1]:.2f})" for n in range(len(kinds))]
+    text = [[f"{tokens[n]!r} ({kinds[n]})<br>layer {layer}: " + " + ".join(
+                 f"expert {e} ({wt:.2f})" for e, wt in zip(ex[m][n], w[m][n])) for n in range(len(kinds))]
             for m, layer in enumerate(trace.layers)]
     E = max(2, int(trace.experts.max()) + 1)
     scale = []
@@ -233,3 +235,25 @@ def plot_systems(rows: Sequence[dict]) -> go.Figure:
     fig.add_trace(go.Bar(x=names, y=[r["active_m"] for r in rows], marker_color=SKIP, showlegend=False,
                          hovertemplate="%{x}: %{y:.1f} M active per token<extra></extra>"), 1, 2)
     return _layout(fig, "Same question, every system", 300)
+
+
+def js_bits(p: Sequence[float], q: Sequence[float]) -> float:
+    """Jensen-Shannon divergence of two distributions, in bits (0 = the same, 1 = disjoint)."""
+    import math
+    m = [(a + b) / 2 for a, b in zip(p, q)]
+    kl = lambda a, b: sum(x * math.log2(x / y) for x, y in zip(a, b) if x > 0)   # noqa: E731
+    return 0.5 * kl(p, m) + 0.5 * kl(q, m)
+
+
+def plot_rigidity(traces: dict[str, tuple[ExpertTrace, int]], title: str = "Router rigidity, this turn") -> go.Figure:
+    """{label: (trace, num_experts)}: per MoE layer, the divergence between the top-1 expert distribution
+    of image tokens and that of text tokens. Near 0: the router sends both modalities alike (rigid)."""
+    fig = go.Figure()
+    for i, (label, (trace, E)) in enumerate(traces.items()):
+        sh = expert_shares(trace, E)
+        js = [js_bits(a, b) for a, b in zip(sh["image"], sh["text"])]
+        fig.add_trace(go.Scatter(x=[f"layer {layer}" for layer in trace.layers], y=js, name=label, mode="lines+markers",
+                                 line=dict(color=EXPERT_COLOURS[i % len(EXPERT_COLOURS)], width=2),
+                                 hovertemplate=label + ", %{x}: JS %{y:.3f} bits<extra></extra>"))
+    fig.update_yaxes(title_text="JS divergence, image vs text (bits)", rangemode="tozero")
+    return _layout(fig, title, 300)

@@ -35,7 +35,7 @@ import pandas as pd
 from PIL import Image
 
 from roe_core import InputError, RoEPipeline
-from roe_core.systems import LABELS
+from roe_core.systems import LABELS, MOE_SYSTEMS
 from roe_core.systems.pipeline import Pipeline
 from roe_core.runtime.images import MAX_BYTES
 
@@ -183,11 +183,18 @@ def build_demo(pipe: RoEPipeline, max_new_tokens: int = 48, speed_repeats: int =
                                                wrap=True, show_label=False, max_height=240)
                     arena_plot = gr.Plot(F.empty_figure("Latency and active parameters appear here", 260),
                                          label="arena_figure", show_label=False)
-            with gr.Row():
-                moe_load = gr.Plot(F.empty_figure("MoE-LLaVA: expert load per MoE layer, image vs text", 300),
-                                   label="expert_load_figure", show_label=False)
-                moe_paths = gr.Plot(F.empty_figure("MoE-LLaVA: each token's top-1 expert across layers", 300),
-                                    label="token_pathways_figure", show_label=False)
+            moe_plots = []
+            for name in (n for n in MOE_SYSTEMS if n in ex.systems):
+                with gr.Row():
+                    moe_plots.append(gr.Plot(F.empty_figure(f"{LABELS[name]}: expert load per MoE layer, image vs "
+                                                            "text", 300), label=f"{name}_expert_load_figure",
+                                             show_label=False))
+                    moe_plots.append(gr.Plot(F.empty_figure(f"{LABELS[name]}: each token's top-1 expert across "
+                                                            "layers", 300), label=f"{name}_token_pathways_figure",
+                                             show_label=False))
+            if moe_plots:
+                moe_plots.append(gr.Plot(F.empty_figure("Router rigidity: image vs text routing per MoE layer", 280),
+                                         label="rigidity_figure", show_label=False))
 
         with gr.Accordion("Export and raw trace", open=False):
             with gr.Row():
@@ -232,7 +239,7 @@ def build_demo(pipe: RoEPipeline, max_new_tokens: int = 48, speed_repeats: int =
         export_btn.click(ex.export, conv, [export_csv, export_json, export_md], api_name="export",
                          concurrency_limit=None)
         arena_btn.click(ex.compare_systems, [conv, arena_systems, arena_q],
-                        [arena_md, arena_table, arena_plot, moe_load, moe_paths], api_name="systems", **MODEL)
+                        [arena_md, arena_table, arena_plot, *moe_plots], api_name="systems", **MODEL)
         api_btn.click(ex.answer_json, [api_image, api_question, api_history, api_route, api_threshold, api_system],
                       api_result, api_name="answer", **MODEL)
     demo.queue(max_size=64)
@@ -244,6 +251,7 @@ SYSTEM_HEADERS = ["system", "answer", "latency (s)", "tokens/s", "active params 
 SYSTEMS_CAPTION = (
     "**Dense**: the unmodified transformers model, every layer. **RoE**: its router picks, from the question, "
     "which decoder layers run. **MoE-LLaVA**: every other layer's FFN is 4 experts, each token runs its top 2. "
+    "**EvoMoE**: 4 experts evolved from one FFN's training, each token runs the top 1 its modality's router picks. "
     "Active parameters are those one token touches (RoE: the layers it ran plus adapters; MoE: 2 of 4 experts). "
     "All share one base: the same vision tower, projector and decoder.")
 SPEED_HEADERS = ["path", "layers run", "latency (s)", "tokens/s", "tokens", "answer"]
@@ -432,8 +440,10 @@ class Explorer:
 
     def compare_systems(self, conv: Conversation, chosen: list[str], question: str):
         """The same question (default: the last one asked) about this conversation's image, with its earlier
-        turns, to each chosen system in turn. -> (summary, table, figure, expert load, token pathways)."""
-        keep = (gr.skip(),) * 4
+        turns, to each chosen system in turn. -> (summary, table, figure, then per loaded MoE system its
+        expert load and token pathways, and the rigidity figure of the MoE systems)."""
+        moe_loaded = [n for n in MOE_SYSTEMS if n in self.systems]
+        keep = (gr.skip(),) * (2 + 2 * len(moe_loaded) + (1 if moe_loaded else 0))
         try:
             chosen = [c for c in (chosen or []) if c in self.systems]
             if not chosen:
@@ -446,7 +456,7 @@ class Explorer:
                 raise InputError("the question is empty: type one here or ask one in the chat first")
             if conv.image is None:
                 raise InputError("there is no image: upload one (or pick an example) before asking")
-            rows, moe = [], None
+            rows, moe = [], {}
             for name in chosen:
                 pipe = self.systems[name]
                 ans = (pipe.answer(conv.image, question, history, max_new_tokens=self.max_new_tokens, trace_l1=False,
@@ -456,11 +466,11 @@ class Explorer:
                 if isinstance(pipe, RoEPipeline):
                     counts = pipe.parameter_counts(ans.trace.layers_executed)
                     decided = f"ran {ans.trace.layers_executed} of {len(ans.trace.route)} layers"
-                elif name == "moe_llava":
+                elif name in MOE_SYSTEMS:
                     counts = pipe.parameter_counts()
-                    moe = (pipe, ans)
-                    decided = (f"top-2 of {pipe.model.config.num_experts} experts in {len(pipe.model.moe_layers)} "
-                               "MoE layers")
+                    moe[name] = (pipe, ans)
+                    decided = (f"top-{pipe.model.config.top_k} of {pipe.model.config.num_experts} experts in "
+                               f"{len(pipe.model.moe_layers)} MoE layers")
                 else:
                     counts = pipe.parameter_counts()
                     decided = "every layer"
@@ -477,23 +487,29 @@ class Explorer:
             f"{r['system']}: {r['seconds']:.3f} s ({r['seconds'] / fastest['seconds']:.2f}×)" for r in rows)
         if len({r["answer"] for r in rows}) > 1:
             md += " · the answers differ."
-        if moe is None:
-            load = paths = F.empty_figure("Tick MoE-LLaVA to see its expert load and token pathways", 300)
-        else:
-            pipe, ans = moe
+        figs = []
+        for name in moe_loaded:
+            if name not in moe:
+                figs += [F.empty_figure(f"Tick {LABELS[name]} to see its expert load and token pathways", 300)] * 2
+                continue
+            pipe, ans = moe[name]
             tok = pipe.encoder.tokenizer
             image_id = pipe.model.base.config.image_token_id
             words = ["<image>" if t == image_id else tok.convert_ids_to_tokens(t) for t in ans.trace.token_ids.tolist()]
-            load = F.plot_expert_load(ans.trace, pipe.model.config.num_experts,
-                                      "MoE-LLaVA: expert load per MoE layer, this turn (image | text tokens)")
-            paths = F.plot_token_pathways(ans.trace, words, "MoE-LLaVA: token pathways, this turn (hover a token)")
-        return md, table, F.plot_systems(rows), load, paths
+            figs.append(F.plot_expert_load(ans.trace, pipe.model.config.num_experts,
+                                           f"{LABELS[name]}: expert load per MoE layer, this turn (image | text tokens)"))
+            figs.append(F.plot_token_pathways(ans.trace, words, f"{LABELS[name]}: token pathways, this turn "
+                                                                "(hover a token)"))
+        if moe_loaded:
+            figs.append(F.plot_rigidity({LABELS[n]: (moe[n][1].trace, moe[n][0].model.config.num_experts) for n in moe})
+                        if moe else F.empty_figure("Tick a MoE system to see its router rigidity", 280))
+        return (md, table, F.plot_systems(rows), *figs)
 
     # ---- the stateless endpoint ----
     def answer_json(self, image, question: str, history_json: str = "[]", route: str = "auto",
                     threshold: float | None = None, system: str = "roe") -> str:
         """(image file, question, history as JSON [[q, a], ...], route "auto" | "dense" | JSON list of
-        booleans, threshold or None, system "roe" | "dense" | "moe_llava") -> JSON {"answer", "trace",
+        booleans, threshold or None, system "roe" | "dense" | "moe_llava" | "evomoe") -> JSON {"answer", "trace",
         "num_layers", "model", "system"} or {"error"}. route and threshold are RoE's; the other systems
         take no options (a route other than "auto" is an error for them)."""
         try:

@@ -303,14 +303,15 @@ def test_the_embedded_model_falls_back_to_tiny_and_says_why(entry, monkeypatch):
 def test_answer_endpoint_takes_a_system(url):
     scene_png = IMAGE
     client = new_client(url)
-    for system in ("dense", "roe", "moe_llava"):
+    for system in ("dense", "roe", "moe_llava", "evomoe"):
         out = json.loads(client.predict(handle_file(str(scene_png)), "What colour is the circle?", "[]", "auto", None,
                                         system, api_name="/answer"))
         assert "error" not in out, out
         assert out["system"] == system and isinstance(out["answer"], str) and out["seconds"] > 0
-        if system == "moe_llava":     # per MoE layer and token: the two experts and their weights
+        if system in ("moe_llava", "evomoe"):     # per MoE layer and token: the experts (2 or 1) and their weights
             t = out["trace"]
             assert t["layers"] == [0, 2, 4] and len(t["experts"]) == 3 and len(t["experts"][0]) == len(t["kinds"])
+            assert {len(e) for e in t["experts"][0]} == {2 if system == "moe_llava" else 1}
             assert {"image", "question"} <= set(t["kinds"])
         elif system == "roe":
             assert len(out["trace"]["route"]) == out["num_layers"]
@@ -326,15 +327,22 @@ def test_side_by_side_asks_every_system_and_keeps_the_conversation(url):
     scene_png = IMAGE
     client = new_client(url)
     first = ask(client, scene_png, "How many objects are there?")
-    md, table, fig, load, paths = client.predict(["dense", "roe", "moe_llava"], "", api_name="/systems")
+    md, table, fig, load, paths, evo_load, evo_paths, rigid = client.predict(
+        ["dense", "roe", "moe_llava", "evomoe"], "", api_name="/systems")
     assert "How many objects are there?" in md          # empty question: the last one asked
-    assert [r[0] for r in table["data"]] == ["Dense", "RoE", "MoE-LLaVA"]
+    assert [r[0] for r in table["data"]] == ["Dense", "RoE", "MoE-LLaVA", "EvoMoE"]
     active = {r[0]: r[4] for r in table["data"]}
-    assert active["MoE-LLaVA"] > active["Dense"] >= active["RoE"]   # top-2 of 4 experts; RoE skips layers
+    # top-2 / top-1 of 4 experts (+ routers: on the tiny model the DTR weighs more than an expert), RoE skips
+    assert min(active["MoE-LLaVA"], active["EvoMoE"]) > active["Dense"] >= active["RoE"]
     assert all(r[2] > 0 for r in table["data"])                     # each latency measured
-    bars = figure(load)["data"]
-    assert [b["name"] for b in bars] == [f"expert {e}" for e in range(4)]
-    assert figure(paths)["data"][0]["type"] == "heatmap"
+    for f in (load, evo_load):
+        assert [b["name"] for b in figure(f)["data"]] == [f"expert {e}" for e in range(4)]
+    assert figure(paths)["data"][0]["type"] == figure(evo_paths)["data"][0]["type"] == "heatmap"
+    assert [t["name"] for t in figure(rigid)["data"]] == ["MoE-LLaVA", "EvoMoE"]
+    # one MoE system ticked: the other's panels say how to see them
+    out = client.predict(["roe", "evomoe"], "What colour is the circle?", api_name="/systems")
+    assert [r[0] for r in out[1]["data"]] == ["RoE", "EvoMoE"]
+    assert "Tick MoE-LLaVA" in json.dumps(figure(out[3]))
     # nothing chosen: a clear message, and the chat is untouched
     md, *_ = client.predict([], "What colour?", api_name="/systems")
     assert "pick at least one system" in md and "kept" in md
