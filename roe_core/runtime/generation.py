@@ -31,6 +31,10 @@ class Timing:
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.total_s if self.total_s > 0 else 0.0
 
+    def to_dict(self) -> dict:
+        return {"prefill_s": self.prefill_s, "decode_s": self.decode_s, "total_s": self.total_s,
+                "tokens_per_s": self.tokens_per_s}
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":

@@ -33,8 +33,7 @@ class DenseTrace:
     def to_dict(self) -> dict:
         d = {"layers_executed": self.num_layers, "skip_ratio": 0.0, "new_tokens": self.new_tokens}
         if self.timing is not None:
-            d["timing"] = {"prefill_s": self.timing.prefill_s, "decode_s": self.timing.decode_s,
-                           "total_s": self.timing.total_s, "tokens_per_s": self.timing.tokens_per_s}
+            d["timing"] = self.timing.to_dict()
         return d
 
 
@@ -84,6 +83,7 @@ class DenseModel(nn.Module):
 
 class DensePipeline(Pipeline):
     system = "dense"
+    label = "Dense"
 
     @classmethod
     def from_base(cls, loaded: LoadedBase, parts: str | None = None, seed: int = 0) -> "DensePipeline":

@@ -26,16 +26,13 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..runtime.loading import ModelLoadError
 from .moe_llava import Expert, MoELlavaConfig, MoELlavaModel, MoELlavaPipeline, Top2Gating, dispatch, shuffle_scores
-from .pipeline import LoadedBase, shipped_parts
 
 CONFIG_NAME = "evomoe_config.json"
 WEIGHTS_NAME = "evomoe.safetensors"
@@ -218,21 +215,5 @@ class EvoMoEModel(MoELlavaModel):
 
 class EvoMoEPipeline(MoELlavaPipeline):
     system = "evomoe"
-
-    @classmethod
-    def from_base(cls, loaded: LoadedBase, parts: str | None = None, seed: int = 0) -> "EvoMoEPipeline":
-        info = cls.base_info(loaded)
-        parts = parts or shipped_parts(loaded, "evomoe")
-        if parts is not None:
-            if not Path(parts).is_dir():
-                raise ModelLoadError(f"EvoMoE folder {parts!r} does not exist")
-            model = EvoMoEModel.from_moe_folder(loaded.base, parts)
-            info["evomoe"] = str(parts)
-        else:
-            torch.manual_seed(seed)
-            model = EvoMoEModel(loaded.base)
-            info["evomoe"] = "untrained (router fresh, experts exact copies: answers equal the dense model's)"
-        model = model.to(device=loaded.base.device, dtype=loaded.base.dtype)
-        for ffn in model.moe.values():
-            ffn.router.float()                      # routing in fp32
-        return cls(model, cls.make_encoder(loaded), info)
+    label = "EvoMoE"
+    model_cls = EvoMoEModel

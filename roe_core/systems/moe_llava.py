@@ -31,8 +31,7 @@ from torch import Tensor, nn
 from ..runtime.conversation import Batch
 from ..runtime.decoder import DecoderInputs, OverBase, RoutedKVCache, additive_mask, embed_inputs, parts_config
 from ..runtime.generation import Timing, greedy
-from ..runtime.loading import ModelLoadError
-from .pipeline import LoadedBase, ParamCounts, Pipeline, numel, shipped_parts
+from .pipeline import LoadedBase, ParamCounts, Pipeline, numel
 
 CONFIG_NAME = "moe_config.json"
 WEIGHTS_NAME = "moe.safetensors"
@@ -293,8 +292,7 @@ class ExpertTrace:
              "kinds": [TOKEN_KINDS[k] for k in self.kinds.tolist()],
              "experts": self.experts.tolist(), "weights": self.weights.tolist(), "new_tokens": self.new_tokens}
         if self.timing is not None:
-            d["timing"] = {"prefill_s": self.timing.prefill_s, "decode_s": self.timing.decode_s,
-                           "total_s": self.timing.total_s, "tokens_per_s": self.timing.tokens_per_s}
+            d["timing"] = self.timing.to_dict()
         return d
 
 
@@ -627,24 +625,16 @@ def moe_lm_loss(model: MoELlavaModel, batch: Batch, coef: float | None = None) -
 
 class MoELlavaPipeline(Pipeline):
     system = "moe_llava"
+    label = "MoE-LLaVA"
+    model_cls = MoELlavaModel
 
     @classmethod
     def from_base(cls, loaded: LoadedBase, parts: str | None = None, seed: int = 0) -> "MoELlavaPipeline":
-        info = cls.base_info(loaded)
-        parts = parts or shipped_parts(loaded, "moe_llava")
-        if parts is not None:
-            if not Path(parts).is_dir():
-                raise ModelLoadError(f"MoE-LLaVA folder {parts!r} does not exist")
-            model = MoELlavaModel.from_moe_folder(loaded.base, parts)
-            info["moe_llava"] = str(parts)
-        else:
-            torch.manual_seed(seed)
-            model = MoELlavaModel(loaded.base)
-            info["moe_llava"] = "untrained (routers fresh, experts exact copies: answers equal the dense model's)"
-        model = model.to(device=loaded.base.device, dtype=loaded.base.dtype)
-        for ffn in model.moe.values():
-            ffn.router.float()                      # the router stays fp32 (the method)
-        return cls(model, cls.make_encoder(loaded), info)
+        pipe = cls.with_parts(loaded, parts, seed, cls.model_cls.from_moe_folder, cls.model_cls,
+                              "untrained (routers fresh, experts exact copies: answers equal the dense model's)")
+        for ffn in pipe.model.moe.values():
+            ffn.router.float()                      # routing in fp32 (the methods)
+        return pipe
 
     def generate(self, batch, max_new_tokens: int, callback=None):
         gen = self.model.generate(batch, max_new_tokens, self.encoder.stop_ids, callback)

@@ -116,6 +116,7 @@ class Pipeline:
     `generate(batch, max_new_tokens, callback, **options) -> (token ids per example, traces, Timing)`
     and `parameter_counts()`; `from_base(loaded, parts)` builds one over a loaded base."""
     system = "?"
+    label = "?"
 
     def __init__(self, model: nn.Module, encoder: ConversationEncoder, info: dict | None = None):
         self.model = model.eval()
@@ -150,6 +151,24 @@ class Pipeline:
     @staticmethod
     def base_info(loaded: LoadedBase) -> dict:
         return {k: v for k, v in loaded.info.items() if k != "system_prompt"}
+
+    @classmethod
+    def with_parts(cls, loaded: LoadedBase, parts: str | None, seed: int, load: Callable, fresh: Callable,
+                   untrained: str) -> "Pipeline":
+        """A system whose parts wrap the base: load(base, folder) from `parts` (None: the embedded model's
+        shipped ones), else fresh(base) seeded; info[system] says which (or `untrained`)."""
+        info = cls.base_info(loaded)
+        parts = parts or shipped_parts(loaded, cls.system)
+        if parts is not None:
+            if not Path(parts).is_dir():
+                raise ModelLoadError(f"{cls.label} folder {parts!r} does not exist")
+            model = load(loaded.base, parts)
+            info[cls.system] = str(parts)
+        else:
+            torch.manual_seed(seed)
+            model = fresh(loaded.base)
+            info[cls.system] = untrained
+        return cls(model.to(device=loaded.base.device, dtype=loaded.base.dtype), cls.make_encoder(loaded), info)
 
     # --- what each system implements ---
     def generate(self, batch, max_new_tokens: int, callback=None, **options) -> tuple[list[list[int]], list, Timing]:

@@ -40,8 +40,7 @@ from torch import Tensor, nn
 from ..runtime.conversation import Batch
 from ..runtime.decoder import DecoderInputs, OverBase, RoutedKVCache, additive_mask, embed_inputs, parts_config
 from ..runtime.generation import Timing, greedy
-from ..runtime.loading import ModelLoadError
-from .pipeline import Answer, History, LoadedBase, ParamCounts, Pipeline, numel, shipped_parts
+from .pipeline import Answer, History, LoadedBase, ParamCounts, Pipeline, numel
 
 CONFIG_NAME = "roe_config.json"
 WEIGHTS_NAME = "roe.safetensors"
@@ -380,8 +379,7 @@ class RouteTrace:
         d = {k: getattr(self, k) for k in ("route", "p_run", "route_mode", "threshold", "l1", "l1_dense",
                                           "new_tokens", "layers_executed", "adapters_used", "skip_ratio")}
         if self.timing is not None:
-            d["timing"] = {"prefill_s": self.timing.prefill_s, "decode_s": self.timing.decode_s,
-                           "total_s": self.timing.total_s, "tokens_per_s": self.timing.tokens_per_s}
+            d["timing"] = self.timing.to_dict()
         return d
 
 
@@ -460,6 +458,7 @@ class RoEPipeline(Pipeline):
     """RoE over a LLaVA base. Options of generate/answer: route ("auto", "dense" or booleans per layer),
     threshold (run a layer iff p_run > it; default the parts' config), trace_l1."""
     system = "roe"
+    label = "RoE"
 
     @property
     def threshold(self) -> float:
@@ -468,19 +467,8 @@ class RoEPipeline(Pipeline):
 
     @classmethod
     def from_base(cls, loaded: LoadedBase, parts: str | None = None, seed: int = 0) -> "RoEPipeline":
-        info = cls.base_info(loaded)
-        parts = parts or shipped_parts(loaded, "roe")
-        if parts is not None:
-            if not Path(parts).is_dir():
-                raise ModelLoadError(f"RoE folder {parts!r} does not exist")
-            model = RoEModel.from_roe_folder(loaded.base, parts)
-            info["roe"] = str(parts)
-        else:
-            torch.manual_seed(seed)
-            model = RoEModel(loaded.base)
-            info["roe"] = "untrained (fresh routers and adapters)"
-        model = model.to(device=loaded.base.device, dtype=loaded.base.dtype)
-        return cls(model, cls.make_encoder(loaded), info)
+        return cls.with_parts(loaded, parts, seed, RoEModel.from_roe_folder, RoEModel,
+                              "untrained (fresh routers and adapters)")
 
     @classmethod
     def load(cls, model: str = "embedded", roe: str | None = None, device: str | None = "auto",

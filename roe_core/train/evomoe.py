@@ -16,59 +16,34 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from safetensors.torch import load_file
-from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..runtime.conversation import ConversationEncoder
-from ..systems.evomoe import WEIGHTS_NAME, EvoMoEModel
-from ..systems.moe_llava import moe_lm_loss
-from .loop import LoopConfig, cosine_with_warmup, fit
+from ..systems.evomoe import EvoMoEModel
+from .loop import LoopConfig, add_config_args, config_from_args, fit
+from .moe_llava import PartsObjective
 
 STAGES = ("evolve", "router")
 
 
 @dataclass
-class EvoTrainConfig:
+class EvoTrainConfig(LoopConfig):
     stage: str = "evolve"
     steps: int = 300
-    batch_size: int = 8
     lr: float = 5e-4
     warmup: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    save_every: int = 100
-    log_every: int = 10
-    bf16: bool = False
 
 
-class EvoObjective:
-    """One EvoMoE stage for the shared loop."""
+class EvoObjective(PartsObjective):
+    """One EvoMoE stage: evolve (FFN_1 trains, the others follow it after every step) or router."""
 
     def __init__(self, model: EvoMoEModel, cfg: EvoTrainConfig):
         if cfg.stage not in STAGES:
             raise ValueError(f"EvoMoE's stage must be one of {STAGES}, not {cfg.stage!r}")
-        self.cfg = cfg
-        self.desc = f"EvoMoE {cfg.stage}"
         model.set_evolving(cfg.stage == "evolve")
-        self.params = model.expert0_parameters() if cfg.stage == "evolve" else model.router_parameters()
+        super().__init__(model, cfg, model.expert0_parameters() if cfg.stage == "evolve" else model.router_parameters())
+        self.desc = f"EvoMoE {cfg.stage}"
         self.last_betas: list[list[float]] = []
-
-    def param_groups(self, model: EvoMoEModel) -> list[dict]:
-        return [{"params": self.params, "lr": self.cfg.lr}]
-
-    def set_trainable(self, model: EvoMoEModel, step: int) -> None:
-        if step == 0 or not self.params[0].requires_grad:
-            model.requires_grad_(False)
-            for p in self.params:
-                p.requires_grad_(True)
-
-    def lr_factor(self, step: int) -> float:
-        return cosine_with_warmup(step, self.cfg.steps, self.cfg.warmup)
-
-    def loss(self, model: EvoMoEModel, batch, step: int) -> dict[str, Tensor]:
-        return moe_lm_loss(model, batch)
 
     def after_step(self, model: EvoMoEModel, step: int) -> None:
         if self.cfg.stage == "evolve":
@@ -80,15 +55,6 @@ class EvoObjective:
             return {f"beta_{k + 2}": sum(b[k] for b in self.last_betas) / n for k in range(len(self.last_betas[0]))}
         return {}
 
-    def save_parts(self, model: EvoMoEModel, out: Path) -> None:
-        model.save_moe(out)
-
-    def load_parts(self, model: EvoMoEModel, out: Path) -> None:
-        model.load_state_dict(load_file(str(out / WEIGHTS_NAME)), strict=False)
-
-    def base_tensors(self, model: EvoMoEModel) -> list[str]:
-        return []
-
 
 def train_evomoe(model: EvoMoEModel, encoder: ConversationEncoder, dataset: Dataset, cfg: EvoTrainConfig,
                  out: str | Path, resume: bool = False, progress: bool = True) -> list[dict]:
@@ -96,12 +62,8 @@ def train_evomoe(model: EvoMoEModel, encoder: ConversationEncoder, dataset: Data
     the model's (seeded), so a resumed run draws different betas than an uninterrupted one."""
     model.config.extra.setdefault("training", {})[cfg.stage] = asdict(cfg)
     model.rng.seed(cfg.seed)
-    loop = LoopConfig(steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed, max_grad_norm=cfg.max_grad_norm,
-                      weight_decay=cfg.weight_decay, save_every=cfg.save_every, log_every=cfg.log_every,
-                      bf16=cfg.bf16)
     try:
-        return fit(model, EvoObjective(model, cfg), encoder, dataset, loop, out, resume, progress,
-                   record={"evomoe": asdict(cfg)})
+        return fit(model, EvoObjective(model, cfg), encoder, dataset, cfg, out, resume, progress)
     finally:
         model.set_evolving(False)
 
@@ -117,15 +79,10 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True, help="output folder (checkpoints, train_log.jsonl)")
     ap.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     ap.add_argument("--expert-delta-rank", type=int, default=0, help="r > 0: experts as rank-r deltas")
-    for f in EvoTrainConfig.__dataclass_fields__.values():
-        if f.name == "bf16":
-            ap.add_argument("--bf16", action="store_true", help="bf16 autocast")
-        elif f.name == "stage":
-            ap.add_argument("--stage", choices=STAGES, default="evolve")
-        else:
-            ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    ap.add_argument("--stage", choices=STAGES, default="evolve")
+    add_config_args(ap, EvoTrainConfig, skip=("stage",))
     args = ap.parse_args(argv)
-    cfg = EvoTrainConfig(**{k: getattr(args, k) for k in EvoTrainConfig.__dataclass_fields__})
+    cfg = config_from_args(EvoTrainConfig, args)
 
     from ..systems.pipeline import Pipeline, load_base
     from .loop import LlavaJsonDataset

@@ -54,14 +54,32 @@ class Objective(Protocol):
 
 @dataclass
 class LoopConfig:
-    steps: int
-    batch_size: int
+    """What the loop itself needs; each system's training config extends it."""
+    steps: int = 600
+    batch_size: int = 8
+    lr: float = 1e-3
     seed: int = 0
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
     save_every: int = 100
     log_every: int = 10
     bf16: bool = False
+
+
+def add_config_args(ap, cls, flags: dict[str, str] | None = None, skip: tuple[str, ...] = ()) -> None:
+    """One --option per field of a config dataclass (bool fields in `flags`: store_true with that help)."""
+    flags = {"bf16": "bf16 autocast", **(flags or {})}
+    for f in cls.__dataclass_fields__.values():
+        if f.name in skip:
+            continue
+        if f.name in flags:
+            ap.add_argument("--" + f.name.replace("_", "-"), action="store_true", help=flags[f.name])
+        else:
+            ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+
+
+def config_from_args(cls, args):
+    return cls(**{k: getattr(args, k) for k in cls.__dataclass_fields__})
 
 
 def cosine_with_warmup(step: int, steps: int, warmup: float = 0.03) -> float:
@@ -200,9 +218,9 @@ def average_gradients(params: list[nn.Parameter], num_processes: int, bucket_num
 
 
 def fit(model: nn.Module, objective: Objective, encoder: ConversationEncoder, dataset: Dataset, cfg: LoopConfig,
-        out: str | Path, resume: bool = False, progress: bool = True, record: dict | None = None) -> list[dict]:
+        out: str | Path, resume: bool = False, progress: bool = True) -> list[dict]:
     """Trains `model` in place with `objective`; returns the learning curve (a dict every log_every
-    steps). record: the run's full configuration, stored in trainer_state.json."""
+    steps). cfg (a LoopConfig or a system's extension of it) is stored in trainer_state.json."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -228,7 +246,7 @@ def fit(model: nn.Module, objective: Objective, encoder: ConversationEncoder, da
         history_path.unlink(missing_ok=True)      # a fresh run starts a fresh learning curve
     bar = tqdm(total=cfg.steps, initial=start, disable=not (progress and accelerator.is_main_process),
                desc=objective.desc, dynamic_ncols=True)
-    config = {"loop": asdict(cfg), **(record or {})}
+    config = {"type": type(cfg).__name__, **asdict(cfg)}
     step, t_last = start, time.perf_counter()
     while step < cfg.steps:
         epoch, skip = divmod(step, epoch_len)

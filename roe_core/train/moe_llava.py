@@ -22,32 +22,25 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..runtime.conversation import ConversationEncoder
-from ..systems.moe_llava import WEIGHTS_NAME, MoELlavaModel, moe_lm_loss
-from .loop import LoopConfig, cosine_with_warmup, fit
+from ..systems.moe_llava import MoELlavaModel, moe_lm_loss
+from .loop import LoopConfig, add_config_args, config_from_args, cosine_with_warmup, fit
 
 
 @dataclass
-class MoETuneConfig:
-    steps: int = 600
-    batch_size: int = 8
+class MoETuneConfig(LoopConfig):
     lr: float = 2e-5                 # the method's, for full FFN weights; rank-r deltas want more (the embedded recipe: 5e-4)
     warmup: float = 0.03             # fraction of steps, then cosine to 0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    save_every: int = 100
-    log_every: int = 10
-    bf16: bool = False
 
 
-class MoETuneObjective:
-    """MoE-tuning for the shared loop: the FFNs and routers train, nothing else."""
-    desc = "MoE-tuning"
+class PartsObjective:
+    """The shared part of an MoE system's stage for the loop: a set of parameters trains (nothing else),
+    cosine LR after warm-up, loss CE + coef x the sum of l_aux, the system's own checkpoint files."""
+    desc = "MoE training"
 
-    def __init__(self, model: MoELlavaModel, cfg: MoETuneConfig):
+    def __init__(self, model: MoELlavaModel, cfg, params: list):
         self.cfg = cfg
-        self.params = model.ffn_parameters()
-        ids = {id(p) for p in self.params}
+        self.params = params
+        ids = {id(p) for p in params}
         stored = set(model.moe_state_dict())
         # trained tensors the MoE checkpoint does not hold (full-weight dense FFNs of the base)
         self.base_names = [n for n, p in model.named_parameters() if id(p) in ids and n not in stored]
@@ -74,10 +67,18 @@ class MoETuneObjective:
         model.save_moe(out)
 
     def load_parts(self, model: MoELlavaModel, out: Path) -> None:
-        model.load_state_dict(load_file(str(out / WEIGHTS_NAME)), strict=False)
+        model.load_state_dict(load_file(str(out / model.config.WEIGHTS)), strict=False)
 
     def base_tensors(self, model: MoELlavaModel) -> list[str]:
         return self.base_names
+
+
+class MoETuneObjective(PartsObjective):
+    """MoE-tuning: the FFNs (experts, dense FFNs of the other layers) and routers train, nothing else."""
+    desc = "MoE-tuning"
+
+    def __init__(self, model: MoELlavaModel, cfg: MoETuneConfig):
+        super().__init__(model, cfg, model.ffn_parameters())
 
 
 def train_moe_llava(model: MoELlavaModel, encoder: ConversationEncoder, dataset: Dataset, cfg: MoETuneConfig,
@@ -86,11 +87,7 @@ def train_moe_llava(model: MoELlavaModel, encoder: ConversationEncoder, dataset:
     moe_config.json + moe.safetensors, backbone.safetensors (full-weight dense FFNs, if they train),
     optimizer.safetensors + trainer_state.json."""
     model.config.extra.setdefault("moe_tuning", asdict(cfg))
-    loop = LoopConfig(steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed, max_grad_norm=cfg.max_grad_norm,
-                      weight_decay=cfg.weight_decay, save_every=cfg.save_every, log_every=cfg.log_every,
-                      bf16=cfg.bf16)
-    return fit(model, MoETuneObjective(model, cfg), encoder, dataset, loop, out, resume, progress,
-               record={"moe_llava": asdict(cfg)})
+    return fit(model, MoETuneObjective(model, cfg), encoder, dataset, cfg, out, resume, progress)
 
 
 def main(argv=None) -> None:
@@ -109,13 +106,9 @@ def main(argv=None) -> None:
     ap.add_argument("--dense-delta-rank", type=int, default=0,
                     help="r > 0: the other layers' FFNs train rank-r deltas, stored with the MoE parts; "
                          "0: their full weights train and are saved in backbone.safetensors")
-    for f in MoETuneConfig.__dataclass_fields__.values():
-        if f.name == "bf16":
-            ap.add_argument("--bf16", action="store_true", help="bf16 autocast")
-        else:
-            ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    add_config_args(ap, MoETuneConfig)
     args = ap.parse_args(argv)
-    cfg = MoETuneConfig(**{k: getattr(args, k) for k in MoETuneConfig.__dataclass_fields__})
+    cfg = config_from_args(MoETuneConfig, args)
 
     from ..systems.pipeline import Pipeline, load_base
     from .loop import LlavaJsonDataset

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,13 +33,11 @@ from torch.utils.data import Dataset
 
 from ..runtime.conversation import ConversationEncoder
 from ..systems.roe import RoEModel, layout_batch
-from .loop import LlavaJsonDataset, LoopConfig, fit
+from .loop import LlavaJsonDataset, LoopConfig, add_config_args, config_from_args, fit
 
 
 @dataclass
-class TrainConfig:
-    steps: int = 600
-    batch_size: int = 8
+class TrainConfig(LoopConfig):
     lr: float = 4e-4                 # RoE parts (release: 4e-4)
     backbone_lr: float = 2e-6        # stage 2 backbone (release: 2e-6); 0 keeps it frozen
     backbone: str = "language_model"  # what "backbone" means: language_model | lora | none
@@ -51,12 +49,6 @@ class TrainConfig:
     anneal_every: float = 0.005      # fraction of training between two annealing steps
     t_decay: float = 0.95
     b_decay: float = 0.85
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    save_every: int = 100
-    log_every: int = 10
-    bf16: bool = False
     hard_routes: bool = True         # stage 2: hard forward, straight-through gradient (see the docstring)
     routers_only: bool = False       # train only routers + routing tokens (refining trained parts)
     per_turn_sparsity: bool = False  # the hinge per turn (roe_loss's per_turn) instead of per sample
@@ -243,11 +235,7 @@ def train(model: RoEModel, encoder: ConversationEncoder, dataset: Dataset, cfg: 
     """Trains the RoE parts in place (the shared loop, loop.fit); returns the log (one dict every
     log_every steps). Checkpoints in `out`: roe_config.json + roe.safetensors, backbone.safetensors
     (when the backbone trains), optimizer.safetensors + trainer_state.json."""
-    loop = LoopConfig(steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed, max_grad_norm=cfg.max_grad_norm,
-                      weight_decay=cfg.weight_decay, save_every=cfg.save_every, log_every=cfg.log_every,
-                      bf16=cfg.bf16)
-    return fit(model, RoEObjective(model, cfg), encoder, dataset, loop, out, resume, progress,
-               record={"roe": asdict(cfg)})
+    return fit(model, RoEObjective(model, cfg), encoder, dataset, cfg, out, resume, progress)
 
 
 def main(argv=None) -> None:
@@ -258,20 +246,14 @@ def main(argv=None) -> None:
     ap.add_argument("--images", default=None, help="image folder (default: the JSON's folder)")
     ap.add_argument("--out", required=True, help="output folder (checkpoints, train_log.jsonl)")
     ap.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    flags = {"bf16": "bf16 autocast",
-             "routers_only": "train only the routers and routing tokens (e.g. refining --roe parts)",
-             "per_turn_sparsity": "the sparsity hinge per turn, weighted by that turn's CE",
-             "per_turn_ce": "each turn's CE weighs the same in the loss, whatever its answer's length"}
-    for f in TrainConfig.__dataclass_fields__.values():
-        if f.name in flags:
-            ap.add_argument("--" + f.name.replace("_", "-"), action="store_true", help=flags[f.name])
-        elif f.name == "hard_routes":
-            ap.add_argument("--soft-routes", dest="hard_routes", action="store_false",
-                            help="stage 2 mixes both paths softly instead of taking the hard route")
-        else:
-            ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    add_config_args(ap, TrainConfig, {
+        "routers_only": "train only the routers and routing tokens (e.g. refining --roe parts)",
+        "per_turn_sparsity": "the sparsity hinge per turn, weighted by that turn's CE",
+        "per_turn_ce": "each turn's CE weighs the same in the loss, whatever its answer's length"}, skip=("hard_routes",))
+    ap.add_argument("--soft-routes", dest="hard_routes", action="store_false",
+                    help="stage 2 mixes both paths softly instead of taking the hard route")
     args = ap.parse_args(argv)
-    cfg = TrainConfig(**{k: getattr(args, k) for k in TrainConfig.__dataclass_fields__})
+    cfg = config_from_args(TrainConfig, args)
 
     from ..systems.roe import RoEPipeline
     pipe = RoEPipeline.load(args.model, roe=args.roe, device="auto", dtype="float32")
