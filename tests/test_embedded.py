@@ -49,8 +49,10 @@ def test_loader_assembles_llava(loaded):
 
 
 def test_assets_are_small():
-    total = sum(p.stat().st_size for p in embedded.ASSETS.rglob("*") if p.is_file())
-    assert total < 60 * 2**20, f"assets/embedded holds {total / 2**20:.1f} MB (limit 60 MB)"
+    # the shared size budget: all of assets/ (every system's shipped parts, the example images) <= 120 MB
+    assets = embedded.REPO / "assets"
+    total = sum(p.stat().st_size for p in assets.rglob("*") if p.is_file())
+    assert total <= 120 * 2**20, f"assets/ holds {total / 2**20:.1f} MB (budget 120 MB)"
     for p in embedded.ASSETS.rglob("*"):
         assert p.suffix in (".safetensors", ".json", ".jsonl", ".md", "") or p.is_dir(), p
 

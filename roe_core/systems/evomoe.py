@@ -89,12 +89,15 @@ class DTRouter(nn.Module):
 
     def forward(self, z: Tensor, is_image: Tensor) -> Tensor:
         """z (N, d) fp32, is_image (N,) bool -> routing scores (N, E). Each hypernetwork runs once, on
-        its modality's tokens."""
-        scores = z.new_zeros(z.shape[0], self.phi[-1].out_features)
-        for modality, sel in (("image", is_image), ("text", ~is_image)):
-            idx = sel.nonzero().squeeze(1)
-            if idx.numel():
-                scores.index_copy_(0, idx, self.phi(self.embed(z.index_select(0, idx), modality)))
+        its modality's tokens. Routing stays fp32 under autocast too (training with bf16: autocast would
+        make phi's output bf16, which index_copy_ into the fp32 scores refuses)."""
+        with torch.autocast(z.device.type, enabled=False):
+            z = z.float()
+            scores = z.new_zeros(z.shape[0], self.phi[-1].out_features)
+            for modality, sel in (("image", is_image), ("text", ~is_image)):
+                idx = sel.nonzero().squeeze(1)
+                if idx.numel():
+                    scores.index_copy_(0, idx, self.phi(self.embed(z.index_select(0, idx), modality)))
         return scores
 
 
@@ -124,6 +127,14 @@ class EvoMoEFFN(nn.Module):
         super().__init__()
         w = mlp.gate_proj.weight
         self.experts = nn.ModuleList(Expert(mlp, config.expert_delta_rank) for _ in range(config.num_experts))
+        if config.expert_delta_rank:
+            # the evolved experts start where FFN_1 starts (theta_n(0) = theta_1(0)), delta factors
+            # included: each delta's A is drawn at random, and an evolved expert's own random A would
+            # otherwise stay mixed into its EMA (B A = 0 at init either way, but not after)
+            with torch.no_grad():
+                for e in self.experts[1:]:
+                    for p, q in zip(e.delta.parameters(), self.experts[0].delta.parameters()):
+                        p.copy_(q)
         self.router = DTRouter(w.shape[1], config.num_experts, config.hyper_hidden, config.bottleneck,
                                config.embed_dim, device=w.device)
         self.evolving = False
@@ -162,7 +173,7 @@ class EvoMoEFFN(nn.Module):
         drawn from ranges[n - 1]. With deltas, on their factors; else on the full weights. Returns the betas."""
         src = self.experts[0]
         params = (lambda e: list(e.delta.parameters())) if src.delta_rank else \
-                 (lambda e: [getattr(e, p).weight for p in Expert.PROJ])
+                 (lambda e: [q for p in Expert.PROJ for q in getattr(e, p).parameters()])   # biases too, if any
         betas = []
         for n, expert in enumerate(self.experts[1:], start=1):
             lo, hi = ranges[(n - 1) % len(ranges)]
