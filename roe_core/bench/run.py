@@ -104,7 +104,7 @@ def evaluate(pipe: Pipeline, qs: list[Question], route: str | None, batch_size: 
     from tqdm.auto import tqdm
     opts = {"route": route or "auto", "threshold": threshold} if isinstance(pipe, RoEPipeline) else {}
     preds, traces = [], []
-    label = pipe.system + (f", {route} route" if isinstance(pipe, RoEPipeline) else "")
+    label = pipe.system + (f", {route or 'auto'} route" if isinstance(pipe, RoEPipeline) else "")
     for chunk in tqdm(_batches(qs, batch_size), desc=f"accuracy, {label}", unit="batch"):
         answers = pipe.answer_batch([(q.image, q.question, q.history) for q in chunk],
                                     max_new_tokens=max_new_tokens, **opts)
