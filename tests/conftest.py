@@ -121,3 +121,28 @@ def free_port():
             s.bind(("127.0.0.1", 0))
             return s.getsockname()[1]
     return pick
+
+
+# --- MoE systems (test_moe_llava.py, test_evomoe.py) ---
+
+@torch.no_grad()
+def randomise(ffns, seed=1, router_std=0.5, expert_std=0.0):
+    """MoE systems' routers made random (every parameter ~ N(0, router_std): tokens spread over all
+    experts); expert_std > 0 also moves each expert (its deltas, when delta-stored) apart."""
+    g = torch.Generator().manual_seed(seed)
+    for ffn in ffns:
+        for p in ffn.router.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * router_std)
+        for e in ffn.experts:
+            for p in (e.delta if e.delta_rank else e).parameters():
+                p.add_(torch.randn(p.shape, generator=g) * expert_std)
+
+
+@torch.no_grad()
+def logits(model, b):
+    return model(b.input_ids, b.token_ok, b.pixel_values).logits
+
+
+@torch.no_grad()
+def base_logits(base, b):
+    return base(input_ids=b.input_ids, attention_mask=b.token_ok.long(), pixel_values=b.pixel_values).logits

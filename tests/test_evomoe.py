@@ -14,7 +14,7 @@ from torch.testing import assert_close
 from transformers import LlamaConfig, LlavaForConditionalGeneration
 from transformers.models.llama.modeling_llama import LlamaMLP
 
-from conftest import QUESTIONS
+from conftest import QUESTIONS, base_logits, logits, randomise
 from roe_core import scenes
 from roe_core.runtime.conversation import ConversationEncoder
 from roe_core.runtime.tiny import tiny_llava, tiny_llava_config
@@ -48,29 +48,6 @@ def toy_data(tmp_path_factory):
 
 def batch(enc, questions, images):
     return enc.collate([enc.encode([(q, None)]) for q in questions], images, last_turn_only=True)
-
-
-@torch.no_grad()
-def randomise(ffns, seed=1, router_std=0.5, expert_std=0.0):
-    """Random DTRs (every parameter ~ N(0, router_std): large enough that tokens spread over the
-    experts); expert_std > 0 also moves each expert (its deltas, when delta-stored) apart."""
-    g = torch.Generator().manual_seed(seed)
-    for ffn in ffns:
-        for p in ffn.router.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * router_std)
-        for e in ffn.experts:
-            for p in (e.delta if e.delta_rank else e).parameters():
-                p.add_(torch.randn(p.shape, generator=g) * expert_std)
-
-
-@torch.no_grad()
-def logits(model, b):
-    return model(b.input_ids, b.token_ok, b.pixel_values).logits
-
-
-@torch.no_grad()
-def base_logits(base, b):
-    return base(input_ids=b.input_ids, attention_mask=b.token_ok.long(), pixel_values=b.pixel_values).logits
 
 
 def snapshot(model):

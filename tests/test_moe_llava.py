@@ -11,7 +11,7 @@ from torch.testing import assert_close
 from transformers import LlamaConfig, LlavaForConditionalGeneration
 from transformers.models.llama.modeling_llama import LlamaMLP
 
-from conftest import QUESTIONS
+from conftest import QUESTIONS, base_logits, logits, randomise
 from roe_core.runtime.conversation import ConversationEncoder
 from roe_core.systems.moe_llava import (
     CONFIG_NAME, TOKEN_KINDS, WEIGHTS_NAME, MoEFFN, MoELlavaConfig, MoELlavaModel, ParamCounts, moe_lm_loss,
@@ -36,28 +36,6 @@ def batch(enc, questions, images, answers=None):
     answers = answers or [None] * len(questions)
     return enc.collate([enc.encode([(q, a)]) for q, a in zip(questions, answers)], images,
                        last_turn_only=answers[0] is None)
-
-
-@torch.no_grad()
-def randomise(ffns, seed=1, router_std=0.5, expert_std=0.0):
-    """Random routers (peaky enough that tokens spread over all experts); expert_std > 0 also makes
-    the experts differ from one another and from the base's FFN (their deltas, when delta-stored)."""
-    g = torch.Generator().manual_seed(seed)
-    for ffn in ffns:
-        ffn.router.weight.copy_(torch.randn(ffn.router.weight.shape, generator=g) * router_std)
-        for e in ffn.experts:
-            for p in (e.delta if e.delta_rank else e).parameters():
-                p.add_(torch.randn(p.shape, generator=g) * expert_std)
-
-
-@torch.no_grad()
-def logits(model, b):
-    return model(b.input_ids, b.token_ok, b.pixel_values).logits
-
-
-@torch.no_grad()
-def base_logits(base, b):
-    return base(input_ids=b.input_ids, attention_mask=b.token_ok.long(), pixel_values=b.pixel_values).logits
 
 
 # --- parity with the base --------------------------------------------------------------------------------
