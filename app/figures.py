@@ -18,7 +18,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from roe_core import RouteTrace, SpeedComparison
-from roe_core.systems.moe_llava import TOKEN_KINDS, ExpertTrace
+from roe_core.systems.moe_llava import TOKEN_KINDS, ExpertTrace, js_divergence
 
 RUN = "#2563eb"        # layer executed
 SKIP = "#f59e0b"       # layer skipped; its adapter stood in
@@ -237,21 +237,13 @@ def plot_systems(rows: Sequence[dict]) -> go.Figure:
     return _layout(fig, "Same question, every system", 300)
 
 
-def js_bits(p: Sequence[float], q: Sequence[float]) -> float:
-    """Jensen-Shannon divergence of two distributions, in bits (0 = the same, 1 = disjoint)."""
-    import math
-    m = [(a + b) / 2 for a, b in zip(p, q)]
-    kl = lambda a, b: sum(x * math.log2(x / y) for x, y in zip(a, b) if x > 0)   # noqa: E731
-    return 0.5 * kl(p, m) + 0.5 * kl(q, m)
-
-
 def plot_rigidity(traces: dict[str, tuple[ExpertTrace, int]], title: str = "Router rigidity, this turn") -> go.Figure:
     """{label: (trace, num_experts)}: per MoE layer, the divergence between the top-1 expert distribution
     of image tokens and that of text tokens. Near 0: the router sends both modalities alike (rigid)."""
     fig = go.Figure()
     for i, (label, (trace, E)) in enumerate(traces.items()):
         sh = expert_shares(trace, E)
-        js = [js_bits(a, b) for a, b in zip(sh["image"], sh["text"])]
+        js = [js_divergence(a, b) for a, b in zip(sh["image"], sh["text"])]
         fig.add_trace(go.Scatter(x=[f"layer {layer}" for layer in trace.layers], y=js, name=label, mode="lines+markers",
                                  line=dict(color=EXPERT_COLOURS[i % len(EXPERT_COLOURS)], width=2),
                                  hovertemplate=label + ", %{x}: JS %{y:.3f} bits<extra></extra>"))

@@ -176,7 +176,7 @@ def expert_stats(pipe: Pipeline, qs: list[Question], traces, n_aux: int = 64) ->
     divergence ("router rigidity": 0 = image and text tokens go to the experts alike), and l_aux per
     layer on a teacher-forced pass over the first n_aux questions with their gold answers (balanced =
     1.0 per layer; the loss sums them)."""
-    from ..systems.moe_llava import TOKEN_KINDS
+    from ..systems.moe_llava import TOKEN_KINDS, js_divergence
     model = pipe.model
     E = model.config.num_experts
     img = TOKEN_KINDS.index("image")
@@ -197,16 +197,6 @@ def expert_stats(pipe: Pipeline, qs: list[Question], traces, n_aux: int = 64) ->
             "expert_load": {k: v.tolist() for k, v in share.items()},
             "rigidity_js_per_layer": [js_divergence(p, q) for p, q in zip(share["image"], share["text"])],
             "l_aux_per_layer": per_layer, "l_aux_sum": sum(per_layer), "l_aux_balanced_sum": len(per_layer)}
-
-
-def js_divergence(p: torch.Tensor, q: torch.Tensor) -> float:
-    """Jensen-Shannon divergence (bits, 0..1) of two distributions."""
-    m = (p + q) / 2
-
-    def kl(a, b):
-        keep = a > 0
-        return float((a[keep] * (a[keep] / b[keep]).log2()).sum())
-    return 0.5 * kl(p, m) + 0.5 * kl(q, m)
 
 
 def teacher_forced(pipe: Pipeline, qs: list[Question], size: int = 16):

@@ -312,6 +312,18 @@ class MoEGeneration:
     timing: Timing
 
 
+def js_divergence(p, q) -> float:
+    """Jensen-Shannon divergence (bits, 0 = the same, 1 = disjoint) of two distributions (sequences or
+    tensors): how differently two groups of tokens (image, text) are spread over the experts."""
+    p, q = torch.as_tensor(p, dtype=torch.float64), torch.as_tensor(q, dtype=torch.float64)
+    m = (p + q) / 2
+
+    def kl(a, b):
+        keep = a > 0
+        return float((a[keep] * (a[keep] / b[keep]).log2()).sum())
+    return 0.5 * kl(p, m) + 0.5 * kl(q, m)
+
+
 def token_kinds(batch: Batch, image_token_id: int) -> Tensor:
     """(B, S) long kinds (TOKEN_KINDS) of a collated batch: image slots, question text (the spans in
     batch.question_keys), answer tokens (batch.answer_mask), everything else "other"."""
