@@ -4,6 +4,12 @@ question of the dense model and MoE-LLaVA side by side.
     python app.py                                  # the embedded model, GPU (bf16) if there is one
     python app.py --model tiny                     # random tiny model (tests, smoke runs)
     python app.py --model llava-hf/llava-1.5-7b-hf --roe runs/roe-llava --device cuda
+    python app.py --host 0.0.0.0 --auth alice:secret   # other machines may connect: ask them to log in
+
+It listens on 127.0.0.1 (this machine only) unless --host says otherwise; binding to another address
+without --auth prints a warning. Questions that arrive together are answered in one batch (--max-batch,
+--batch-window-ms); --max-question-tokens, --max-history-turns and --rate-limit refuse what would hold the
+model, before any model work (0 turns a limit off).
 """
 from __future__ import annotations
 
@@ -25,14 +31,27 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "or a local LLaVA folder / hub id")
     p.add_argument("--roe", default=None, help="RoE folder (roe_config.json + roe.safetensors) for --model")
     p.add_argument("--moe-llava", default=None, help="MoE-LLaVA folder (moe_config.json + moe.safetensors) for --model")
+    p.add_argument("--evomoe", default=None, help="EvoMoE folder (its config + safetensors) for --model")
     p.add_argument("--systems", default=None,
-                   help="systems to load, comma-separated, of dense,roe,moe_llava (default: every one the model has "
-                        "parts for; RoE is always loaded)")
+                   help="systems to load, comma-separated, of dense,roe,moe_llava,evomoe (default: every one the model "
+                        "has parts for; RoE is always loaded)")
     p.add_argument("--device", default="auto", help='"auto" (GPU when there is one), "cpu", "cuda", "cuda:1"...')
     p.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=None, help="port (default: 7860 or the next free one)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
+    p.add_argument("--auth", default=None, metavar="USER:PASSWORD",
+                   help="ask for this login (gradio's own login page); or @FILE: one USER:PASSWORD per line")
+    p.add_argument("--max-batch", type=int, default=8, help="most questions answered in one batch (default 8)")
+    p.add_argument("--batch-window-ms", type=float, default=30.0,
+                   help="how long a question waits for others to join its batch (default 30 ms)")
+    p.add_argument("--max-question-tokens", type=int, default=256,
+                   help="longest question, in tokens, refused before any model work (default 256; 0: no limit)")
+    p.add_argument("--max-history-turns", type=int, default=16,
+                   help="most earlier turns sent with a question (default 16; 0: no limit)")
+    p.add_argument("--rate-limit", type=float, default=30.0,
+                   help="questions per minute per user, after a burst of 10 (default 30; 0: no limit, e.g. for "
+                        "app.loadtest)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="longest answer, in tokens")
     p.add_argument("--speed-repeats", type=int, default=3,
                    help="interleaved timing repeats per path when comparing against every layer")
@@ -61,7 +80,8 @@ def _load(args, model: str) -> dict:
     if "roe" not in chosen:
         chosen = ["roe", *chosen]      # the page is built around RoE's views
     loaded = load_base(model, args.device, args.dtype)
-    return load_systems(chosen, loaded=loaded, parts={"roe": args.roe, "moe_llava": args.moe_llava})
+    return load_systems(chosen, loaded=loaded, parts={"roe": args.roe, "moe_llava": args.moe_llava,
+                                                      "evomoe": args.evomoe})
 
 
 def main(argv=None) -> int:
@@ -81,11 +101,52 @@ def main(argv=None) -> int:
           f"{info.get('num_layers')} decoder layers; systems {', '.join(pipes)}", file=sys.stderr)
 
     from app.ui import build_demo, launch_options
+    from roe_core.serving import Limits, Server
 
+    try:
+        auth = parse_auth(args.auth)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not is_loopback(args.host) and auth is None:
+        print(f"warning: listening on {args.host}, reachable from other machines, with no login. Anyone who can "
+              "reach this port can use the model; add --auth USER:PASSWORD (or --auth @file).", file=sys.stderr)
+    server = Server(max_batch=args.max_batch, window_s=args.batch_window_ms / 1000.0,
+                    limits=Limits(args.max_question_tokens or None, args.max_history_turns or None,
+                                  args.rate_limit or None))
     demo = build_demo(pipe, max_new_tokens=args.max_new_tokens, speed_repeats=args.speed_repeats, notice=notice,
-                      systems=pipes)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_options())
+                      systems=pipes, server=server)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth, **launch_options())
     return 0
+
+
+def parse_auth(value: str | None) -> list[tuple[str, str]] | None:
+    """--auth USER:PASSWORD, or @FILE with one USER:PASSWORD per line -> gradio's auth list."""
+    if not value:
+        return None
+    lines = open(value[1:]).read().splitlines() if value.startswith("@") else [value]
+    pairs = []
+    for line in (x.strip() for x in lines):
+        if not line or line.startswith("#"):
+            continue
+        user, sep, password = line.partition(":")
+        if not sep or not user or not password:
+            raise ValueError("--auth takes USER:PASSWORD (or @FILE with one USER:PASSWORD per line)")
+        pairs.append((user, password))
+    if not pairs:
+        raise ValueError(f"--auth {value}: no USER:PASSWORD found")
+    return pairs
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 if __name__ == "__main__":

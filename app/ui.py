@@ -1,9 +1,14 @@
 """The RoE Explorer page: chat about an image on the left, what each answer's route did on the right.
 
 build_demo(pipe) lays the page out top to bottom as it appears and wires its events; the handlers
-(class Explorer, below it) turn (this user's Conversation, inputs) into outputs. One model is shared by
-every user; its calls share one queue (concurrency_id="model", one at a time). Each user's conversation
-lives in that user's gr.State.
+(class Explorer, below it) turn (this user's Conversation, inputs) into outputs. Each user's
+conversation lives in that user's gr.State.
+
+One model serves every user through a roe_core.serving.Server: chat turns and /answer calls that
+arrive together are answered in one mixed-route batch, each streaming to its own user; speed
+measurements, what-ifs and the side-by-side view run as background work that hands the model to plain
+questions at every token. Stop (and closing the tab) cancels that user's work at its next token.
+Limits (question tokens, history turns, questions per minute) refuse a request before any model work.
 
 Endpoints (gradio_client api_names; the conversation state travels with the client's session):
     /ask        image, question              -> status, chat, trace, 4 figures... (streams the answer)
@@ -35,6 +40,7 @@ import pandas as pd
 from PIL import Image
 
 from roe_core import InputError, RoEPipeline
+from roe_core.serving import Cancelled, Job, Server
 from roe_core.systems import LABELS, MOE_SYSTEMS
 from roe_core.systems.pipeline import Pipeline
 from roe_core.runtime.images import MAX_BYTES
@@ -45,9 +51,10 @@ from .session import Conversation, Turn, WhatIf, file_key
 
 log = logging.getLogger("roe_explorer")
 
-# Every event that runs the model, or writes a conversation, waits in this one queue: one model call at
-# a time, and no handler can overwrite a conversation that another one of its user's requests is changing.
-MODEL = dict(concurrency_id="model", concurrency_limit=1)
+# Gradio lets this many plain questions (chat turns, /answer) in at once, so that the server can batch
+# them; background work (speed, what-if, side by side) takes turns on the model through the server's gate.
+PLAIN = dict(concurrency_id="plain", concurrency_limit=32)
+BACKGROUND = dict(concurrency_id="background", concurrency_limit=4)
 
 L1_CAPTION = (
     "**L1 distance** (the paper's Fig. 1), measured at prefill for each decoder layer: the mean over tokens "
@@ -57,6 +64,7 @@ L1_CAPTION = (
     "blue: the path this turn took, each layer ● executed or ◆ skipped through its adapter."
 )
 SPEED_PENDING = "_Speed: the same turn is then run with every layer, interleaved, to time both paths…_"
+SPEED_STOPPED = "_The speed measurement was stopped: press **Measure speed now** to time this turn._"
 SPEED_OFF = ("_Speed not measured for this turn: press **Measure speed now** (or tick the box) to time it against "
              "every layer._")
 
@@ -74,10 +82,12 @@ def launch_options() -> dict:
 
 
 def build_demo(pipe: RoEPipeline, max_new_tokens: int = 48, speed_repeats: int = 3,
-               notice: str | None = None, systems: dict[str, Pipeline] | None = None) -> gr.Blocks:
+               notice: str | None = None, systems: dict[str, Pipeline] | None = None,
+               server: Server | None = None) -> gr.Blocks:
     """The whole page. notice: a warning shown under the title (e.g. why a fallback model is loaded).
-    systems: every loaded system by name (the RoE pipe among them) for the side-by-side view."""
-    ex = Explorer(pipe, max_new_tokens, speed_repeats, systems)
+    systems: every loaded system by name (the RoE pipe among them) for the side-by-side view.
+    server: batches and schedules the model's work (default: Server() with its default limits)."""
+    ex = Explorer(pipe, max_new_tokens, speed_repeats, systems, server)
     L = ex.num_layers
     examples = load_examples()
 
@@ -105,6 +115,7 @@ def build_demo(pipe: RoEPipeline, max_new_tokens: int = 48, speed_repeats: int =
                     question = gr.Textbox(label="question", placeholder="Ask a question about the image…",
                                           show_label=False, scale=5, lines=1, max_lines=4, elem_id="question")
                     ask_btn = gr.Button("Ask", variant="primary", scale=1, min_width=80, elem_id="ask")
+                    stop_btn = gr.Button("Stop", variant="stop", scale=1, min_width=70, elem_id="stop")
                 status = gr.Markdown(label="status", elem_id="status")
                 if examples:
                     gr.Examples([[e["image"], e["question"]] for e in examples], inputs=[image, question],
@@ -221,28 +232,33 @@ def build_demo(pipe: RoEPipeline, max_new_tokens: int = 48, speed_repeats: int =
         speed_outputs = [conv, speed_plot, speed_table, speed_md]
 
         asked = gr.on([ask_btn.click, question.submit], ex.ask, [conv, image, question],
-                      [conv, status, *turn_views, question], api_name="ask", preprocess=False, **MODEL)
-        asked.then(ex.speed, [conv, measure], speed_outputs, api_name="speed", **MODEL)
-        speed_btn.click(ex.speed_now, conv, speed_outputs, api_visibility="private", **MODEL)
+                      [conv, status, *turn_views, question], api_name="ask", preprocess=False, **PLAIN)
+        speed_evt = asked.then(ex.speed, [conv, measure], speed_outputs, api_name="speed", **BACKGROUND)
+        speed_now_evt = speed_btn.click(ex.speed_now, conv, speed_outputs, api_visibility="private", **BACKGROUND)
 
         image.change(ex.set_image, [conv, image], [conv, status, *turn_views, image], api_name="set_image",
-                     preprocess=False, **MODEL)
+                     preprocess=False, **PLAIN)
         new_scene_btn.click(ex.new_scene, conv, [conv, status, *turn_views, image, question], api_name="new_scene",
-                            **MODEL)
-        reset_btn.click(ex.reset, conv, [conv, status, *turn_views], api_name="reset", **MODEL)
+                            **PLAIN)
+        reset_btn.click(ex.reset, conv, [conv, status, *turn_views], api_name="reset", **PLAIN)
 
         layers.input(lambda: "layers", None, how, queue=False, api_visibility="private")
         threshold.input(lambda: "threshold", None, how, queue=False, api_visibility="private")
-        whatif_btn.click(ex.whatif, [conv, how, layers, threshold],
-                         [conv, whatif_md, whatif_table, whatif_route, whatif_speed], api_name="whatif", **MODEL)
+        whatif_evt = whatif_btn.click(ex.whatif, [conv, how, layers, threshold],
+                                      [conv, whatif_md, whatif_table, whatif_route, whatif_speed], api_name="whatif",
+                                      **BACKGROUND)
 
         export_btn.click(ex.export, conv, [export_csv, export_json, export_md], api_name="export",
                          concurrency_limit=None)
-        arena_btn.click(ex.compare_systems, [conv, arena_systems, arena_q],
-                        [arena_md, arena_table, arena_plot, *moe_plots], api_name="systems", **MODEL)
+        arena_evt = arena_btn.click(ex.compare_systems, [conv, arena_systems, arena_q],
+                                    [arena_md, arena_table, arena_plot, *moe_plots], api_name="systems", **BACKGROUND)
         api_btn.click(ex.answer_json, [api_image, api_question, api_history, api_route, api_threshold, api_system],
-                      api_result, api_name="answer", **MODEL)
-    demo.queue(max_size=64)
+                      api_result, api_name="answer", **PLAIN)
+        # Stop: this user's work ends at its next token (the page's events and the model's work alike)
+        stop_btn.click(ex.stop, conv, [status, chat], api_name="stop", queue=False,
+                       cancels=[asked, speed_evt, speed_now_evt, whatif_evt, arena_evt])
+        demo.unload(ex.closed)
+    demo.queue(max_size=128)
     return demo
 
 
@@ -280,8 +296,9 @@ class Explorer:
     """The page's handlers. Each takes this user's Conversation first and returns the new one first."""
 
     def __init__(self, pipe: RoEPipeline, max_new_tokens: int = 48, speed_repeats: int = 3,
-                 systems: dict[str, Pipeline] | None = None):
+                 systems: dict[str, Pipeline] | None = None, server: Server | None = None):
         self.pipe = pipe
+        self.server = server or Server()
         self.systems = dict(systems or {"roe": pipe})
         self.max_new_tokens = max_new_tokens
         self.speed_repeats = speed_repeats
@@ -290,10 +307,12 @@ class Explorer:
         atexit.register(shutil.rmtree, self.workdir, ignore_errors=True)  # gradio serves its own copies
 
     # ---- the conversation ----
-    def ask(self, conv: Conversation, image, question: str):
+    def ask(self, conv: Conversation, image, question: str, request: gr.Request = None):
         """Answers `question` about `image`, streaming the text; a new image starts a new conversation.
-        Bad input leaves the conversation as it was and says why."""
+        Bad input leaves the conversation as it was and says why. The question joins whatever batch the
+        server is gathering; a new question stops this user's own background work first."""
         question = (question or "").strip()
+        user = owner_of(request)
         try:
             path = upload_path(image, self.workdir)
             if path is None:
@@ -304,9 +323,12 @@ class Explorer:
                 here = conv   # the same image (or its upload aged out of gradio's cache: the page still shows it)
             else:
                 here = Conversation.about(path, upload_name(image))
+            if user is not None:
+                self.server.cancel(user, questions=False)     # this user's speed measurement, what-if...
             answer = None
-            for item in stream_answer(self.pipe, here.image, question, here.history(),
-                                      max_new_tokens=self.max_new_tokens):
+            for item in stream_ticket(lambda on_token: self.server.submit(
+                    self.pipe, here.image, question, here.history(), owner=user, on_token=on_token,
+                    max_new_tokens=self.max_new_tokens, trace_l1=True, dense_l1=True)):
                 if isinstance(item, str):
                     yield (gr.skip(), "", here.chat_messages(pending=(question, item)),
                            *[gr.skip()] * (N_TURN_VIEWS - 1), gr.skip())
@@ -316,6 +338,16 @@ class Explorer:
             yield (new, "", *self.views(new), "")
         except Exception as e:  # noqa: BLE001  (every failure is shown; the app keeps serving)
             yield (conv, problem("Could not answer", e), *self.views(conv), question)
+
+    def stop(self, conv: Conversation, request: gr.Request = None):
+        """The stop button: this user's question and background work end at their next token."""
+        n = self.server.cancel(owner_of(request)) if owner_of(request) is not None else 0
+        return ("Stopped." if n else "Nothing to stop."), conv.chat_messages()
+
+    def closed(self, request: gr.Request = None):
+        """The tab was closed: nothing of this user's keeps the model busy."""
+        if owner_of(request) is not None:
+            self.server.cancel(owner_of(request))
 
     def set_image(self, conv: Conversation, image):
         """A new image (upload, example, new scene) starts a new conversation; the same image changes nothing."""
@@ -364,8 +396,9 @@ class Explorer:
         return (chat, trace, F.plot_layer_l1(t), F.plot_route(t), F.plot_adapter_usage([x.trace for x in conv.turns]),
                 adapters, [i for i, r in enumerate(t.route) if r], t.threshold, *speed_views(last.speed))
 
-    def speed(self, conv: Conversation, measure: bool = True):
-        """Times the last turn with its route and with every layer (interleaved repeats), once per turn."""
+    def speed(self, conv: Conversation, measure: bool = True, request: gr.Request = None):
+        """Times the last turn with its route and with every layer (interleaved repeats), once per turn.
+        Background work: plain questions of any user go first, at every token."""
         last = conv.last
         if last is None:
             return conv, gr.skip(), gr.skip(), ""
@@ -374,20 +407,23 @@ class Explorer:
         if not measure:
             return conv, gr.skip(), gr.skip(), SPEED_OFF
         try:
-            cmp = self.pipe.compare(conv.image, last.question, conv.history(-1), route="auto",
-                                    threshold=last.trace.threshold, max_new_tokens=self.max_new_tokens,
-                                    repeats=self.speed_repeats)
+            with self.server.background(owner_of(request)) as job:
+                cmp = self.pipe.compare(conv.image, last.question, conv.history(-1), route="auto",
+                                        threshold=last.trace.threshold, max_new_tokens=self.max_new_tokens,
+                                        repeats=self.speed_repeats, checkpoint=job.checkpoint)
+        except Cancelled:
+            return conv, gr.skip(), gr.skip(), SPEED_STOPPED
         except Exception as e:  # noqa: BLE001
             return conv, gr.skip(), gr.skip(), problem("Could not measure the speed", e)
         new = conv.with_speed(cmp)
         return (new, *speed_views(cmp))
 
-    def speed_now(self, conv: Conversation):
-        return self.speed(conv, True)
+    def speed_now(self, conv: Conversation, request: gr.Request = None):
+        return self.speed(conv, True, request)
 
-    def whatif(self, conv: Conversation, how: str, layers: list[int], threshold: float):
+    def whatif(self, conv: Conversation, how: str, layers: list[int], threshold: float, request: gr.Request = None):
         """Re-answers the last question on a hand-picked route or at another router threshold, timed
-        against every layer."""
+        against every layer (background work, like the speed measurement)."""
         last = conv.last
         if last is None:
             return conv, problem("Nothing to re-answer", "ask a question first"), None, gr.skip(), gr.skip()
@@ -400,8 +436,12 @@ class Explorer:
                 keep = {int(i) for i in (layers or [])}
                 route, thr = [i in keep for i in range(L)], last.trace.threshold
                 what = f"layers **{', '.join(map(str, sorted(keep))) or 'none'}** executed by hand"
-            cmp = self.pipe.compare(conv.image, last.question, conv.history(-1), route=route, threshold=thr,
-                                    max_new_tokens=self.max_new_tokens, repeats=self.speed_repeats)
+            with self.server.background(owner_of(request)) as job:
+                cmp = self.pipe.compare(conv.image, last.question, conv.history(-1), route=route, threshold=thr,
+                                        max_new_tokens=self.max_new_tokens, repeats=self.speed_repeats,
+                                        checkpoint=job.checkpoint)
+        except Cancelled:
+            return conv, "_The what-if run was stopped._", None, gr.skip(), gr.skip()
         except Exception as e:  # noqa: BLE001
             return conv, problem("Could not re-answer", e), None, gr.skip(), gr.skip()
         new = conv.with_whatif(WhatIf(len(conv.turns) - 1, how, cmp))
@@ -438,7 +478,7 @@ class Explorer:
             raise InputError(f"unknown system {name!r}: this app has {', '.join(self.systems)}")
         return self.systems[name]
 
-    def compare_systems(self, conv: Conversation, chosen: list[str], question: str):
+    def compare_systems(self, conv: Conversation, chosen: list[str], question: str, request: gr.Request = None):
         """The same question (default: the last one asked) about this conversation's image, with its earlier
         turns, to each chosen system in turn. -> (summary, table, figure, then per loaded MoE system its
         expert load and token pathways, and the rigidity figure of the MoE systems)."""
@@ -457,11 +497,16 @@ class Explorer:
             if conv.image is None:
                 raise InputError("there is no image: upload one (or pick an example) before asking")
             rows, moe = [], {}
+            with self.server.background(owner_of(request)) as job:
+                answers = {}
+                for name in chosen:
+                    pipe = self.systems[name]
+                    item = pipe.prepare(conv.image, question, history)
+                    answers[name] = timed(job, lambda on_step: pipe.answer_batch(
+                        [item], max_new_tokens=self.max_new_tokens, on_step=on_step)[0])
+                    job.turn()
             for name in chosen:
-                pipe = self.systems[name]
-                ans = (pipe.answer(conv.image, question, history, max_new_tokens=self.max_new_tokens, trace_l1=False,
-                                   dense_l1=False) if isinstance(pipe, RoEPipeline)
-                       else pipe.answer(conv.image, question, history, max_new_tokens=self.max_new_tokens))
+                pipe, ans = self.systems[name], answers[name]
                 secs = ans.timing.total_s
                 if isinstance(pipe, RoEPipeline):
                     counts = pipe.parameter_counts(ans.trace.layers_executed)
@@ -477,6 +522,8 @@ class Explorer:
                 rows.append({"system": LABELS.get(name, name), "answer": ans.text, "seconds": secs,
                              "tokens_per_s": F.tokens_per_s(ans.trace.new_tokens, secs),
                              "active_m": counts.active / 1e6, "total_m": counts.total / 1e6, "decided": decided})
+        except Cancelled:
+            return ("_The side-by-side run was stopped._", *keep)
         except Exception as e:  # noqa: BLE001
             return (problem("Could not compare", e), *keep)
         table = pd.DataFrame([[r["system"], r["answer"], round(r["seconds"], 3), round(r["tokens_per_s"], 1),
@@ -507,7 +554,7 @@ class Explorer:
 
     # ---- the stateless endpoint ----
     def answer_json(self, image, question: str, history_json: str = "[]", route: str = "auto",
-                    threshold: float | None = None, system: str = "roe") -> str:
+                    threshold: float | None = None, system: str = "roe", request: gr.Request = None) -> str:
         """(image file, question, history as JSON [[q, a], ...], route "auto" | "dense" | JSON list of
         booleans, threshold or None, system "roe" | "dense" | "moe_llava" | "evomoe") -> JSON {"answer", "trace",
         "num_layers", "model", "system"} or {"error"}. route and threshold are RoE's; the other systems
@@ -519,12 +566,14 @@ class Explorer:
                 raise InputError("there is no image")
             history = parse_history(history_json)
             if isinstance(pipe, RoEPipeline):
-                ans = pipe.answer(path, question, history, parse_route(route),
-                                  None if threshold is None else float(threshold), max_new_tokens=self.max_new_tokens)
+                options = dict(route=parse_route(route, self.num_layers), trace_l1=True, dense_l1=True,
+                               threshold=None if threshold is None else float(threshold))
             else:
                 if (route or "auto").strip() != "auto" or threshold is not None:
                     raise InputError(f"route and threshold are RoE's options; {pipe.system} takes none")
-                ans = pipe.answer(path, question, history, max_new_tokens=self.max_new_tokens)
+                options = {}
+            ans = self.server.answer(pipe, path, question, history, owner=owner_of(request),
+                                     max_new_tokens=self.max_new_tokens, **options)
             return json.dumps({"answer": ans.text, "trace": ans.trace.to_dict(), "num_layers": self.num_layers,
                                "model": pipe.info.get("model"), "system": pipe.system,
                                "seconds": ans.timing.total_s if ans.timing else None})
@@ -546,28 +595,37 @@ def speed_views(cmp) -> tuple:
     return F.plot_speed(cmp), pd.DataFrame(rows, columns=SPEED_HEADERS), md
 
 
-def stream_answer(pipe: RoEPipeline, image, question: str, history, every: float = 0.05, **kw):
-    """pipe.answer in a worker thread: yields the text so far (at most every `every` s), then the Answer."""
+def stream_ticket(submit, every: float = 0.05):
+    """submit(on_token) -> Future of an Answer (Server.submit). Yields the text so far (at most every
+    `every` s) while the server answers, then the Answer; raises the request's own error."""
     q: queue.Queue = queue.Queue()
-
-    def work():
-        try:
-            q.put(("done", pipe.answer(image, question, history, on_token=lambda s: q.put(("text", s)), **kw)))
-        except BaseException as e:  # noqa: BLE001  (re-raised in the caller's thread)
-            q.put(("error", e))
-
-    threading.Thread(target=work, name="roe-answer", daemon=True).start()
+    future = submit(q.put)
+    future.add_done_callback(lambda f: q.put(None))
     shown = 0.0
     while True:
-        kind, value = q.get()
-        if kind == "error":
-            raise value
-        if kind == "done":
-            yield value
+        item = q.get()
+        if item is None:
+            yield future.result()
             return
         if time.perf_counter() - shown >= every:
             shown = time.perf_counter()
-            yield value
+            yield item
+
+
+def timed(job: Job, run):
+    """run(on_step) -> Answer, run again (at most twice) when the job paused for other users' questions
+    during it, so that its timing is its own."""
+    for _ in range(3):
+        before = job.pauses
+        ans = run(job.step)
+        if job.pauses == before:
+            break
+    return ans
+
+
+def owner_of(request: gr.Request | None):
+    """Whose request this is: the browser tab's (or gradio_client's) session."""
+    return getattr(request, "session_hash", None) if request is not None else None
 
 
 def upload_path(value, workdir: Path) -> str | None:
@@ -592,30 +650,54 @@ def upload_name(value) -> str | None:
     return value.get("orig_name") if isinstance(value, dict) else None
 
 
+HISTORY_EXAMPLE = '[["How many circles are there?", "2"], ["What colour is the big one?", "red"]]'
+
+
 def parse_history(text) -> list[tuple[str, str]]:
+    """history_json: a JSON list of [question, answer] pairs (or {"question", "answer"} objects)."""
     if text is None or (isinstance(text, str) and not text.strip()):
         return []
-    pairs = json.loads(text) if isinstance(text, str) else text
+    if isinstance(text, str):
+        try:
+            pairs = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(f"history_json is not valid JSON (at character {e.pos}: {e.msg.lower()}). It should be "
+                             f"a list of [question, answer] pairs, e.g. {HISTORY_EXAMPLE}, or [] for none") from None
+    else:
+        pairs = text
     if not isinstance(pairs, list):
-        raise InputError("history_json must be a JSON list of [question, answer] pairs")
+        raise InputError(f"history_json should be a list of [question, answer] pairs, e.g. {HISTORY_EXAMPLE}; got "
+                         f"a JSON {type(pairs).__name__}")
     out = []
-    for p in pairs:
+    for k, p in enumerate(pairs):
         if isinstance(p, dict):
             p = (p.get("question"), p.get("answer"))
         if not (isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(s, str) for s in p)):
-            raise InputError("history_json must be a JSON list of [question, answer] pairs of strings")
+            raise InputError(f"turn {k + 1} of history_json is not a [question, answer] pair of strings; the whole "
+                             f"history should look like {HISTORY_EXAMPLE}")
         out.append((p[0], p[1]))
     return out
 
 
-def parse_route(route) -> str | list[bool]:
-    """"auto", "dense", or a JSON list of booleans / 0-1 per layer."""
+def parse_route(route, num_layers: int | None = None) -> str | list[bool]:
+    """"auto", "dense", or a JSON list of booleans / 0-1, one per decoder layer."""
     route = (route or "auto") if isinstance(route, str) else route
     if isinstance(route, str) and route.strip() in ("auto", "dense"):
         return route.strip()
-    items = json.loads(route) if isinstance(route, str) else route
-    if not isinstance(items, list):
-        raise InputError('route must be "auto", "dense" or a JSON list of booleans, one per layer')
+    want = f"{num_layers} " if num_layers else ""
+    usage = (f'route should be "auto" (the router decides), "dense" (every layer) or a JSON list of {want}'
+             "booleans, one per decoder layer (true: run it, false: skip it through its adapter)")
+    if isinstance(route, str):
+        try:
+            items = json.loads(route)
+        except json.JSONDecodeError:
+            raise InputError(f"{usage}; got {route[:60]!r}") from None
+    else:
+        items = route
+    if not isinstance(items, list) or not all(isinstance(x, (bool, int)) and x in (0, 1) for x in items):
+        raise InputError(f"{usage}; got {str(route)[:60]!r}")
+    if num_layers and len(items) != num_layers:
+        raise InputError(f"{usage}; got a list of {len(items)}")
     return [bool(x) for x in items]
 
 

@@ -265,7 +265,11 @@ def test_stateless_answer_endpoint(url, L):
     assert out["trace"]["route"] == forced and out["trace"]["route_mode"] == "forced"
     out = json.loads(c.predict(handle_file(str(IMAGE)), "q", "[]", "dense", None, api_name="/answer"))
     assert out["trace"]["route"] == [True] * L
-    for history, route, expected in (("not json", "auto", "Expecting value"), ("[]", "[1, 0]", "booleans")):
+    for history, route, expected in (("not json", "auto", "history_json is not valid JSON"),
+                                     ('[["just a question"]]', "auto", "turn 1 of history_json is not a"),
+                                     ('{"q": "a"}', "auto", "should be a list of [question, answer] pairs"),
+                                     ("[]", "[1, 0]", f"a JSON list of {L} booleans"),
+                                     ("[]", "[1, 0", "got '[1, 0'"), ("[]", '["yes"]', "booleans")):
         out = json.loads(c.predict(handle_file(str(IMAGE)), "q", history, route, None, api_name="/answer"))
         assert expected in out["error"]
 

@@ -39,6 +39,15 @@ class Answer:
     timing: Timing | None = None  # the batch's prefill + decode time (shared by a batch's answers)
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """One request checked and encoded (`Pipeline.prepare`), ready to join a batch: its errors
+    (no image, an empty question, an unreadable image) are raised before any model work."""
+    question: str
+    conv: Any                     # EncodedConversation
+    image: Image.Image
+
+
 @dataclass
 class ParamCounts:
     """Parameters of a system: in total, and active per token (an MoE token runs top-k experts)."""
@@ -183,41 +192,52 @@ class Pipeline:
         """Answers one question about one image; on_token(text_so_far) streams the answer."""
         return self.answer_batch([(image, question, history)], max_new_tokens, on_token, **options)[0]
 
-    def answer_batch(self, items: Sequence[tuple], max_new_tokens: int = 48,
-                     on_token: Callable[[str], None] | None = None, **options) -> list[Answer]:
-        """items: [(image, question, history)], answered as one batch (left-padded)."""
+    def answer_batch(self, items: Sequence, max_new_tokens: int = 48,
+                     on_token: Callable[[str], None] | None = None, on_step: Callable | None = None,
+                     **options) -> list[Answer]:
+        """items: [(image, question, history)] or Prepared ones, answered as one batch (left-padded).
+        on_token(text) streams example 0's answer; on_step(step, tokens (B,)) sees every example's tokens."""
         if not items:
             return []
         batch = self.batch(items)
-        tokens, traces, timing = self.generate(batch, max_new_tokens, self.streamer(on_token), **options)
+        tokens, traces, timing = self.generate(batch, max_new_tokens, self.step_callback(on_token, on_step),
+                                               **options)
         return self.answers(items, tokens, traces, timing)
 
     def answers(self, items, tokens, traces, timing) -> list[Answer]:
         tok = self.encoder.tokenizer
-        return [Answer(tok.decode(ids, skip_special_tokens=True).strip(), trace, q, self.system, timing)
-                for ids, trace, (_, q, _) in zip(tokens, traces, items)]
+        return [Answer(tok.decode(ids, skip_special_tokens=True).strip(), trace, question_of(item), self.system,
+                       timing) for ids, trace, item in zip(tokens, traces, items)]
 
-    def streamer(self, on_token):
-        """callback(step, tokens) for generate that streams example 0's text to on_token."""
+    def step_callback(self, on_token, on_step=None):
+        """callback(step, tokens) for generate: streams example 0's text to on_token, and calls on_step."""
         if on_token is None:
-            return None
+            return on_step
         streamed: list[int] = []
         tok = self.encoder.tokenizer
 
         def callback(step, tokens):
             streamed.append(int(tokens[0]))
             on_token(tok.decode(streamed, skip_special_tokens=True))
+            if on_step is not None:
+                on_step(step, tokens)
         return callback
 
-    def batch(self, items: Sequence[tuple]):
-        """Encodes and collates [(image, question, history)]; InputError on an empty question or no image."""
-        convs, images = [], []
-        for image, question, history in items:
-            if question is None or not str(question).strip():
-                raise InputError("the question is empty")
-            if image is None:
-                raise InputError("there is no image: upload one (or pick an example) before asking")
-            turns = [(q, a) for q, a in history] + [(str(question), None)]
-            convs.append(self.encoder.encode(turns, has_image=True))
-            images.append(load_image(image) if not isinstance(image, Image.Image) else image)
-        return self.encoder.collate(convs, images, last_turn_only=True)
+    def prepare(self, image, question: str, history: History = ()) -> Prepared:
+        """Checks and encodes one request; InputError on an empty question, no image or an unreadable one."""
+        if question is None or not str(question).strip():
+            raise InputError("the question is empty")
+        if image is None:
+            raise InputError("there is no image: upload one (or pick an example) before asking")
+        turns = [(q, a) for q, a in history] + [(str(question), None)]
+        conv = self.encoder.encode(turns, has_image=True)
+        return Prepared(str(question), conv, load_image(image) if not isinstance(image, Image.Image) else image)
+
+    def batch(self, items: Sequence):
+        """Encodes and collates [(image, question, history)] (or Prepared items); InputError on bad input."""
+        prepared = [item if isinstance(item, Prepared) else self.prepare(*item) for item in items]
+        return self.encoder.collate([p.conv for p in prepared], [p.image for p in prepared], last_turn_only=True)
+
+
+def question_of(item) -> str:
+    return item.question if isinstance(item, Prepared) else item[1]

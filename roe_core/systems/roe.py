@@ -510,34 +510,51 @@ class RoEPipeline(Pipeline):
         return self.answer_batch([(image, question, history)], route, threshold, max_new_tokens,
                                  trace_l1, dense_l1, on_token)[0]
 
-    def answer_batch(self, items: Sequence[tuple], route: Route = "auto", threshold: float | None = None,
+    def answer_batch(self, items: Sequence, route: Route = "auto", threshold: float | None = None,
                      max_new_tokens: int = 48, trace_l1: bool = False, dense_l1: bool = False,
-                     on_token: Callable[[str], None] | None = None) -> list[Answer]:
-        """items: [(image, question, history)]. Examples in one batch may take different routes."""
+                     on_token: Callable[[str], None] | None = None, on_step: Callable | None = None) -> list[Answer]:
+        """items: [(image, question, history)] or Prepared ones. Examples in one batch may take different
+        routes. on_step(step, tokens (B,)) sees every example's new tokens (and may raise to stop)."""
         if not items:
             return []
         batch = self.batch(items)
-        tokens, traces, timing = self.generate(batch, max_new_tokens, self.streamer(on_token), route=route,
-                                               threshold=threshold, trace_l1=trace_l1)
+        tokens, traces, timing = self.generate(batch, max_new_tokens, self.step_callback(on_token, on_step),
+                                               route=route, threshold=threshold, trace_l1=trace_l1)
         if dense_l1:
             for trace, row in zip(traces, prefill_l1(self.model, batch, "dense").tolist()):
                 trace.l1_dense = row
         return self.answers(items, tokens, traces, timing)
 
     def compare(self, image, question: str, history: History = (), route: Route = "auto",
-                threshold: float | None = None, max_new_tokens: int = 48, repeats: int = 3) -> SpeedComparison:
+                threshold: float | None = None, max_new_tokens: int = 48, repeats: int = 3,
+                checkpoint: Callable[[], bool] | None = None) -> SpeedComparison:
         """Times this turn with its route and densely, interleaved (RoE, dense, RoE, dense, ...) after
-        one untimed warm-up of each; medians. Also returns both answers."""
-        items = [(image, question, history)]
-        roe = self.answer_batch(items, route, threshold, max_new_tokens, trace_l1=True, dense_l1=True)[0]
-        dense = self.answer_batch(items, "dense", threshold, max_new_tokens, trace_l1=True)[0]
+        one untimed warm-up of each; medians. Also returns both answers.
+
+        checkpoint() is called after every token (a server lets other work run there): it returns True
+        when it paused, and a timed run that was paused is run again (at most twice), so a measurement
+        never counts someone else's time. It may raise to stop the measurement."""
+        items = [self.prepare(image, question, history)]
+        step = None if checkpoint is None else (lambda s, t: checkpoint())
+        roe = self.answer_batch(items, route, threshold, max_new_tokens, trace_l1=True, dense_l1=True,
+                                on_step=step)[0]
+        dense = self.answer_batch(items, "dense", threshold, max_new_tokens, trace_l1=True, on_step=step)[0]
         batch = self.batch(items)
         roe_t, dense_t = [], []
         for _ in range(max(1, repeats)):
             for r, out in ((route, roe_t), ("dense", dense_t)):
-                t0 = time.perf_counter()
-                generate(self.model, batch, r, max_new_tokens, self.encoder.stop_ids, threshold)
-                out.append(time.perf_counter() - t0)
+                for attempt in range(3):
+                    paused = [False]
+
+                    def watch(s, t, paused=paused):
+                        paused[0] |= bool(checkpoint())
+                    t0 = time.perf_counter()
+                    generate(self.model, batch, r, max_new_tokens, self.encoder.stop_ids, threshold,
+                             callback=None if checkpoint is None else watch)
+                    secs = time.perf_counter() - t0
+                    if not paused[0]:
+                        break
+                out.append(secs)
         dense.trace.l1_dense = dense.trace.l1
         return SpeedComparison(roe, dense, statistics.median(roe_t), statistics.median(dense_t),
                                repeats, roe_t, dense_t)

@@ -1,0 +1,258 @@
+"""A load test anyone can run against a running RoE Explorer (loopback only).
+
+    python app.py --rate-limit 0 &                       # the app, with the per-user limit off
+    python -m app.loadtest --clients 8 --duration 60     # 8 users asking at once, against one by one
+    python -m app.loadtest --clients 1,4,8,16 --duration 60 --out loadtest.json
+    python -m app.loadtest --probe-during speed --duration 60   # a question during someone's speed measurement
+
+Each client is a gradio_client session that asks /answer questions about generated scenes back to back,
+each request a different (scene, question) from one fixed pool. First the same pool is answered one by
+one by a single client (the baseline); then N clients ask at once for --duration seconds. Reported per
+run: latency p50 / p95 / max, answers per second, errors, the throughput against one by one, and a
+check that every answer under load equals the answer the same request got alone (text and route).
+
+--probe-during speed: one client asks a question and measures its speed against every layer, over and
+over (background work), while a probe client asks plain questions; the probe's latency is reported
+against its latency on an idle app.
+"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+os.environ.setdefault("NO_PROXY", "localhost,127.0.0.1")
+os.environ.setdefault("no_proxy", "localhost,127.0.0.1")
+
+
+@dataclass
+class Outcome:
+    request: int                 # index into the pool
+    seconds: float
+    answer: str | None = None
+    route: list | None = None
+    error: str | None = None
+
+
+@dataclass
+class Run:
+    clients: int
+    duration_s: float
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    @property
+    def ok(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.error is None]
+
+    def summary(self) -> dict:
+        lat = sorted(o.seconds for o in self.ok)
+        return {"clients": self.clients, "requests": len(self.outcomes), "answers": len(self.ok),
+                "errors": len(self.outcomes) - len(self.ok),
+                "answers_per_s": len(self.ok) / self.duration_s if self.duration_s > 0 else 0.0,
+                "latency_p50_s": percentile(lat, 50), "latency_p95_s": percentile(lat, 95),
+                "latency_max_s": lat[-1] if lat else None,
+                "error_examples": sorted({o.error for o in self.outcomes if o.error})[:3]}
+
+
+def percentile(sorted_values: list[float], q: float) -> float | None:
+    if not sorted_values:
+        return None
+    k = (len(sorted_values) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
+
+
+def check_loopback(url: str) -> None:
+    host = urlparse(url).hostname or ""
+    try:
+        ok = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        ok = False
+    if not ok:
+        raise SystemExit(f"error: the load test only runs against this machine (127.0.0.1 / localhost), not {host!r}")
+
+
+def make_pool(n: int, folder: Path, first_seed: int = 30_000_000) -> list[tuple[str, str]]:
+    """n (image file, question) pairs from generated scenes outside the training seeds."""
+    from app.examples import scene_sample
+
+    pool = []
+    for k in range(n):
+        seed, image, qa = scene_sample(first_seed + k)
+        path = folder / f"scene-{seed}.png"
+        image.save(path)
+        pool.append((str(path), qa.question))
+    return pool
+
+
+def ask(client, item: tuple[str, str], system: str) -> tuple[str | None, list | None, str | None]:
+    from gradio_client import handle_file
+
+    out = json.loads(client.predict(handle_file(item[0]), item[1], "[]", "auto", None, system, api_name="/answer"))
+    if "error" in out:
+        return None, None, out["error"]
+    return out["answer"], out["trace"].get("route"), None
+
+
+def client_loop(url: str, pool, start: int, stop_at: float, outcomes: list, lock: threading.Lock, system: str,
+                max_requests: int | None = None) -> None:
+    from gradio_client import Client
+
+    client = Client(url, verbose=False)
+    k, done = start, 0
+    while time.perf_counter() < stop_at and (max_requests is None or done < max_requests):
+        idx = k % len(pool)
+        t0 = time.perf_counter()
+        try:
+            answer, route, error = ask(client, pool[idx], system)
+        except Exception as e:  # noqa: BLE001  (a failed call is an error of the run, not of the test)
+            answer, route, error = None, None, f"{type(e).__name__}: {e}"
+        with lock:
+            outcomes.append(Outcome(idx, time.perf_counter() - t0, answer, route, error))
+        k += 1
+        done += 1
+
+
+def run_clients(url: str, pool, clients: int, duration: float, system: str = "roe",
+                max_requests: int | None = None) -> Run:
+    """`clients` sessions asking back to back for `duration` s; client c starts at pool item c * len/clients."""
+    outcomes: list[Outcome] = []
+    lock = threading.Lock()
+    t0 = time.perf_counter()
+    stop_at = t0 + duration
+    threads = [threading.Thread(target=client_loop, daemon=True,
+                                args=(url, pool, c * len(pool) // clients, stop_at, outcomes, lock, system,
+                                      max_requests)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return Run(clients, time.perf_counter() - t0, outcomes)
+
+
+def lone_answers(url: str, pool, indices, system: str, known: dict) -> dict:
+    """The answer (text, route) of each pool item asked alone, one at a time (cached in `known`)."""
+    from gradio_client import Client
+
+    client = Client(url, verbose=False)
+    for idx in sorted(set(indices) - set(known)):
+        answer, route, error = ask(client, pool[idx], system)
+        known[idx] = (answer, route, error)
+    return known
+
+
+def mismatches(run: Run, lone: dict) -> list[dict]:
+    bad = []
+    for o in run.ok:
+        answer, route, _ = lone[o.request]
+        if (o.answer, o.route) != (answer, route):
+            bad.append({"request": o.request, "under_load": o.answer, "alone": answer})
+    return bad
+
+
+def load_test(url: str, clients: list[int], duration: float, pool_size: int = 32, system: str = "roe",
+              verbose: bool = True) -> dict:
+    check_loopback(url)
+    say = print if verbose else (lambda *a, **k: None)
+    with tempfile.TemporaryDirectory(prefix="roe_loadtest_") as tmp:
+        pool = make_pool(pool_size, Path(tmp))
+        say(f"one by one: 1 client, {duration:.0f} s ...")
+        base = run_clients(url, pool, 1, duration, system)
+        lone = {o.request: (o.answer, o.route, o.error) for o in base.outcomes}
+        base_rate = base.summary()["answers_per_s"]
+        results = {"url": url, "system": system, "duration_s": duration, "pool": pool_size,
+                   "one_by_one": base.summary(), "runs": []}
+        say(json.dumps(base.summary()))
+        for n in clients:
+            say(f"{n} client(s) at once, {duration:.0f} s ...")
+            run = run_clients(url, pool, n, duration, system)
+            lone_answers(url, pool, [o.request for o in run.ok], system, lone)
+            s = run.summary()
+            s["throughput_vs_one_by_one"] = s["answers_per_s"] / base_rate if base_rate else None
+            bad = mismatches(run, lone)
+            s["differ_from_alone"] = len(bad)
+            s["differ_examples"] = bad[:3]
+            results["runs"].append(s)
+            say(json.dumps(s))
+    return results
+
+
+def probe_during_speed(url: str, duration: float, system: str = "roe", verbose: bool = True) -> dict:
+    """A probe's plain-question latency on an idle app, then while another session measures speed
+    (/ask + /speed, over and over)."""
+    from gradio_client import Client, handle_file
+
+    check_loopback(url)
+    say = print if verbose else (lambda *a, **k: None)
+    with tempfile.TemporaryDirectory(prefix="roe_loadtest_") as tmp:
+        pool = make_pool(8, Path(tmp))
+        idle = run_clients(url, pool, 1, duration / 2, system)
+        stop = threading.Event()
+        measured = []
+
+        def measurer():
+            c = Client(url, verbose=False)
+            k = 0
+            while not stop.is_set():
+                image, question = pool[(k + 4) % len(pool)]
+                c.predict(handle_file(image), question, api_name="/ask")
+                t0 = time.perf_counter()
+                c.predict(True, api_name="/speed")
+                measured.append(time.perf_counter() - t0)
+                k += 1
+        bg = threading.Thread(target=measurer, daemon=True)
+        bg.start()
+        time.sleep(2.0)
+        busy = run_clients(url, pool, 1, duration / 2, system)
+        stop.set()
+        bg.join(120)
+    i, b = idle.summary(), busy.summary()
+    out = {"idle": i, "during_speed": b, "speed_measurements": len(measured),
+           "p50_ratio": b["latency_p50_s"] / i["latency_p50_s"] if i["latency_p50_s"] else None,
+           "max_ratio_to_idle_p50": b["latency_max_s"] / i["latency_p50_s"] if i["latency_p50_s"] else None}
+    say(json.dumps(out))
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", default="http://127.0.0.1:7860/", help="the running app (loopback only)")
+    p.add_argument("--clients", default="8", help="number of simultaneous clients, or a list: 1,4,8,16")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds per run (default 30)")
+    p.add_argument("--pool", type=int, default=32, help="distinct (scene, question) requests (default 32)")
+    p.add_argument("--system", default="roe", help="the system asked (default roe)")
+    p.add_argument("--probe-during", choices=["speed"], default=None,
+                   help="instead: a plain question's latency during another user's speed measurements")
+    p.add_argument("--out", default=None, help="also write the results as JSON here")
+    args = p.parse_args(argv)
+    if args.probe_during:
+        results = probe_during_speed(args.url, args.duration, args.system)
+    else:
+        results = load_test(args.url, [int(x) for x in args.clients.split(",")], args.duration, args.pool,
+                            args.system)
+        print("\n| clients | answers/s | vs one by one | p50 s | p95 s | max s | errors | differ from alone |")
+        print("|---|---|---|---|---|---|---|---|")
+        b = results["one_by_one"]
+        print(f"| 1 (one by one) | {b['answers_per_s']:.2f} | 1.00 | {b['latency_p50_s']:.2f} | "
+              f"{b['latency_p95_s']:.2f} | {b['latency_max_s']:.2f} | {b['errors']} | - |")
+        for r in results["runs"]:
+            print(f"| {r['clients']} | {r['answers_per_s']:.2f} | {r['throughput_vs_one_by_one']:.2f} | "
+                  f"{r['latency_p50_s']:.2f} | {r['latency_p95_s']:.2f} | {r['latency_max_s']:.2f} | {r['errors']} | "
+                  f"{r['differ_from_alone']} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    failed = results.get("runs", []) and any(r["errors"] or r["differ_from_alone"] for r in results["runs"])
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Many users at once, through gradio_client on the tiny model: concurrent questions share one batch
+and each equals its lone answer; a plain question goes ahead of another user's speed measurement;
+stop frees the model; limits refuse before any model work and keep the conversation; an injected
+fault fails only its own request; the load test runs briefly and checks correctness."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import app  # noqa: F401  (environment before gradio)
+from roe_core.serving import Limits, Server
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "assets" / "examples"
+IMAGES = sorted(EXAMPLES.glob("*.png"))
+QUESTIONS = ["How many circles are there?", "What colour is the square?", "Is there a red triangle?",
+             "Is the blue circle left of the green square?"]
+
+gradio_client = pytest.importorskip("gradio_client")
+pytestmark = [pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")]
+handle_file = gradio_client.handle_file
+
+
+@pytest.fixture(scope="module")
+def served(free_port):
+    """(url, pipe, server): the tiny RoE model behind a server that gathers a batch for 0.2 s, with
+    a long speed measurement (200 interleaved repeats) to have something to interrupt."""
+    from app.ui import build_demo, launch_options
+
+    from roe_core.systems import load_systems
+    pipe = load_systems(["roe"], model="tiny")["roe"]
+    server = Server(max_batch=8, window_s=0.2, limits=Limits(max_question_tokens=64, max_history_turns=2,
+                                                             rate_per_minute=None))
+    demo = build_demo(pipe, max_new_tokens=8, speed_repeats=200, systems={"roe": pipe}, server=server)
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_port=free_port(), quiet=True, **launch_options())
+    yield url, pipe, server
+    demo.close()
+
+
+def client(url):
+    return gradio_client.Client(url, verbose=False)
+
+
+def answer(c, image, question, history="[]", route="auto") -> dict:
+    return json.loads(c.predict(handle_file(str(image)), question, history, route, None, "roe", api_name="/answer"))
+
+
+def together(url, items) -> list[dict]:
+    """Each (image, question) from its own client, all at once."""
+    clients = [client(url) for _ in items]
+    out = [None] * len(items)
+    barrier = threading.Barrier(len(items))
+
+    def go(k):
+        barrier.wait()
+        out[k] = answer(clients[k], *items[k])
+    threads = [threading.Thread(target=go, args=(k,)) for k in range(len(items))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return out
+
+
+def wait_for(predicate, timeout=30.0):
+    t0 = time.perf_counter()
+    while not predicate():
+        if time.perf_counter() - t0 > timeout:
+            raise TimeoutError
+        time.sleep(0.02)
+
+
+def test_questions_of_several_users_share_one_batch_and_equal_their_lone_answers(served):
+    url, pipe, server = served
+    items = [(IMAGES[k], QUESTIONS[k]) for k in range(4)]
+    server.batch_sizes.clear()
+    out = together(url, items)
+    assert all("error" not in o for o in out), out
+    assert max(server.batch_sizes) >= 2                       # the model saw several users in one forward
+    c = client(url)
+    for (image, q), o in zip(items, out):
+        alone = answer(c, image, q)
+        assert (o["answer"], o["trace"]["route"]) == (alone["answer"], alone["trace"]["route"])
+
+
+def test_a_plain_question_goes_ahead_of_another_users_speed_measurement(served):
+    url, pipe, server = served
+    a, b = client(url), client(url)
+    a.predict(handle_file(str(IMAGES[0])), QUESTIONS[0], api_name="/ask")
+    job = a.submit(True, api_name="/speed")                   # 200 repeats of both paths: a long measurement
+    wait_for(lambda: server._jobs)
+    measuring = next(iter(server._jobs))
+    out = answer(b, IMAGES[1], QUESTIONS[1])
+    assert "error" not in out
+    assert server._jobs and measuring.pauses >= 1             # answered while the measurement went on
+    a.predict(api_name="/stop")
+    job.result(timeout=60)
+
+
+def test_stop_ends_the_users_background_work_and_frees_the_model(served):
+    url, pipe, server = served
+    a = client(url)
+    a.predict(handle_file(str(IMAGES[2])), QUESTIONS[2], api_name="/ask")
+    job = a.submit(True, api_name="/speed")
+    wait_for(lambda: server._jobs)
+    status, _ = a.predict(api_name="/stop")
+    assert status == "Stopped."
+    _, _, summary = job.result(timeout=30)
+    assert "stopped" in summary
+    wait_for(lambda: not server._jobs, 10)
+    assert "error" not in answer(client(url), IMAGES[0], QUESTIONS[0])
+
+
+def test_limits_refuse_before_any_model_work_and_say_why(served):
+    url, pipe, server = served
+    c = client(url)
+    n = len(server.batch_sizes)
+    out = answer(c, IMAGES[0], "how many " * 5000)
+    assert "too long" in out["error"] and "at most 64 tokens" in out["error"]
+    out = answer(c, IMAGES[0], "and?", json.dumps([["a?", "b"]] * 3))
+    assert "3 earlier turns" in out["error"] and "new conversation" in out["error"]
+    assert len(server.batch_sizes) == n                       # no model work for either
+
+    # in the chat: the conversation survives, the question stays in the box
+    turns = []
+    for q in QUESTIONS[:3]:
+        turns = c.predict(handle_file(str(IMAGES[0])), q, api_name="/ask")[1]
+    out = c.predict(handle_file(str(IMAGES[0])), "one more?", api_name="/ask")
+    assert "3 earlier turns" in out[0] and out[1] == turns and out[-1] == "one more?"
+    out = c.predict(handle_file(str(IMAGES[0])), "x " * 500, api_name="/ask")
+    assert "too long" in out[0] and out[1] == turns
+
+    server.limits.rate_per_minute, server.limits.burst = 1.0, 2
+    try:
+        r = client(url)
+        assert "error" not in answer(r, IMAGES[0], "ok?") and "error" not in answer(r, IMAGES[0], "ok?")
+        out = answer(r, IMAGES[0], "ok?")
+        assert "too many questions" in out["error"] and "Try again in" in out["error"]
+        assert "error" not in answer(client(url), IMAGES[0], "ok?")    # another user is not limited
+    finally:
+        server.limits.rate_per_minute = None
+
+
+def test_a_faulty_request_fails_alone_and_the_app_keeps_serving(served, monkeypatch):
+    url, pipe, server = served
+    poison = pipe.encoder.tokenizer("zebra", add_special_tokens=False)["input_ids"]
+    real = pipe.generate
+
+    def faulty(batch, *a, **kw):
+        if any(all(t in row for t in poison) for row in batch.input_ids.tolist()):
+            raise RuntimeError("injected fault")
+        return real(batch, *a, **kw)
+    monkeypatch.setattr(pipe, "generate", faulty)
+    items = [(IMAGES[0], QUESTIONS[0]), (IMAGES[1], "zebra zebra?"), (IMAGES[2], QUESTIONS[2])]
+    out = together(url, items)
+    assert "injected fault" in out[1]["error"]
+    assert "error" not in out[0] and "error" not in out[2]
+    monkeypatch.setattr(pipe, "generate", real)
+    assert "error" not in answer(client(url), *items[0])
+
+
+def test_the_load_test_runs_and_every_answer_equals_its_lone_answer(served):
+    from app.loadtest import load_test
+
+    url, pipe, server = served
+    results = load_test(url, [3], duration=2.0, pool_size=6, verbose=False)
+    assert results["one_by_one"]["answers"] > 0 and results["one_by_one"]["errors"] == 0
+    run = results["runs"][0]
+    assert run["clients"] == 3 and run["answers"] > 0
+    assert run["errors"] == 0 and run["differ_from_alone"] == 0
+
+
+def test_the_load_test_refuses_other_machines():
+    from app.loadtest import check_loopback
+
+    check_loopback("http://127.0.0.1:7860/")
+    with pytest.raises(SystemExit, match="only runs against this machine"):
+        check_loopback("http://10.1.2.3:7860/")
