@@ -345,9 +345,11 @@ class Explorer:
         return ("Stopped." if n else "Nothing to stop."), conv.chat_messages()
 
     def closed(self, request: gr.Request = None):
-        """The tab was closed: nothing of this user's keeps the model busy."""
+        """The tab was closed: this user's background work ends at its next token. A question in flight
+        (a second at most) is left to finish: gradio also reports a page whose heartbeat merely
+        reconnected as closed, and that user is still waiting for the answer."""
         if owner_of(request) is not None:
-            self.server.cancel(owner_of(request))
+            self.server.cancel(owner_of(request), questions=False)
 
     def set_image(self, conv: Conversation, image):
         """A new image (upload, example, new scene) starts a new conversation; the same image changes nothing."""

@@ -352,3 +352,23 @@ def test_side_by_side_asks_every_system_and_keeps_the_conversation(url):
     assert "pick at least one system" in md and "kept" in md
     again = ask(client, scene_png, "Is there a circle?")
     assert texts(again["chat"])[:2] == texts(first["chat"])[:2]
+
+
+def test_binding_beyond_this_machine_warns_without_auth_and_auth_reaches_gradio(entry, capsys, monkeypatch, tmp_path):
+    import gradio as gr
+
+    launched = []
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: launched.append(kw))
+    assert entry.main(["--model", "tiny"]) == 0
+    assert launched[-1]["server_name"] == "127.0.0.1" and launched[-1]["auth"] is None
+    assert "warning: listening" not in capsys.readouterr().err
+    assert entry.main(["--model", "tiny", "--host", "0.0.0.0"]) == 0
+    assert "reachable from other machines, with no login" in capsys.readouterr().err
+    users = tmp_path / "users.txt"
+    users.write_text("# who may log in\nalice:secret\nbob:pa:ss\n")
+    assert entry.main(["--model", "tiny", "--host", "0.0.0.0", "--auth", f"@{users}"]) == 0
+    assert "warning: listening" not in capsys.readouterr().err
+    assert launched[-1]["auth"] == [("alice", "secret"), ("bob", "pa:ss")]
+    assert entry.main(["--model", "tiny", "--auth", "nocolon"]) == 2
+    assert "USER:PASSWORD" in capsys.readouterr().err
+    assert entry.is_loopback("::1") and entry.is_loopback("localhost") and not entry.is_loopback("192.168.1.5")

@@ -180,3 +180,19 @@ def test_the_load_test_refuses_other_machines():
     check_loopback("http://127.0.0.1:7860/")
     with pytest.raises(SystemExit, match="only runs against this machine"):
         check_loopback("http://10.1.2.3:7860/")
+
+
+def test_closing_the_tab_ends_that_users_background_work(served, monkeypatch):
+    """A page (or a client) holds a heartbeat stream open; when it goes, gradio's unload event cancels
+    that session's work at its next token."""
+    monkeypatch.setenv("GRADIO_HEARTBEAT_INTERVAL", "0.5")      # gradio notices a closed page at its next beat
+    url, pipe, server = served
+    a = client(url)
+    a.predict(handle_file(str(IMAGES[3])), QUESTIONS[3], api_name="/ask")
+    a.submit(True, api_name="/speed")                           # 200 repeats: long
+    wait_for(lambda: server._jobs)
+    measuring = next(iter(server._jobs))
+    a.close()                                                   # the tab closes
+    wait_for(lambda: not server._jobs, 30)
+    assert measuring.cancelled.is_set()
+    assert "error" not in answer(client(url), IMAGES[0], QUESTIONS[0])
