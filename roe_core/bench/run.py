@@ -38,6 +38,7 @@ import torch
 from .. import scenes
 from ..systems import LABELS, MOE_SYSTEMS, SYSTEMS, load_base, load_systems, shipped_systems
 from ..systems.pipeline import Pipeline
+from ..scenes.questions import Question, shifted_questions, test_questions  # noqa: F401  (re-exported)
 from ..systems.roe import RoEPipeline
 
 # The papers' own figures (RoE, ICLR 2025, Table 2 / Fig. 1): RoE-LLaVA-HR vs MoE-LLaVA, five benchmarks
@@ -49,37 +50,6 @@ PAPER = {"accuracy_points_roe_minus_moe_llava": 3.3, "speedup_roe_vs_moe_llava":
                              "evolution+dtr": 66.5},
          # EvoMoE's evidence: shuffling MoE-LLaVA's router logits costs nothing (uniform experts)
          "moe_llava_shuffled_routers_loss_points": 0.0}
-
-
-@dataclass
-class Question:
-    image: object
-    question: str
-    history: list[tuple[str, str]]
-    gold: str
-    qtype: str
-
-
-def test_questions(n: int, image_size: int = 256, split: str = "test") -> list[Question]:
-    """The first n questions of a fixed split (test by default), each with its conversation so far (gold answers)."""
-    out = []
-    for seed in scenes.split_seeds(split, n):   # every sample has >= 1 turn: n samples suffice
-        if len(out) >= n:
-            break
-        s = scenes.make_sample(seed)
-        img = scenes.render(s.scene, image_size)
-        hist = []
-        for qa in s.turns:
-            out.append(Question(img, qa.question, list(hist), qa.answer, qa.qtype))
-            hist.append((qa.question, qa.answer))
-    return out[:n]
-
-
-def shifted_questions(n: int) -> list[Question]:
-    """The first n questions of the shifted split (scenes.make_shifted_split): held-out phrasings,
-    sizes, aspect ratios, JPEG, outline widths and background tones; one question per scene."""
-    return [Question(s.image(), s.turns[0].question, [], s.turns[0].answer, s.turns[0].qtype)
-            for s in scenes.make_shifted_split(n)]
 
 
 def accuracy_by_type(qs: list[Question], d_ok, r_ok, r_tr) -> dict:

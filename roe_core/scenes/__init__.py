@@ -7,3 +7,4 @@ Everything is defined in `world.py`; this package re-exports its public names.
 """
 from .world import *  # noqa: F401,F403
 from .world import main  # noqa: F401
+from .questions import Question, load_llava_questions, shifted_questions, test_questions  # noqa: F401,E402

@@ -1,0 +1,9 @@
+"""What an inspector of RoE asks next, computed (no UI code; app/ draws it):
+
+    atlas.py     every route a question set takes, clustered by Hamming distance, skip rates per type
+    sweep.py     the router threshold swept: accuracy against layers executed and measured speed
+    fidelity.py  how far each skipped layer's adapter is from the layer, and the dense twin's divergence
+"""
+from .atlas import Atlas, AtlasEntry, build_atlas, hamming_order  # noqa: F401
+from .fidelity import Fidelity, adapter_fidelity  # noqa: F401
+from .sweep import SweepPoint, sweep_thresholds  # noqa: F401
