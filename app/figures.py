@@ -9,6 +9,11 @@
     plot_systems(answers)         the side-by-side view: latency and active parameters per system
     plot_rigidity(traces)         MoE systems side by side: per MoE layer, how differently image and text
                                   tokens are routed (Jensen-Shannon divergence of their top-1 distributions)
+    plot_atlas(atlas)             every route of a question set, clustered, coloured by question type
+    plot_skip_by_type(atlas)      per question type, each layer's skip rate
+    plot_route_counts(atlas)      how often each distinct route occurs
+    plot_sweep(points)            the trade-off curve: accuracy against layers executed and measured speedup
+    plot_fidelity(fidelity)       each skipped layer's adapter against the real layer, over the Fig. 1 curve
 """
 from __future__ import annotations
 
@@ -249,3 +254,143 @@ def plot_rigidity(traces: dict[str, tuple[ExpertTrace, int]], title: str = "Rout
                                  hovertemplate=label + ", %{x}: JS %{y:.3f} bits<extra></extra>"))
     fig.update_yaxes(title_text="JS divergence, image vs text (bits)", rangemode="tozero")
     return _layout(fig, title, 300)
+
+
+# --- the explorer's analysis views (roe_core.analysis) ------------------------------------------------------
+
+QTYPE_COLOURS = ["#2563eb", "#f59e0b", "#10b981", "#ef4444", "#8b5cf6", "#ec4899", "#14b8a6", "#84cc16",
+                 "#6b7280", "#0ea5e9"]
+
+
+def plot_atlas(atlas) -> go.Figure:
+    """Every route of a question set, one row per example (clustered by Hamming distance), one column
+    per decoder layer; a strip on the left colours each row by its question type."""
+    L = atlas.num_layers
+    rows = [atlas.entries[k] for k in atlas.order]
+    types = sorted({e.qtype for e in rows})
+    code = {t: i for i, t in enumerate(types)}
+    n_types = max(1, len(types))
+    ylabels = [f"#{e.index}" for e in rows]
+    fig = make_subplots(rows=1, cols=2, shared_yaxes=True, column_widths=[0.05, 0.95], horizontal_spacing=0.01)
+    scale = []
+    for t in types:          # a discrete colour scale: one band per type
+        c = QTYPE_COLOURS[code[t] % len(QTYPE_COLOURS)]
+        scale += [[code[t] / n_types, c], [(code[t] + 1) / n_types, c]]
+    fig.add_trace(go.Heatmap(
+        z=[[code[e.qtype] + 0.5] for e in rows], x=["type"], y=ylabels, zmin=0, zmax=n_types, showscale=False,
+        colorscale=scale or [[0, "#ccc"], [1, "#ccc"]], customdata=[[e.qtype] for e in rows],
+        hovertemplate="%{y}: %{customdata}<extra></extra>"), row=1, col=1)
+    def mark(e):
+        return "" if e.correct is None else (" ✓" if e.correct else " ✗")
+    hover = [[f"{'ran' if r else 'skipped (adapter)'}<br>{e.qtype}: {e.question}<br>answer: {e.answer}{mark(e)}"
+              for r in e.route] for e in rows]
+    fig.add_trace(go.Heatmap(
+        z=[[0 if r else 1 for r in e.route] for e in rows], x=list(range(L)), y=ylabels, zmin=0, zmax=1,
+        showscale=False, colorscale=[[0, RUN], [0.5, RUN], [0.5, SKIP], [1, SKIP]], xgap=1,
+        ygap=1 if len(rows) < 80 else 0, text=hover, hovertemplate="%{y}, layer %{x}: %{text}<extra></extra>"),
+        row=1, col=2)
+    for t in types:          # a legend of the types
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=t,
+                                 marker=dict(color=QTYPE_COLOURS[code[t] % len(QTYPE_COLOURS)], symbol="square", size=10)))
+    fig.update_yaxes(autorange="reversed", showticklabels=len(rows) <= 40, row=1, col=1)
+    fig.update_xaxes(showticklabels=False, row=1, col=1)
+    fig.update_xaxes(title_text="decoder layer (blue ran, orange skipped)", dtick=max(1, L // 10), row=1, col=2)
+    title = (f"Route atlas · {len(rows)} examples, {atlas.distinct_routes} distinct routes, "
+             f"mean {sum(e.layers_executed for e in rows) / max(1, len(rows)):.1f} of {L} layers")
+    return _layout(fig, title, min(900, 220 + 9 * len(rows)))
+
+
+def plot_skip_by_type(atlas) -> go.Figure:
+    """Per question type, how often each decoder layer was skipped."""
+    rates = atlas.skip_rate_by_type()
+    L = atlas.num_layers
+    types = list(rates)
+    fig = go.Figure(go.Heatmap(
+        z=[rates[t] for t in types], x=list(range(L)), y=types, zmin=0, zmax=1, colorscale="Oranges",
+        colorbar=dict(title="skip rate", tickformat=".0%", thickness=12),
+        hovertemplate="%{y}, layer %{x}: skipped in %{z:.0%}<extra></extra>"))
+    fig.update_xaxes(title_text="decoder layer", dtick=max(1, L // 10))
+    return _layout(fig, "Skip rate per layer, by question type", 160 + 26 * len(types))
+
+
+def plot_route_counts(atlas, top: int = 15) -> go.Figure:
+    """The most frequent routes and how often each occurs."""
+    counts = atlas.route_counts()[:top]
+    n = len(atlas.entries)
+    labels = [f"route {k + 1} · {sum(r)} layers" for k, (r, _) in enumerate(counts)]
+    fig = go.Figure(go.Bar(
+        x=[c for _, c in counts], y=labels, orientation="h", marker_color=RUN,
+        customdata=["".join("1" if x else "0" for x in r) for r, _ in counts],
+        hovertemplate="%{y}: %{x} examples<br>%{customdata}<extra></extra>"))
+    fig.update_yaxes(autorange="reversed")
+    fig.update_xaxes(title_text="examples")
+    return _layout(fig, f"How often each route occurs · top {len(counts)} of {atlas.distinct_routes} ({n} examples)",
+                   180 + 22 * len(counts))
+
+
+def plot_sweep(points) -> go.Figure:
+    """The trade-off curve: accuracy (or agreement with dense) against layers executed and against the
+    measured speedup; the dense point in grey, the model's calibrated threshold as a star."""
+    metric = "accuracy" if points[0].accuracy is not None else "agreement with dense"
+    y = [p.accuracy if p.accuracy is not None else p.agreement_with_dense for p in points]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("against mean layers executed", "against measured speedup"),
+                        horizontal_spacing=0.12)
+    routed = [k for k, p in enumerate(points) if p.threshold is not None]
+    for col, xs in ((1, [p.mean_layers_executed for p in points]), (2, [p.speedup for p in points])):
+        fig.add_trace(go.Scatter(
+            x=[xs[k] for k in routed], y=[y[k] for k in routed], mode="lines+markers+text", name="router threshold",
+            text=[f"{points[k].threshold:.2f}" for k in routed], textposition="top center", textfont=dict(size=9),
+            marker=dict(color=RUN, size=8), line=dict(color=RUN), showlegend=col == 1,
+            customdata=[[points[k].threshold, points[k].mean_layers_executed, points[k].speedup] for k in routed],
+            hovertemplate=("threshold %{customdata[0]:.2f}<br>%{customdata[1]:.1f} layers, %{customdata[2]:.2f}×"
+                           f"<br>{metric} %{{y:.3f}}<extra></extra>")), row=1, col=col)
+        dense = [k for k, p in enumerate(points) if p.threshold is None]
+        fig.add_trace(go.Scatter(x=[xs[k] for k in dense], y=[y[k] for k in dense], mode="markers", name="dense",
+                                 marker=dict(color=DENSE, size=11, symbol="square"), showlegend=col == 1,
+                                 hovertemplate=f"every layer<br>{metric} %{{y:.3f}}<extra></extra>"), row=1, col=col)
+        cal = [k for k, p in enumerate(points) if p.calibrated]
+        fig.add_trace(go.Scatter(x=[xs[k] for k in cal], y=[y[k] for k in cal], mode="markers",
+                                 name="calibrated threshold", showlegend=col == 1,
+                                 marker=dict(color=SKIP, size=16, symbol="star", line=dict(color="white", width=1)),
+                                 hovertemplate=f"the model's threshold<br>{metric} %{{y:.3f}}<extra></extra>"),
+                      row=1, col=col)
+    fig.update_xaxes(title_text="layers executed (mean)", row=1, col=1)
+    fig.update_xaxes(title_text="speedup over every layer (×)", row=1, col=2)
+    fig.update_yaxes(title_text=metric, row=1, col=1)
+    fig.update_annotations(font_size=11)
+    return _layout(fig, f"Trade-off · {metric} against sparsity and speed ({len(routed)} thresholds)", 360)
+
+
+def plot_fidelity(fid, l1_dense: Sequence[float] | None = None) -> go.Figure:
+    """Adapter fidelity over the Fig. 1 curve: per layer, how much the real layer changes its input (grey),
+    and for each skipped layer how far its adapter's output is from the layer's (orange); on the right
+    axis the routed run's divergence from the dense twin after each layer."""
+    L = len(fid.route)
+    layers = list(range(L))
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    fig.add_trace(go.Scatter(x=layers, y=list(l1_dense) if l1_dense is not None else fid.layer_l1,
+                             name="Fig. 1: the layer's own change (L1)", mode="lines",
+                             line=dict(color=DENSE, width=2, dash="dot"),
+                             hovertemplate="layer %{x}<br>layer's change %{y:.4f}<extra></extra>"))
+    skipped = [i for i, r in enumerate(fid.route) if not r]
+    fig.add_trace(go.Scatter(
+        x=skipped, y=[fid.adapter_l1[i] for i in skipped], name="adapter vs layer (L1), skipped layers",
+        mode="markers", marker=dict(color=SKIP, symbol="diamond", size=10, line=dict(color="white", width=1)),
+        customdata=[[fid.adapter_cos[i], fid.layer_l1[i]] for i in skipped],
+        hovertemplate=("layer %{x} skipped<br>adapter vs layer L1 %{y:.4f}<br>cosine %{customdata[0]:.4f}"
+                       "<br>the layer's own change %{customdata[1]:.4f}<extra></extra>")))
+    ran = [i for i, r in enumerate(fid.route) if r]
+    fig.add_trace(go.Scatter(x=ran, y=[0.0] * len(ran), name="executed (no adapter: 0)", mode="markers",
+                             marker=dict(color=RUN, size=7), hovertemplate="layer %{x} ran<extra></extra>"))
+    fig.add_trace(go.Scatter(x=layers, y=fid.twin_l1, name="routed vs dense twin (L1, right axis)", mode="lines",
+                             line=dict(color="#7c3aed", width=1.5),
+                             customdata=fid.twin_cos,
+                             hovertemplate="after layer %{x}<br>twin L1 %{y:.4f}<br>cosine %{customdata:.4f}<extra></extra>"),
+                  secondary_y=True)
+    fig.update_xaxes(title_text="decoder layer", range=[-0.5, L - 0.5], dtick=max(1, L // 10))
+    fig.update_yaxes(title_text="L1 distance", rangemode="tozero", secondary_y=False)
+    fig.update_yaxes(title_text="twin divergence", rangemode="tozero", secondary_y=True, showgrid=False)
+    agree = "the same" if fid.top1_agree else "a different"
+    title = (f"Adapter fidelity · {len(skipped)} adapters stood in; next-token KL(dense‖routed) "
+             f"{fid.kl_next_token:.3f} nats, {agree} first token")
+    return _layout(fig, title, 360)

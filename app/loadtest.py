@@ -103,13 +103,11 @@ def ask(client, item: tuple[str, str], system: str) -> tuple[str | None, list | 
     return out["answer"], out["trace"].get("route"), None
 
 
-def client_loop(url: str, pool, start: int, stop_at: float, outcomes: list, lock: threading.Lock, system: str,
-                max_requests: int | None = None) -> None:
-    from gradio_client import Client
-
-    client = Client(url, verbose=False)
-    k, done = start, 0
-    while time.perf_counter() < stop_at and (max_requests is None or done < max_requests):
+def client_loop(client, pool, start: int, go: threading.Barrier, stop_at: list, outcomes: list,
+                lock: threading.Lock, system: str) -> None:
+    k = start
+    go.wait()                                  # every client connected: start together
+    while time.perf_counter() < stop_at[0]:
         idx = k % len(pool)
         t0 = time.perf_counter()
         try:
@@ -119,24 +117,47 @@ def client_loop(url: str, pool, start: int, stop_at: float, outcomes: list, lock
         with lock:
             outcomes.append(Outcome(idx, time.perf_counter() - t0, answer, route, error))
         k += 1
-        done += 1
 
 
-def run_clients(url: str, pool, clients: int, duration: float, system: str = "roe",
-                max_requests: int | None = None) -> Run:
-    """`clients` sessions asking back to back for `duration` s; client c starts at pool item c * len/clients."""
-    outcomes: list[Outcome] = []
-    lock = threading.Lock()
-    t0 = time.perf_counter()
-    stop_at = t0 + duration
-    threads = [threading.Thread(target=client_loop, daemon=True,
-                                args=(url, pool, c * len(pool) // clients, stop_at, outcomes, lock, system,
-                                      max_requests)) for c in range(clients)]
+def connect(url: str, n: int) -> list:
+    """n gradio_client sessions, connected in parallel (connecting is not part of what is measured)."""
+    from gradio_client import Client
+
+    clients = [None] * n
+
+    def one(c):
+        clients[c] = Client(url, verbose=False)
+    threads = [threading.Thread(target=one, args=(c,)) for c in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return Run(clients, time.perf_counter() - t0, outcomes)
+    return clients
+
+
+def run_clients(url: str, pool, clients: int, duration: float, system: str = "roe") -> Run:
+    """`clients` sessions asking back to back for `duration` s (each client's first request starts
+    together with the others'); client c starts at pool item c * len(pool) / clients. Answers still
+    running at the end are waited for and counted, over the time they took."""
+    sessions = connect(url, clients)
+    outcomes: list[Outcome] = []
+    lock = threading.Lock()
+    go = threading.Barrier(clients + 1)
+    stop_at = [float("inf")]
+    threads = [threading.Thread(target=client_loop, daemon=True,
+                                args=(sessions[c], pool, c * len(pool) // clients, go, stop_at, outcomes, lock,
+                                      system)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    t0 = time.perf_counter()
+    stop_at[0] = t0 + duration
+    go.wait()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    for s in sessions:
+        s.close()
+    return Run(clients, elapsed, outcomes)
 
 
 def lone_answers(url: str, pool, indices, system: str, known: dict) -> dict:

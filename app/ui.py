@@ -19,6 +19,10 @@ Endpoints (gradio_client api_names; the conversation state travels with the clie
     /reset                                   -> status, ... (same image, no turns)
     /export                                  -> CSV file, JSON file, status
     /systems    systems, question            -> summary, table, 3 figures: the same question to every system
+    /atlas      source, n, files           -> summary, 3 figures, table, CSV, data: every route of a question set
+    /fidelity                              -> summary, figure, table, data: the last turn's adapters vs its layers
+    /sweep      thresholds, n              -> summary, figure, table, data: accuracy vs layers vs speed
+    /stop                                  -> status, chat: this session's work ends at its next token
     /answer     image, question, history_json, route, threshold, system -> JSON {answer, trace} (stateless)
 """
 from __future__ import annotations
@@ -30,6 +34,7 @@ import json
 import logging
 import queue
 import shutil
+import statistics
 import tempfile
 import threading
 import time
@@ -40,6 +45,8 @@ import pandas as pd
 from PIL import Image
 
 from roe_core import InputError, RoEPipeline
+from roe_core.analysis import adapter_fidelity, build_atlas, sweep_thresholds
+from roe_core.scenes.questions import load_llava_questions, test_questions
 from roe_core.serving import Cancelled, Job, Server
 from roe_core.systems import LABELS, MOE_SYSTEMS
 from roe_core.systems.pipeline import Pipeline
@@ -207,6 +214,69 @@ def build_demo(pipe: RoEPipeline, max_new_tokens: int = 48, speed_repeats: int =
                 moe_plots.append(gr.Plot(F.empty_figure("Router rigidity: image vs text routing per MoE layer", 280),
                                          label="rigidity_figure", show_label=False))
 
+        with gr.Accordion("Explore: route atlas, adapter fidelity, trade-off curve", open=True):
+            with gr.Tabs():
+                with gr.Tab("Route atlas", id="atlas-tab"):
+                    with gr.Row(equal_height=False):
+                        with gr.Column(scale=3, min_width=300):
+                            atlas_source = gr.Radio([("scenes of the test split", "scenes"),
+                                                     ("my LLaVA JSON + its images (upload below)", "upload")],
+                                                    value="scenes", label="Question set")
+                            atlas_n = gr.Slider(4, 256, value=48, step=4, label="Questions (at most)")
+                            atlas_files = gr.File(label="LLaVA JSON file and its images", file_count="multiple",
+                                                  file_types=[".json", "image"])
+                            atlas_btn = gr.Button("Build the atlas", variant="primary", elem_id="atlas-go")
+                            gr.Markdown(ATLAS_CAPTION, elem_classes="caption")
+                        with gr.Column(scale=7):
+                            atlas_md = gr.Markdown("_Build the atlas: every question is answered and its route "
+                                                   "drawn._", elem_id="atlas-summary")
+                            atlas_plot = gr.Plot(F.empty_figure("The route atlas appears here", 360),
+                                                 label="atlas_figure", show_label=False, elem_id="atlas-plot")
+                    with gr.Row():
+                        atlas_types_plot = gr.Plot(F.empty_figure("Skip rate per layer by question type", 240),
+                                                   label="atlas_types_figure", show_label=False)
+                        atlas_counts_plot = gr.Plot(F.empty_figure("How often each route occurs", 240),
+                                                    label="atlas_counts_figure", show_label=False)
+                    atlas_table = gr.Dataframe(headers=ATLAS_HEADERS, label="Examples in atlas order (click a row to "
+                                               "open it in the chat)", interactive=False, wrap=True, max_height=300,
+                                               elem_id="atlas-table")
+                    with gr.Row():
+                        atlas_csv = gr.File(label="atlas CSV")
+                        atlas_json = gr.JSON(label="atlas data", open=False)
+                with gr.Tab("Adapter fidelity", id="fidelity-tab"):
+                    with gr.Row(equal_height=False):
+                        with gr.Column(scale=3, min_width=300):
+                            fid_btn = gr.Button("Measure the last turn's adapters", variant="primary",
+                                                elem_id="fidelity-go")
+                            gr.Markdown(FIDELITY_CAPTION, elem_classes="caption")
+                        with gr.Column(scale=7):
+                            fid_md = gr.Markdown("_Ask a question, then measure: each skipped layer's adapter against "
+                                                 "the layer it stood in for._", elem_id="fidelity-summary")
+                            fid_plot = gr.Plot(F.empty_figure("Adapter fidelity appears here", 360),
+                                               label="fidelity_figure", show_label=False, elem_id="fidelity-plot")
+                    fid_table = gr.Dataframe(headers=FIDELITY_HEADERS, label="per layer", interactive=False,
+                                             max_height=300)
+                    fid_json = gr.JSON(label="fidelity data", open=False)
+                with gr.Tab("Trade-off curve", id="sweep-tab"):
+                    with gr.Row(equal_height=False):
+                        with gr.Column(scale=3, min_width=300):
+                            sweep_thresholds_box = gr.Textbox(
+                                value=", ".join(f"{t:.2f}" for t in default_thresholds(pipe.threshold)),
+                                label="Router thresholds to sweep (the model's own is always added)")
+                            sweep_n = gr.Slider(4, 128, value=24, step=4, label="Questions (scenes of the test split)")
+                            sweep_btn = gr.Button("Sweep", variant="primary", elem_id="sweep-go")
+                            gr.Markdown(SWEEP_CAPTION, elem_classes="caption")
+                        with gr.Column(scale=7):
+                            sweep_md = gr.Markdown("_Sweep: every threshold answers the same questions, timed in one "
+                                                   "run beside every layer._", elem_id="sweep-summary")
+                            sweep_plot = gr.Plot(F.empty_figure("The trade-off curve appears here", 360),
+                                                 label="sweep_figure", show_label=False, elem_id="sweep-plot")
+                    sweep_table = gr.Dataframe(headers=SWEEP_HEADERS, label="Points (click one to use its threshold in "
+                                               "What if…)", interactive=False, max_height=300, elem_id="sweep-table")
+                    sweep_json = gr.JSON(label="sweep data", open=False)
+            atlas_state = gr.State(None)
+            sweep_state = gr.State(None)
+
         with gr.Accordion("Export and raw trace", open=False):
             with gr.Row():
                 export_btn = gr.Button("Export this conversation's traces")
@@ -252,11 +322,21 @@ def build_demo(pipe: RoEPipeline, max_new_tokens: int = 48, speed_repeats: int =
                          concurrency_limit=None)
         arena_evt = arena_btn.click(ex.compare_systems, [conv, arena_systems, arena_q],
                                     [arena_md, arena_table, arena_plot, *moe_plots], api_name="systems", **BACKGROUND)
+        atlas_evt = atlas_btn.click(ex.atlas, [atlas_source, atlas_n, atlas_files],
+                                    [atlas_md, atlas_plot, atlas_types_plot, atlas_counts_plot, atlas_table, atlas_csv,
+                                     atlas_json, atlas_state], api_name="atlas", **BACKGROUND)
+        atlas_table.select(ex.open_atlas_example, atlas_state, [image, question], api_visibility="private")
+        fid_evt = fid_btn.click(ex.fidelity, conv, [fid_md, fid_plot, fid_table, fid_json], api_name="fidelity",
+                                **BACKGROUND)
+        sweep_evt = sweep_btn.click(ex.sweep, [sweep_thresholds_box, sweep_n],
+                                    [sweep_md, sweep_plot, sweep_table, sweep_json, sweep_state], api_name="sweep",
+                                    **BACKGROUND)
+        sweep_table.select(ex.pick_threshold, sweep_state, [threshold, how, whatif_md], api_visibility="private")
         api_btn.click(ex.answer_json, [api_image, api_question, api_history, api_route, api_threshold, api_system],
                       api_result, api_name="answer", **PLAIN)
         # Stop: this user's work ends at its next token (the page's events and the model's work alike)
         stop_btn.click(ex.stop, conv, [status, chat], api_name="stop", queue=False,
-                       cancels=[asked, speed_evt, speed_now_evt, whatif_evt, arena_evt])
+                       cancels=[asked, speed_evt, speed_now_evt, whatif_evt, arena_evt, atlas_evt, fid_evt, sweep_evt])
         demo.unload(ex.closed)
     demo.queue(max_size=128)
     return demo
@@ -270,6 +350,29 @@ SYSTEMS_CAPTION = (
     "**EvoMoE**: 4 experts evolved from one FFN's training, each token runs the top 1 its modality's router picks. "
     "Active parameters are those one token touches (RoE: the layers it ran plus adapters; MoE: 2 of 4 experts). "
     "All share one base: the same vision tower, projector and decoder.")
+ATLAS_HEADERS = ["rank", "#", "type", "question", "answer", "reference", "correct", "layers run", "route"]
+FIDELITY_HEADERS = ["layer", "ran", "adapter vs layer L1", "adapter vs layer cosine", "the layer's own change L1",
+                    "routed vs dense twin L1", "twin cosine"]
+SWEEP_HEADERS = ["threshold", "layers run (mean)", "accuracy", "agrees with dense", "examples/s", "speedup",
+                 "calibrated"]
+ATLAS_CAPTION = (
+    "Each question is answered as in the chat (routes decided per example, in batches) and its route is drawn "
+    "as a row: blue layers ran, orange ones were skipped through their adapters. Rows are clustered: identical "
+    "routes together, each next one the nearest by Hamming distance. Your own set: a LLaVA JSON file "
+    "(`[{\"image\": \"a.png\", \"conversations\": [{\"from\": \"human\", \"value\": \"<image>\\nQ\"}, "
+    "{\"from\": \"gpt\", \"value\": \"A\"}]}]`) uploaded with its images. Runs in the background: anyone's "
+    "plain question goes first.")
+FIDELITY_CAPTION = (
+    "The last turn's prompt is run once more on its route. At every layer both the layer and its adapter see the "
+    "same input, so a skipped layer's orange diamond is exactly the adapter's error there (L1: the mean over tokens "
+    "of mean<sub>j</sub> |adapter − layer|<sub>j</sub>, beside the layer's own change, the grey Fig. 1 curve). "
+    "Purple: how far the routed run has drifted from its dense twin after each layer. The summary gives the KL of "
+    "the two runs' next-token distributions and whether the dense model answers the same.")
+SWEEP_CAPTION = (
+    "Every threshold answers the same questions in the same batches, and so does every layer (dense), in one run: "
+    "speedup is the dense pass's time over the threshold's (pauses for other users' questions excluded). Accuracy is "
+    "exact match with the scene generator's answers. The star is the model's calibrated threshold; click a row of "
+    "the table to re-answer the last question at that threshold in *What if…*.")
 SPEED_HEADERS = ["path", "layers run", "latency (s)", "tokens/s", "tokens", "answer"]
 WHATIF_HEADERS = ["path", "layers run", "latency (s)", "tokens/s", "answer"]
 N_TURN_VIEWS = 11   # chat, trace, l1, route, usage, adapters, layers, threshold, speed plot, table, summary
@@ -554,6 +657,140 @@ class Explorer:
                         if moe else F.empty_figure("Tick a MoE system to see its router rigidity", 280))
         return (md, table, F.plot_systems(rows), *figs)
 
+    # ---- explore: the route atlas, adapter fidelity, the trade-off curve ----
+    def question_set(self, source: str, n: int, files) -> list:
+        """The scene test split's first-turn questions, or the uploaded LLaVA JSON's (with its images)."""
+        n = max(1, int(n))
+        if source == "upload":
+            paths = [upload_path(f, self.workdir) for f in (files or [])]
+            paths = [Path(x) for x in paths if x]
+            if not any(x.suffix.lower() == ".json" for x in paths):
+                raise InputError("upload a LLaVA JSON file (with the images it names), or pick the scene test split")
+            folder = Path(tempfile.mkdtemp(prefix="set-", dir=self.workdir))
+            for x in paths:     # one folder, the uploaded names: the JSON finds its images beside it
+                shutil.copy(x, folder / (x.name if x.suffix.lower() != ".json" else "questions.json"))
+            return load_llava_questions(folder, limit=n)
+        return [q for q in test_questions(3 * n) if not q.history][:n]
+
+    def atlas(self, source: str, n: int, files, request: gr.Request = None, progress=gr.Progress()):
+        """Answers a question set and draws every route: the atlas, skip rates by type, route counts, the
+        examples in atlas order, a CSV and the data."""
+        keep = (gr.skip(),) * 7
+        try:
+            questions = self.question_set(source, n, files)
+            with self.server.background(owner_of(request)) as job:
+                progress((0, len(questions)), desc="answering", unit="questions")
+                atlas = build_atlas(self.pipe, questions, batch_size=8, max_new_tokens=self.max_new_tokens,
+                                    progress=lambda d, t: progress((d, t), desc="answering", unit="questions"),
+                                    on_step=job.step)
+        except Cancelled:
+            return ("_The atlas run was stopped._", *keep)
+        except Exception as e:  # noqa: BLE001
+            return (problem("Could not build the atlas", e), *keep)
+        rows = atlas.rows()
+        csv_path = self.workdir / "exports" / f"roe-atlas-{time.strftime('%Y%m%d-%H%M%S')}.csv"
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(rows).to_csv(csv_path, index=False)
+        counts = atlas.route_counts()
+        scored = [e for e in atlas.entries if e.correct is not None]
+        md = (f"**{len(atlas.entries)} questions, {atlas.distinct_routes} distinct routes**; the most common is "
+              f"taken by {counts[0][1]} ({counts[0][1] / len(atlas.entries):.0%}), {sum(1 for _, c in counts if c == 1)} "
+              f"routes occur once. Mean {statistics.mean(e.layers_executed for e in atlas.entries):.1f} of "
+              f"{atlas.num_layers} layers run" + (f"; exact match {statistics.mean(e.correct for e in scored):.3f} "
+                                                 f"on the {len(scored)} with a reference" if scored else "") + ".")
+        table = pd.DataFrame([[r["rank"], r["index"], r["qtype"], r["question"], r["answer"], r["gold"],
+                               "" if r["correct"] is None else ("✓" if r["correct"] else "✗"), r["layers_executed"],
+                               r["route"]] for r in rows], columns=ATLAS_HEADERS)
+        return (md, F.plot_atlas(atlas), F.plot_skip_by_type(atlas), F.plot_route_counts(atlas), table, str(csv_path),
+                atlas.to_dict(), (atlas, questions))
+
+    def open_atlas_example(self, state, evt: gr.SelectData):
+        """A row of the atlas table -> that example's image and question in the chat (a new conversation)."""
+        if not state or evt is None or evt.index is None:
+            return gr.skip(), gr.skip()
+        atlas, questions = state
+        row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+        q = questions[atlas.entries[atlas.order[int(row)]].index]
+        if isinstance(q.image, (str, Path)):
+            path = str(q.image)
+        else:
+            path = str(self.workdir / f"atlas-{hashlib.sha1(q.image.tobytes()).hexdigest()[:16]}.png")
+            if not Path(path).is_file():
+                q.image.save(path)
+        return path, q.question
+
+    def fidelity(self, conv: Conversation, request: gr.Request = None):
+        """How good each adapter of the last turn was, and how far the route drifted from its dense twin."""
+        keep = (gr.skip(),) * 3
+        last = conv.last
+        if last is None:
+            return (problem("Nothing to measure", "ask a question first"), *keep)
+        try:
+            with self.server.background(owner_of(request)) as job:
+                fid = adapter_fidelity(self.pipe, conv.image, last.question, conv.history(-1), route=last.trace.route,
+                                       between_layers=job.checkpoint)
+                job.turn()
+                dense = self.pipe.answer_batch([self.pipe.prepare(conv.image, last.question, conv.history(-1))],
+                                               "dense", None, self.max_new_tokens, on_step=job.step)[0]
+        except Cancelled:
+            return ("_The fidelity run was stopped._", *keep)
+        except Exception as e:  # noqa: BLE001
+            return (problem("Could not measure the adapters", e), *keep)
+        skipped = [i for i, r in enumerate(fid.route) if not r]
+        worst = max(skipped, key=lambda i: fid.adapter_l1[i]) if skipped else None
+        same = dense.text == last.answer
+        md = (f"**Turn {len(conv.turns)}:** {len(skipped)} adapters stood in"
+              + (f"; the farthest from its layer is layer {worst} (L1 {fid.adapter_l1[worst]:.4f} against the layer's "
+                 f"own change {fid.layer_l1[worst]:.4f}, cosine {fid.adapter_cos[worst]:.4f})" if worst is not None else "")
+              + f". Next-token KL(dense‖routed) **{fid.kl_next_token:.4f}** nats; the dense model answers "
+              + ("**the same**" if same else f"**differently**: “{dense.text}” against “{last.answer}”") + ".")
+        table = pd.DataFrame([[i, "yes" if r else "no (adapter)", round(fid.adapter_l1[i], 5), round(fid.adapter_cos[i], 5),
+                               round(fid.layer_l1[i], 5), round(fid.twin_l1[i], 5), round(fid.twin_cos[i], 5)]
+                              for i, r in enumerate(fid.route)], columns=FIDELITY_HEADERS)
+        data = {"turn": len(conv.turns), "question": last.question, "answer": last.answer, "dense_answer": dense.text,
+                "answers_agree": same, **fid.to_dict()}
+        return md, F.plot_fidelity(fid, last.trace.l1_dense), table, data
+
+    def sweep(self, thresholds_text: str, n: int, request: gr.Request = None, progress=gr.Progress()):
+        """Accuracy against layers executed and measured speed over router thresholds."""
+        keep = (gr.skip(),) * 4
+        try:
+            thresholds = parse_thresholds(thresholds_text) + [self.pipe.threshold]
+            questions = self.question_set("scenes", n, None)
+            with self.server.background(owner_of(request)) as job:
+                total = len(set(thresholds)) + 1
+                progress((0, total), desc="sweeping", unit="passes")
+                points = sweep_thresholds(
+                    self.pipe, questions, thresholds, batch_size=8, max_new_tokens=self.max_new_tokens,
+                    progress=lambda d, t: progress((d, t), desc="sweeping", unit="passes"), on_step=job.step,
+                    clock=lambda: time.perf_counter() - job.paused_s)
+        except Cancelled:
+            return ("_The sweep was stopped._", *keep)
+        except Exception as e:  # noqa: BLE001
+            return (problem("Could not sweep", e), *keep)
+        cal = next(p for p in points if p.calibrated)
+        metric = "exact match"
+        md = (f"**{len(points) - 1} thresholds on {len(questions)} questions.** At the calibrated threshold "
+              f"{cal.threshold:.2f}: {cal.mean_layers_executed:.1f} of {self.num_layers} layers, {metric} "
+              f"{cal.accuracy:.3f} (every layer: {points[0].accuracy:.3f}), **{cal.speedup:.2f}×** every layer's speed.")
+        table = pd.DataFrame([["dense" if p.threshold is None else round(p.threshold, 3), round(p.mean_layers_executed, 2),
+                               None if p.accuracy is None else round(p.accuracy, 3), round(p.agreement_with_dense, 3),
+                               round(p.examples_per_s, 2), round(p.speedup, 2), "★" if p.calibrated else ""]
+                              for p in points], columns=SWEEP_HEADERS)
+        data = {"n_questions": len(questions), "points": [p.to_dict() for p in points]}
+        return md, F.plot_sweep(points), table, data, points
+
+    def pick_threshold(self, points, evt: gr.SelectData):
+        """A row of the sweep table -> the what-if threshold."""
+        if not points or evt is None or evt.index is None:
+            return gr.skip(), gr.skip(), gr.skip()
+        row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+        p = points[int(row)]
+        if p.threshold is None:
+            return gr.skip(), gr.skip(), "_That row is every layer (dense): pick a threshold's row._"
+        return (p.threshold, "threshold", f"_Threshold **{p.threshold:.2f}** from the sweep: press **Re-answer the last "
+                                          "question** to see this turn at it._")
+
     # ---- the stateless endpoint ----
     def answer_json(self, image, question: str, history_json: str = "[]", route: str = "auto",
                     threshold: float | None = None, system: str = "roe", request: gr.Request = None) -> str:
@@ -595,6 +832,24 @@ def speed_views(cmp) -> tuple:
           f"(medians of {cmp.repeats} interleaved run(s) each, measured live on this turn). "
           + ("Same answer." if cmp.roe.text == cmp.dense.text else "The answers differ (below)."))
     return F.plot_speed(cmp), pd.DataFrame(rows, columns=SPEED_HEADERS), md
+
+
+def default_thresholds(calibrated: float) -> list[float]:
+    """A sweep around the calibrated threshold, from few layers skipped to many."""
+    return sorted({round(min(0.95, max(0.05, calibrated + d)), 2) for d in (-0.3, -0.2, -0.1, -0.05, 0.05, 0.1, 0.2)})
+
+
+def parse_thresholds(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in (text or "").replace(";", ",").split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"thresholds should be numbers between 0 and 1, separated by commas (e.g. 0.3, 0.5, 0.7); "
+                         f"got {text!r}") from None
+    if not values or any(not 0.0 <= v <= 1.0 for v in values):
+        raise InputError("thresholds should be numbers between 0 and 1, separated by commas (e.g. 0.3, 0.5, 0.7)")
+    if len(values) > 12:
+        raise InputError(f"at most 12 thresholds per sweep (got {len(values)})")
+    return values
 
 
 def stream_ticket(submit, every: float = 0.05):

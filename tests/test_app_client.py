@@ -372,3 +372,57 @@ def test_binding_beyond_this_machine_warns_without_auth_and_auth_reaches_gradio(
     assert entry.main(["--model", "tiny", "--auth", "nocolon"]) == 2
     assert "USER:PASSWORD" in capsys.readouterr().err
     assert entry.is_loopback("::1") and entry.is_loopback("localhost") and not entry.is_loopback("192.168.1.5")
+
+
+# --- the explorer's analysis views: /atlas, /fidelity, /sweep ---------------------------------------------------
+
+def test_the_atlas_endpoint_counts_add_up(url, L, tmp_path):
+    c = new_client(url)
+    md, atlas_fig, types_fig, counts_fig, table, csv_file, data = c.predict("scenes", 8, None, api_name="/atlas")
+    assert "8 questions" in md
+    entries = data["entries"]
+    assert len(entries) == 8 and sorted(data["order"]) == list(range(8))
+    assert sum(r["count"] for r in data["route_counts"]) == 8 == len(table["data"])
+    assert len(data["route_counts"]) == data["distinct_routes"]
+    assert all(len(e["route"]) == L for e in entries)
+    assert figure(atlas_fig)["data"] and figure(types_fig)["data"] and figure(counts_fig)["data"]
+    assert Path(csv_file).read_text().count("\n") == 9
+    # your own set: a LLaVA JSON uploaded with its image
+    Image.open(IMAGE).save(tmp_path / "mine.png")
+    (tmp_path / "set.json").write_text(json.dumps([{"image": "mine.png", "conversations": [
+        {"from": "human", "value": "<image>\nHow many circles?"}, {"from": "gpt", "value": "2"}]}]))
+    md, *_, data = c.predict("upload", 8, [handle_file(str(tmp_path / "set.json")), handle_file(str(tmp_path / "mine.png"))],
+                             api_name="/atlas")
+    assert "1 questions" in md and data["entries"][0]["question"] == "How many circles?"
+    md, *_ = c.predict("upload", 8, None, api_name="/atlas")
+    assert "upload a LLaVA JSON" in md
+
+
+def test_fidelity_is_zero_for_layers_that_run(url, L):
+    c = new_client(url)
+    md, *_ = c.predict(api_name="/fidelity")
+    assert "Nothing to measure" in md
+    ask(c, IMAGE, "How many blue objects are there?")
+    md, fig, table, data = c.predict(api_name="/fidelity")
+    assert len(data["route"]) == L and "KL" in md
+    for i, ran in enumerate(data["route"]):
+        if ran:
+            assert data["adapter_l1"][i] == 0.0 and data["adapter_cos"][i] == 1.0
+        else:
+            assert data["adapter_l1"][i] > 0.0
+    assert isinstance(data["answers_agree"], bool) and data["kl_next_token"] >= 0
+    assert figure(fig)["data"]
+
+
+def test_the_sweep_is_monotone_in_layers_executed(url, L):
+    c = new_client(url)
+    md, fig, table, data = c.predict("0.2, 0.5, 0.8", 4, api_name="/sweep")
+    points = data["points"]
+    assert points[0]["threshold"] is None and points[0]["mean_layers_executed"] == L
+    routed = points[1:]
+    assert [p["threshold"] for p in routed] == sorted(p["threshold"] for p in routed)
+    layers = [p["mean_layers_executed"] for p in routed]
+    assert all(a >= b for a, b in zip(layers, layers[1:]))
+    assert sum(p["calibrated"] for p in routed) == 1 and figure(fig)["data"]
+    md, *_ = c.predict("0.2, lots", 4, api_name="/sweep")
+    assert "thresholds should be numbers" in md

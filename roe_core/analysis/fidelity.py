@@ -51,8 +51,9 @@ def _cos(a: Tensor, b: Tensor, ok: Tensor) -> float:
 
 @torch.inference_mode()
 def adapter_fidelity(pipe: RoEPipeline, image, question: str, history: History = (), route="auto",
-                     threshold: float | None = None) -> Fidelity:
-    """route: "auto" (the router decides, at `threshold`) or the route a turn took (booleans per layer)."""
+                     threshold: float | None = None, between_layers=None) -> Fidelity:
+    """route: "auto" (the router decides, at `threshold`) or the route a turn took (booleans per layer).
+    between_layers() is called after each layer (a server's checkpoint)."""
     model = pipe.model
     x = layout_batch(model, pipe.batch([(image, question, history)]))
     R, L = x.num_routing, model.num_layers
@@ -75,6 +76,8 @@ def adapter_fidelity(pipe: RoEPipeline, image, question: str, history: History =
         t_l1.append(_l1(h[0, R:], h_dense[0, R:], ok))
         t_cos.append(_cos(h[0, R:], h_dense[0, R:], ok))
         taken.append(run)
+        if between_layers is not None:
+            between_layers()
     logp = model.final_logits(h[:, -1]).float().log_softmax(-1)
     logq = model.final_logits(h_dense[:, -1]).float().log_softmax(-1)
     kl = float((logq.exp() * (logq - logp)).sum())
