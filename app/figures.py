@@ -356,6 +356,7 @@ def plot_sweep(points) -> go.Figure:
                       row=1, col=col)
     fig.update_xaxes(title_text="layers executed (mean)", row=1, col=1)
     fig.update_xaxes(title_text="speedup over every layer (×)", row=1, col=2)
+    fig.update_yaxes(range=[-0.03, 1.05])
     fig.update_yaxes(title_text=metric, row=1, col=1)
     fig.update_annotations(font_size=11)
     return _layout(fig, f"Trade-off · {metric} against sparsity and speed ({len(routed)} thresholds)", 360)

@@ -86,3 +86,19 @@ def test_upload_ask_and_see_the_route(page):
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOT), full_page=True)
     assert SCREENSHOT.stat().st_size > 20_000
+
+
+def test_the_atlas_and_the_sweep_draw_their_figures(page):
+    page.get_by_role("tab", name="Route atlas").click()
+    page.locator("#atlas-go").click()
+    page.locator("#atlas-plot").locator(".gtitle").filter(has_text="Route atlas").wait_for(timeout=120_000)
+    page.locator("#atlas-summary").get_by_text("distinct routes").wait_for()
+    page.locator("#atlas-table").get_by_role("row").nth(1).wait_for()
+    page.get_by_role("tab", name="Trade-off curve").click()
+    page.locator("#sweep-go").click()
+    page.locator("#sweep-plot").locator(".gtitle").filter(has_text="Trade-off").wait_for(timeout=120_000)
+    page.locator("#sweep-summary").get_by_text("calibrated threshold").wait_for()
+    page.wait_for_timeout(500)
+    shot = SCREENSHOT.with_name(SCREENSHOT.stem + "-explore.png")
+    page.locator("#sweep-plot").screenshot(path=str(shot))
+    assert shot.stat().st_size > 10_000
