@@ -395,3 +395,23 @@ def plot_fidelity(fid, l1_dense: Sequence[float] | None = None) -> go.Figure:
     title = (f"Adapter fidelity · {len(skipped)} adapters stood in; next-token KL(dense‖routed) "
              f"{fid.kl_next_token:.3f} nats, {agree} first token")
     return _layout(fig, title, 360)
+
+
+def plot_batching(c) -> go.Figure:
+    """One batch three ways: per-example routes (RoE here), the union rule (a layer runs for the whole batch if
+    any example wants it) and every layer; median seconds, and the (example, layer) pairs each ran."""
+    names = {"per_example": "per-example routes", "union": "union of routes", "dense": "every layer"}
+    colours = {"per_example": RUN, "union": SKIP, "dense": DENSE}
+    keys = list(names)
+    fig = make_subplots(rows=1, cols=2, subplot_titles=(f"batch latency, s (median of {c.repeats})",
+                                                        "layer runs (example × layer)"), horizontal_spacing=0.14)
+    fig.add_trace(go.Bar(x=[names[k] for k in keys], y=[c.seconds[k] for k in keys],
+                         marker_color=[colours[k] for k in keys], text=[f"{c.seconds[k]:.3f} s" for k in keys],
+                         textposition="auto", hovertemplate="%{x}: %{y:.3f} s<extra></extra>"), row=1, col=1)
+    fig.add_trace(go.Bar(x=[names[k] for k in keys], y=[c.layer_runs[k] for k in keys],
+                         marker_color=[colours[k] for k in keys], text=[str(c.layer_runs[k]) for k in keys],
+                         textposition="auto", hovertemplate="%{x}: %{y} layer runs<extra></extra>"), row=1, col=2)
+    fig.update_layout(showlegend=False)
+    fig.update_annotations(font_size=11)
+    return _layout(fig, f"Batch of {len(c.questions)} · per-example routing {c.speedup_vs_union:.2f}× the union rule, "
+                        f"{c.speedup_vs_dense:.2f}× every layer", 320)

@@ -22,6 +22,7 @@ Endpoints (gradio_client api_names; the conversation state travels with the clie
     /atlas      source, n, files           -> summary, 3 figures, table, CSV, data: every route of a question set
     /fidelity                              -> summary, figure, table, data: the last turn's adapters vs its layers
     /sweep      thresholds, n              -> summary, figure, table, data: accuracy vs layers vs speed
+    /batching   chosen examples            -> summary, figure, table, data: own routes vs union rule vs dense
     /stop                                  -> status, chat: this session's work ends at its next token
     /answer     image, question, history_json, route, threshold, system -> JSON {answer, trace} (stateless)
 """
@@ -45,7 +46,7 @@ import pandas as pd
 from PIL import Image
 
 from roe_core import InputError, RoEPipeline
-from roe_core.analysis import adapter_fidelity, build_atlas, sweep_thresholds
+from roe_core.analysis import adapter_fidelity, build_atlas, compare_batching, sweep_thresholds
 from roe_core.scenes.questions import load_llava_questions, test_questions
 from roe_core.serving import Cancelled, Job, Server
 from roe_core.systems import LABELS, MOE_SYSTEMS
@@ -274,6 +275,25 @@ def build_demo(pipe: RoEPipeline, max_new_tokens: int = 48, speed_repeats: int =
                     sweep_table = gr.Dataframe(headers=SWEEP_HEADERS, label="Points (click one to use its threshold in "
                                                "What if…)", interactive=False, max_height=300, elem_id="sweep-table")
                     sweep_json = gr.JSON(label="sweep data", open=False)
+                with gr.Tab("Batch composition", id="batching-tab"):
+                    with gr.Row(equal_height=False):
+                        with gr.Column(scale=3, min_width=300):
+                            batch_pick = gr.CheckboxGroup(
+                                [(f"{e['qtype']}: {e['question']}", k) for k, e in enumerate(examples)],
+                                value=list(range(min(4, len(examples)))), label="Questions answered in one batch "
+                                "(the examples, each with its image)")
+                            batch_btn = gr.Button("Answer them in one batch, three ways", variant="primary",
+                                                  elem_id="batching-go")
+                            gr.Markdown(BATCHING_CAPTION, elem_classes="caption")
+                        with gr.Column(scale=7):
+                            batch_md = gr.Markdown("_Pick a few questions: they are answered together, with their "
+                                                   "own routes, with the union of their routes and with every layer._",
+                                                   elem_id="batching-summary")
+                            batch_plot = gr.Plot(F.empty_figure("Per-example routing against the union rule", 320),
+                                                 label="batching_figure", show_label=False, elem_id="batching-plot")
+                    batch_table = gr.Dataframe(headers=BATCHING_HEADERS, label="per example", interactive=False,
+                                               wrap=True, max_height=300)
+                    batch_json = gr.JSON(label="batch data", open=False)
             atlas_state = gr.State(None)
             sweep_state = gr.State(None)
 
@@ -331,12 +351,15 @@ def build_demo(pipe: RoEPipeline, max_new_tokens: int = 48, speed_repeats: int =
         sweep_evt = sweep_btn.click(ex.sweep, [sweep_thresholds_box, sweep_n],
                                     [sweep_md, sweep_plot, sweep_table, sweep_json, sweep_state], api_name="sweep",
                                     **BACKGROUND)
+        batch_evt = batch_btn.click(ex.batching, batch_pick, [batch_md, batch_plot, batch_table, batch_json],
+                                    api_name="batching", **BACKGROUND)
         sweep_table.select(ex.pick_threshold, sweep_state, [threshold, how, whatif_md], api_visibility="private")
         api_btn.click(ex.answer_json, [api_image, api_question, api_history, api_route, api_threshold, api_system],
                       api_result, api_name="answer", **PLAIN)
         # Stop: this user's work ends at its next token (the page's events and the model's work alike)
         stop_btn.click(ex.stop, conv, [status, chat], api_name="stop", queue=False,
-                       cancels=[asked, speed_evt, speed_now_evt, whatif_evt, arena_evt, atlas_evt, fid_evt, sweep_evt])
+                       cancels=[asked, speed_evt, speed_now_evt, whatif_evt, arena_evt, atlas_evt, fid_evt, sweep_evt,
+                                batch_evt])
         demo.unload(ex.closed)
     demo.queue(max_size=128)
     return demo
@@ -368,6 +391,13 @@ FIDELITY_CAPTION = (
     "of mean<sub>j</sub> |adapter − layer|<sub>j</sub>, beside the layer's own change, the grey Fig. 1 curve). "
     "Purple: how far the routed run has drifted from its dense twin after each layer. The summary gives the KL of "
     "the two runs' next-token distributions and whether the dense model answers the same.")
+BATCHING_HEADERS = ["question", "its route: layers run", "union: layers run", "answer (own route)",
+                    "answer (union)", "answer (every layer)"]
+BATCHING_CAPTION = (
+    "RoE decides a route per example, so a batch mixes routes. Here each layer runs only the examples routed "
+    "through it (gathered, then scattered back) and the others pass through its adapter. The authors' rule for "
+    "batches runs a layer for the whole batch if any example wants it: the union of the routes. All three are timed "
+    "live in interleaved rounds after a warm-up; background work, so anyone's plain question goes first.")
 SWEEP_CAPTION = (
     "Every threshold answers the same questions in the same batches, and so does every layer (dense), in one run: "
     "speedup is the dense pass's time over the threshold's (pauses for other users' questions excluded). Accuracy is "
@@ -779,6 +809,34 @@ class Explorer:
                               for p in points], columns=SWEEP_HEADERS)
         data = {"n_questions": len(questions), "points": [p.to_dict() for p in points]}
         return md, F.plot_sweep(points), table, data, points
+
+    def batching(self, chosen: list[int], request: gr.Request = None):
+        """The chosen examples in one batch: own routes, the union rule and every layer, timed live."""
+        keep = (gr.skip(),) * 3
+        examples = load_examples()
+        try:
+            picked = [examples[int(k)] for k in (chosen or []) if 0 <= int(k) < len(examples)]
+            if len(picked) < 2:
+                raise InputError("pick at least two questions")
+            items = [(e["image"], e["question"], ()) for e in picked]
+            with self.server.background(owner_of(request)) as job:
+                c = compare_batching(self.pipe, items, repeats=self.speed_repeats, max_new_tokens=self.max_new_tokens,
+                                     checkpoint=job.checkpoint)
+        except Cancelled:
+            return ("_The batch run was stopped._", *keep)
+        except Exception as e:  # noqa: BLE001
+            return (problem("Could not run the batch", e), *keep)
+        L = self.num_layers
+        md = (f"**{len(items)} questions, {len({tuple(r) for r in c.routes})} different routes.** Per-example routing "
+              f"ran {c.layer_runs['per_example']} (example, layer) pairs, the union rule {c.layer_runs['union']} "
+              f"({sum(c.union)} of {L} layers for everyone), every layer {c.layer_runs['dense']}. Measured: "
+              f"**{c.speedup_vs_union:.2f}×** the union rule's speed and **{c.speedup_vs_dense:.2f}×** every layer's "
+              f"({c.seconds['per_example']:.3f} s, {c.seconds['union']:.3f} s, {c.seconds['dense']:.3f} s; medians of "
+              f"{c.repeats}).")
+        table = pd.DataFrame([[q, sum(r), sum(c.union), c.answers["per_example"][k], c.answers["union"][k],
+                               c.answers["dense"][k]] for k, (q, r) in enumerate(zip(c.questions, c.routes))],
+                             columns=BATCHING_HEADERS)
+        return md, F.plot_batching(c), table, c.to_dict()
 
     def pick_threshold(self, points, evt: gr.SelectData):
         """A row of the sweep table -> the what-if threshold."""

@@ -129,3 +129,20 @@ def test_llava_question_files(tmp_path, images):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(InputError, match="not JSON"):
         load_llava_questions(tmp_path / "bad.json")
+
+
+def test_batch_composition_compares_per_example_routing_with_the_union_rule(routed, images):
+    from roe_core.analysis import compare_batching
+
+    items = [(images[k], q, ()) for k, q in enumerate(QUESTIONS)]
+    c = compare_batching(routed, items, repeats=1, max_new_tokens=4)
+    assert len({tuple(r) for r in c.routes}) > 1                              # mixed routes
+    assert c.union == [any(r[i] for r in c.routes) for i in range(len(c.union))]
+    alone = [routed.answer(*it, max_new_tokens=4) for it in items]
+    assert c.answers["per_example"] == [a.text for a in alone]
+    assert c.answers["union"] == [routed.answer(*it, route=c.union, max_new_tokens=4).text for it in items]
+    assert c.layer_runs["per_example"] < c.layer_runs["union"] <= c.layer_runs["dense"]
+    assert all(len(v) == 1 and v[0] > 0 for v in c.times.values())
+    assert c.speedup_vs_dense > 0 and c.speedup_vs_union > 0
+    with pytest.raises(ValueError, match="at least two"):
+        compare_batching(routed, items[:1])

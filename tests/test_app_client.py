@@ -426,3 +426,15 @@ def test_the_sweep_is_monotone_in_layers_executed(url, L):
     assert sum(p["calibrated"] for p in routed) == 1 and figure(fig)["data"]
     md, *_ = c.predict("0.2, lots", 4, api_name="/sweep")
     assert "thresholds should be numbers" in md
+
+
+def test_batch_composition_counts_and_times_three_ways(url, L):
+    c = new_client(url)
+    md, fig, table, data = c.predict([0, 1, 2], api_name="/batching")
+    assert len(data["questions"]) == 3 and len(data["union"]) == L
+    assert data["union"] == [any(r[i] for r in data["routes"]) for i in range(L)]
+    runs = data["layer_runs"]
+    assert runs["per_example"] <= runs["union"] <= runs["dense"] == 3 * L
+    assert all(v > 0 for v in data["seconds"].values()) and figure(fig)["data"]
+    md, *_ = c.predict([0], api_name="/batching")
+    assert "at least two" in md

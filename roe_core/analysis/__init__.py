@@ -3,7 +3,9 @@
     atlas.py     every route a question set takes, clustered by Hamming distance, skip rates per type
     sweep.py     the router threshold swept: accuracy against layers executed and measured speed
     fidelity.py  how far each skipped layer's adapter is from the layer, and the dense twin's divergence
+    batching.py  a batch of mixed routes: per-example routing against the union rule and dense, timed
 """
+from .batching import Composition, compare_batching  # noqa: F401
 from .atlas import Atlas, AtlasEntry, build_atlas, hamming_order  # noqa: F401
 from .fidelity import Fidelity, adapter_fidelity  # noqa: F401
 from .sweep import SweepPoint, sweep_thresholds  # noqa: F401
