@@ -86,13 +86,22 @@ class Conversation:
 
     # --- views ---
     def chat_messages(self, pending: tuple[str, str] | None = None) -> list[dict]:
-        """The conversation as gr.Chatbot messages; `pending` = (question, answer so far) being streamed."""
-        pairs = self.history() + ([pending] if pending else [])
+        """The conversation as gr.Chatbot messages; `pending` = (question, answer so far) being streamed.
+        Each answer is followed by its route summary, a collapsed block (a message with a metadata title)."""
         messages = []
-        for q, a in pairs:
-            messages.append({"role": "user", "content": q})
-            messages.append({"role": "assistant", "content": a if a else "…"})
+        for t in self.turns:
+            messages.append({"role": "user", "content": t.question})
+            messages.append({"role": "assistant", "content": t.answer if t.answer else "…"})
+            messages.append(route_note(t.trace))
+        if pending:
+            messages.append({"role": "user", "content": pending[0]})
+            messages.append({"role": "assistant", "content": pending[1] if pending[1] else "…"})
         return messages
+
+    def without_last_turn(self) -> "Conversation":
+        """Undo: the conversation before its last turn (what-ifs of that turn go with it)."""
+        n = len(self.turns) - 1
+        return dataclasses.replace(self, turns=self.turns[:n], whatifs=[w for w in self.whatifs if w.turn < n])
 
     # --- export ---
     def rows(self) -> list[dict]:
@@ -152,6 +161,33 @@ def _layer_rows(kind: str, turn: int, question: str, answer: str, trace: RouteTr
             "speedup": speed.speedup if speed else None,
         })
     return rows
+
+
+def spans(layers: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> "0–2, 5, 7–8"."""
+    out, start = [], None
+    for k, i in enumerate(layers):
+        if start is None:
+            start = i
+        if k + 1 == len(layers) or layers[k + 1] != i + 1:
+            out.append(f"{start}" if start == i else f"{start}–{i}")
+            start = None
+    return ", ".join(out) or "none"
+
+
+def route_note(trace: RouteTrace) -> dict:
+    """A turn's route as a collapsed chat block: which layers ran, which adapters stood in, its cost."""
+    L = len(trace.route)
+    ran = [i for i, r in enumerate(trace.route) if r]
+    skipped = trace.adapters_used
+    timing = trace.timing
+    lines = [f"**Ran:** {spans(ran)}", f"**Skipped, adapter stood in:** {spans(skipped)}",
+             f"Router threshold {trace.threshold:.2f}; route {trace.route_mode}."]
+    if timing is not None:
+        lines.append(f"{timing.total_s:.3f} s for {trace.new_tokens} tokens (prefill {timing.prefill_s:.3f} s).")
+    return {"role": "assistant", "content": "  \n".join(lines),
+            "metadata": {"title": f"Route · {len(ran)} of {L} layers ran, {len(skipped)} adapters stood in",
+                         "status": "done"}}
 
 
 def speed_dict(s: SpeedComparison | None) -> dict | None:

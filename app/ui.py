@@ -118,7 +118,8 @@ def build_demo(pipe: RoEPipeline, max_new_tokens: int = 48, speed_repeats: int =
                 with gr.Row():
                     new_scene_btn = gr.Button("New scene", size="sm", elem_id="new-scene")
                     reset_btn = gr.Button("New conversation", size="sm")
-                chat = gr.Chatbot(label="Conversation", height=320, placeholder="Answers stream here.", elem_id="chat")
+                chat = gr.Chatbot(label="Conversation", height=320, placeholder="Answers stream here.", elem_id="chat",
+                                  buttons=["copy", "copy_all"])
                 with gr.Row():
                     question = gr.Textbox(label="question", placeholder="Ask a question about the image…",
                                           show_label=False, scale=5, lines=1, max_lines=4, elem_id="question")
@@ -323,6 +324,8 @@ def build_demo(pipe: RoEPipeline, max_new_tokens: int = 48, speed_repeats: int =
 
         asked = gr.on([ask_btn.click, question.submit], ex.ask, [conv, image, question],
                       [conv, status, *turn_views, question], api_name="ask", preprocess=False, **PLAIN)
+        chat.retry(ex.retry, conv, [conv, status, *turn_views, question], api_name="retry", **PLAIN)
+        chat.undo(ex.undo, conv, [conv, status, *turn_views, question], api_name="undo", **PLAIN)
         speed_evt = asked.then(ex.speed, [conv, measure], speed_outputs, api_name="speed", **BACKGROUND)
         speed_now_evt = speed_btn.click(ex.speed_now, conv, speed_outputs, api_visibility="private", **BACKGROUND)
 
@@ -456,21 +459,44 @@ class Explorer:
                 here = conv   # the same image (or its upload aged out of gradio's cache: the page still shows it)
             else:
                 here = Conversation.about(path, upload_name(image))
-            if user is not None:
-                self.server.cancel(user, questions=False)     # this user's speed measurement, what-if...
-            answer = None
-            for item in stream_ticket(lambda on_token: self.server.submit(
-                    self.pipe, here.image, question, here.history(), owner=user, on_token=on_token,
-                    max_new_tokens=self.max_new_tokens, trace_l1=True, dense_l1=True)):
-                if isinstance(item, str):
-                    yield (gr.skip(), "", here.chat_messages(pending=(question, item)),
-                           *[gr.skip()] * (N_TURN_VIEWS - 1), gr.skip())
-                else:
-                    answer = item
-            new = here.with_turn(Turn(question, answer.text, answer.trace))
-            yield (new, "", *self.views(new), "")
+            yield from self._answer(here, question, user)
         except Exception as e:  # noqa: BLE001  (every failure is shown; the app keeps serving)
             yield (conv, problem("Could not answer", e), *self.views(conv), question)
+
+    def _answer(self, here: Conversation, question: str, user):
+        """Streams the answer to `question` after the turns of `here`; yields the page's outputs."""
+        if user is not None:
+            self.server.cancel(user, questions=False)     # this user's speed measurement, what-if...
+        answer = None
+        for item in stream_ticket(lambda on_token: self.server.submit(
+                self.pipe, here.image, question, here.history(), owner=user, on_token=on_token,
+                max_new_tokens=self.max_new_tokens, trace_l1=True, dense_l1=True)):
+            if isinstance(item, str):
+                yield (gr.skip(), "", here.chat_messages(pending=(question, item)),
+                       *[gr.skip()] * (N_TURN_VIEWS - 1), gr.skip())
+            else:
+                answer = item
+        new = here.with_turn(Turn(question, answer.text, answer.trace))
+        yield (new, "", *self.views(new), "")
+
+    def retry(self, conv: Conversation, request: gr.Request = None):
+        """The chat's retry: the last question asked again (its turn is replaced)."""
+        last = conv.last
+        if last is None:
+            yield (conv, problem("Nothing to retry", "ask a question first"), *self.views(conv), gr.skip())
+            return
+        try:
+            yield from self._answer(conv.without_last_turn(), last.question, owner_of(request))
+        except Exception as e:  # noqa: BLE001
+            yield (conv, problem("Could not answer", e), *self.views(conv), gr.skip())
+
+    def undo(self, conv: Conversation):
+        """The chat's undo: the last turn is taken back; its question returns to the box."""
+        last = conv.last
+        if last is None:
+            return (conv, problem("Nothing to undo", "the conversation is empty"), *self.views(conv), gr.skip())
+        new = conv.without_last_turn()
+        return (new, "Took back the last turn.", *self.views(new), last.question)
 
     def stop(self, conv: Conversation, request: gr.Request = None):
         """The stop button: this user's question and background work end at their next token."""

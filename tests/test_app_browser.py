@@ -102,3 +102,19 @@ def test_the_atlas_and_the_sweep_draw_their_figures(page):
     shot = SCREENSHOT.with_name(SCREENSHOT.stem + "-explore.png")
     page.locator("#sweep-plot").screenshot(path=str(shot))
     assert shot.stat().st_size > 10_000
+
+
+def test_the_page_fits_a_phone_without_horizontal_scrolling(url):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"])
+        phone = browser.new_page(viewport={"width": 420, "height": 900}, device_scale_factor=1)
+        phone.goto(url)
+        phone.locator("#header").wait_for()
+        phone.wait_for_timeout(1000)
+        widths = phone.evaluate("() => [document.documentElement.scrollWidth, window.innerWidth]")
+        wide = phone.evaluate("""() => [...document.querySelectorAll('body *')]
+            .filter(e => e.getBoundingClientRect().right > window.innerWidth + 1 && e.offsetParent !== null)
+            .slice(0, 5).map(e => (e.id || e.className || e.tagName).toString().slice(0, 60))""")
+        browser.close()
+    assert widths[0] <= widths[1], f"horizontal scroll at 420 px: {widths}, too wide: {wide}"

@@ -70,8 +70,17 @@ def traces(value) -> dict:
     return {t.get("name"): t for t in figure(value)["data"]}
 
 
+def plain(chat) -> list[dict]:
+    """The chat's questions and answers, without the collapsed route blocks (messages with a metadata title)."""
+    return [m for m in chat if not (m.get("metadata") or {}).get("title")]
+
+
+def notes(chat) -> list[dict]:
+    return [m for m in chat if (m.get("metadata") or {}).get("title")]
+
+
 def texts(chat) -> list[str]:
-    return [part["text"] for m in chat for part in m["content"] if part.get("type") == "text"]
+    return [part["text"] for m in plain(chat) for part in m["content"] if part.get("type") == "text"]
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +125,7 @@ def test_a_turn_answers_and_every_figure_carries_its_trace(url, L):
     r = dict(zip(VIEWS + ["question"], job.result()))
     assert len(job.outputs()) >= 2                                   # streamed: partial answer(s), then the turn
     assert r["status"] == "" and r["question"] == ""
-    assert texts(r["chat"])[0] == "How many blue objects are there?" and len(r["chat"]) == 2
+    assert texts(r["chat"])[0] == "How many blue objects are there?" and len(plain(r["chat"])) == 2
     t = r["trace"]
     assert t["turn"] == 1 and len(t["route"]) == L and len(t["p_run"]) == L and len(t["l1_dense"]) == L
     assert texts(r["chat"])[1] == (t["answer"] or "…")
@@ -143,7 +152,9 @@ def test_a_turn_answers_and_every_figure_carries_its_trace(url, L):
     assert "the speed of every layer" in s["speed_md"]
 
     r2 = ask(c, IMAGE, "And how many circles?")
-    assert r2["trace"]["turn"] == 2 and len(r2["chat"]) == 4
+    assert r2["trace"]["turn"] == 2 and len(plain(r2["chat"])) == 4
+    route_blocks = notes(r2["chat"])
+    assert len(route_blocks) == 2 and f"of {L} layers ran" in route_blocks[1]["metadata"]["title"]
     assert len(traces(r2["usage"])["skip map"]["z"]) == 2           # turns x layers
 
 
@@ -175,7 +186,7 @@ def test_a_bad_upload_does_not_replace_the_image(url, files):
     c = new_client(url)
     ask(c, IMAGE, "Is there a circle?")
     out = dict(zip(VIEWS + ["image"], c.predict(handle_file(str(files["not_an_image"])), api_name="/set_image")))
-    assert "Could not use that image" in out["status"] and len(out["chat"]) == 2
+    assert "Could not use that image" in out["status"] and len(plain(out["chat"])) == 2
     assert Path(out["image"]).read_bytes() == IMAGE.read_bytes()       # the page shows the old image again
     out = dict(zip(VIEWS + ["image"], c.predict(handle_file(str(OTHER_IMAGE)), api_name="/set_image")))
     assert "New conversation" in out["status"] and out["chat"] == []
@@ -438,3 +449,20 @@ def test_batch_composition_counts_and_times_three_ways(url, L):
     assert all(v > 0 for v in data["seconds"].values()) and figure(fig)["data"]
     md, *_ = c.predict([0], api_name="/batching")
     assert "at least two" in md
+
+
+def test_undo_and_retry_the_last_turn(url):
+    c = new_client(url)
+    first = ask(c, IMAGE, "Is there a circle?")
+    second = ask(c, IMAGE, "How many?")
+    assert len(plain(second["chat"])) == 4
+    out = dict(zip(VIEWS + ["question"], c.predict(api_name="/retry")))
+    assert texts(out["chat"]) == texts(second["chat"]) and out["trace"]["turn"] == 2   # replaced, same greedy answer
+    out = dict(zip(VIEWS + ["question"], c.predict(api_name="/undo")))
+    assert texts(out["chat"]) == texts(first["chat"]) and out["question"] == "How many?"
+    assert "Took back" in out["status"] and out["trace"]["turn"] == 1
+    c.predict(api_name="/undo")
+    out = dict(zip(VIEWS + ["question"], c.predict(api_name="/undo")))
+    assert "Nothing to undo" in out["status"] and out["chat"] == []
+    out = dict(zip(VIEWS + ["question"], c.predict(api_name="/retry")))
+    assert "Nothing to retry" in out["status"]
