@@ -415,3 +415,23 @@ def plot_batching(c) -> go.Figure:
     fig.update_annotations(font_size=11)
     return _layout(fig, f"Batch of {len(c.questions)} · per-example routing {c.speedup_vs_union:.2f}× the union rule, "
                         f"{c.speedup_vs_dense:.2f}× every layer", 320)
+
+
+def plot_route_change(before: RouteTrace, after: RouteTrace, labels=("original image", "edited image")) -> go.Figure:
+    """Two routes of the same question, one lane each, with the layers whose decision changed marked."""
+    L = len(before.route)
+    z = [[0 if r else 1 for r in before.route], [0 if r else 1 for r in after.route]]
+    changed = [i for i in range(L) if before.route[i] != after.route[i]]
+    fig = go.Figure(go.Heatmap(
+        z=z, x=list(range(L)), y=list(labels), zmin=0, zmax=1, showscale=False, xgap=2, ygap=4,
+        colorscale=[[0, RUN], [0.5, RUN], [0.5, SKIP], [1, SKIP]],
+        customdata=[before.p_run, after.p_run],
+        text=[["ran" if v == 0 else "skipped (adapter)" for v in row] for row in z],
+        hovertemplate="%{y}, layer %{x}: %{text}<br>p_run %{customdata:.2f}<extra></extra>"))
+    if changed:
+        fig.add_trace(go.Scatter(x=changed, y=[labels[1]] * len(changed), mode="markers", name="decision changed",
+                                 marker=dict(symbol="x", size=11, color="#111827"),
+                                 hovertemplate="layer %{x}: the decision changed<extra></extra>"))
+    fig.update_yaxes(autorange="reversed")
+    fig.update_xaxes(title_text="decoder layer (blue ran, orange skipped)", dtick=max(1, L // 10))
+    return _layout(fig, f"Route before and after the edit · {len(changed)} of {L} layer decisions changed", 240)

@@ -22,6 +22,7 @@ Endpoints (gradio_client api_names; the conversation state travels with the clie
     /atlas      source, n, files           -> summary, 3 figures, table, CSV, data: every route of a question set
     /fidelity                              -> summary, figure, table, data: the last turn's adapters vs its layers
     /sweep      thresholds, n              -> summary, figure, table, data: accuracy vs layers vs speed
+    /edit       editor value               -> summary, figure, table: the last question on an edited image
     /batching   chosen examples            -> summary, figure, table, data: own routes vs union rule vs dense
     /stop                                  -> status, chat: this session's work ends at its next token
     /answer     image, question, history_json, route, threshold, system -> JSON {answer, trace} (stateless)
@@ -295,6 +296,22 @@ def build_demo(pipe: RoEPipeline, max_new_tokens: int = 48, speed_repeats: int =
                     batch_table = gr.Dataframe(headers=BATCHING_HEADERS, label="per example", interactive=False,
                                                wrap=True, max_height=300)
                     batch_json = gr.JSON(label="batch data", open=False)
+                with gr.Tab("Image edits", id="edits-tab"):
+                    with gr.Row(equal_height=False):
+                        with gr.Column(scale=5, min_width=300):
+                            editor = gr.ImageEditor(type="pil", label="Crop it, or paint over part of it",
+                                                    sources=["upload", "clipboard"], height=320, elem_id="editor")
+                            with gr.Row():
+                                edit_load_btn = gr.Button("Load the conversation's image", size="sm")
+                                edit_btn = gr.Button("Re-answer the last question on the edited image",
+                                                     variant="primary", elem_id="edit-go")
+                        with gr.Column(scale=5):
+                            edit_md = gr.Markdown("_Load the image, edit it, and re-answer: the route and the answer "
+                                                  "before and after, side by side._", elem_id="edit-summary")
+                            edit_plot = gr.Plot(F.empty_figure("The two routes appear here", 240),
+                                                label="edit_route_figure", show_label=False, elem_id="edit-plot")
+                            edit_table = gr.Dataframe(headers=EDIT_HEADERS, interactive=False, wrap=True,
+                                                      label="before and after")
             atlas_state = gr.State(None)
             sweep_state = gr.State(None)
 
@@ -356,13 +373,16 @@ def build_demo(pipe: RoEPipeline, max_new_tokens: int = 48, speed_repeats: int =
                                     **BACKGROUND)
         batch_evt = batch_btn.click(ex.batching, batch_pick, [batch_md, batch_plot, batch_table, batch_json],
                                     api_name="batching", **BACKGROUND)
+        edit_load_btn.click(ex.load_for_edit, conv, [editor, edit_md], api_visibility="private", queue=False)
+        edit_evt = edit_btn.click(ex.edited, [conv, editor], [edit_md, edit_plot, edit_table], api_name="edit",
+                                  **BACKGROUND)
         sweep_table.select(ex.pick_threshold, sweep_state, [threshold, how, whatif_md], api_visibility="private")
         api_btn.click(ex.answer_json, [api_image, api_question, api_history, api_route, api_threshold, api_system],
                       api_result, api_name="answer", **PLAIN)
         # Stop: this user's work ends at its next token (the page's events and the model's work alike)
         stop_btn.click(ex.stop, conv, [status, chat], api_name="stop", queue=False,
                        cancels=[asked, speed_evt, speed_now_evt, whatif_evt, arena_evt, atlas_evt, fid_evt, sweep_evt,
-                                batch_evt])
+                                batch_evt, edit_evt])
         demo.unload(ex.closed)
     demo.queue(max_size=128)
     return demo
@@ -394,6 +414,7 @@ FIDELITY_CAPTION = (
     "of mean<sub>j</sub> |adapter − layer|<sub>j</sub>, beside the layer's own change, the grey Fig. 1 curve). "
     "Purple: how far the routed run has drifted from its dense twin after each layer. The summary gives the KL of "
     "the two runs' next-token distributions and whether the dense model answers the same.")
+EDIT_HEADERS = ["image", "layers run", "answer"]
 BATCHING_HEADERS = ["question", "its route: layers run", "union: layers run", "answer (own route)",
                     "answer (union)", "answer (every layer)"]
 BATCHING_CAPTION = (
@@ -863,6 +884,39 @@ class Explorer:
                                c.answers["dense"][k]] for k, (q, r) in enumerate(zip(c.questions, c.routes))],
                              columns=BATCHING_HEADERS)
         return md, F.plot_batching(c), table, c.to_dict()
+
+    def load_for_edit(self, conv: Conversation):
+        if conv.image is None:
+            return gr.skip(), problem("Nothing to edit", "upload an image (or pick an example) first")
+        return conv.image.copy(), "_Crop or paint, then re-answer._"
+
+    def edited(self, conv: Conversation, editor, request: gr.Request = None):
+        """The last question again, on the edited image (same earlier turns): route and answer before and after."""
+        keep = (gr.skip(),) * 2
+        last = conv.last
+        try:
+            if last is None:
+                raise InputError("ask a question about the image first")
+            image = editor.get("composite") if isinstance(editor, dict) else editor
+            if image is None:
+                raise InputError("load the conversation's image into the editor (or upload one) and edit it")
+            image = image.convert("RGB")
+            with self.server.background(owner_of(request)) as job:
+                after = self.pipe.answer_batch([self.pipe.prepare(image, last.question, conv.history(-1))], "auto",
+                                               last.trace.threshold, self.max_new_tokens, on_step=job.step)[0]
+        except Cancelled:
+            return ("_The edited re-answer was stopped._", *keep)
+        except Exception as e:  # noqa: BLE001
+            return (problem("Could not re-answer on the edited image", e), *keep)
+        b, a = last.trace, after.trace
+        changed = [i for i in range(len(b.route)) if b.route[i] != a.route[i]]
+        md = (f"**{last.question}** — the edit changed {len(changed)} of {len(b.route)} layer decisions"
+              + (f" (layers {', '.join(map(str, changed))})" if changed else "")
+              + f": {b.layers_executed} → {a.layers_executed} layers run; the answer "
+              + ("stayed the same." if after.text == last.answer else f"changed: “{last.answer}” → “{after.text}”."))
+        table = pd.DataFrame([["original", b.layers_executed, last.answer], ["edited", a.layers_executed, after.text]],
+                             columns=EDIT_HEADERS)
+        return md, F.plot_route_change(b, a), table
 
     def pick_threshold(self, points, evt: gr.SelectData):
         """A row of the sweep table -> the what-if threshold."""

@@ -466,3 +466,19 @@ def test_undo_and_retry_the_last_turn(url):
     assert "Nothing to undo" in out["status"] and out["chat"] == []
     out = dict(zip(VIEWS + ["question"], c.predict(api_name="/retry")))
     assert "Nothing to retry" in out["status"]
+
+
+def test_an_edited_image_is_answered_beside_the_original(url, L, tmp_path):
+    c = new_client(url)
+    edited = tmp_path / "cropped.png"
+    Image.open(IMAGE).convert("RGB").crop((0, 0, 128, 128)).save(edited)
+    value = {"background": handle_file(str(edited)), "layers": [], "composite": handle_file(str(edited))}
+    md, _, _ = c.predict(value, api_name="/edit")
+    assert "ask a question about the image first" in md
+    first = ask(c, IMAGE, "How many circles are there?")
+    md, fig, table = c.predict(value, api_name="/edit")
+    assert f"of {L} layer decisions" in md
+    rows = table["data"]
+    assert rows[0][0] == "original" and rows[0][2] == texts(first["chat"])[1] and rows[1][0] == "edited"
+    lanes = figure(fig)["data"][0]["z"]
+    assert len(lanes) == 2 and len(lanes[0]) == L
