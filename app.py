@@ -42,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     p.add_argument("--auth", default=None, metavar="USER:PASSWORD",
                    help="ask for this login (gradio's own login page); or @FILE: one USER:PASSWORD per line")
+    p.add_argument("--mcp", action="store_true",
+                   help="also serve gradio's MCP server (tools: answer, atlas) at /gradio_api/mcp/ (off by default)")
     p.add_argument("--max-batch", type=int, default=8, help="most questions answered in one batch (default 8)")
     p.add_argument("--batch-window-ms", type=float, default=30.0,
                    help="how long a question waits for others to join its batch (default 30 ms)")
@@ -115,8 +117,10 @@ def main(argv=None) -> int:
                     limits=Limits(args.max_question_tokens or None, args.max_history_turns or None,
                                   args.rate_limit or None))
     demo = build_demo(pipe, max_new_tokens=args.max_new_tokens, speed_repeats=args.speed_repeats, notice=notice,
-                      systems=pipes, server=server)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth, **launch_options())
+                      systems=pipes, server=server, mcp=args.mcp)
+    extra = {"mcp_server": True} if args.mcp else {}
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth, **extra,
+                **launch_options())
     return 0
 
 

@@ -60,6 +60,9 @@ from .session import Conversation, Turn, WhatIf, file_key
 
 log = logging.getLogger("roe_explorer")
 
+# The endpoints gradio's MCP server offers as tools (app.py --mcp)
+MCP_TOOLS = ("answer", "atlas")
+
 # Gradio lets this many plain questions (chat turns, /answer) in at once, so that the server can batch
 # them; background work (speed, what-if, side by side) takes turns on the model through the server's gate.
 PLAIN = dict(concurrency_id="plain", concurrency_limit=32)
@@ -92,10 +95,12 @@ def launch_options() -> dict:
 
 def build_demo(pipe: RoEPipeline, max_new_tokens: int = 48, speed_repeats: int = 3,
                notice: str | None = None, systems: dict[str, Pipeline] | None = None,
-               server: Server | None = None) -> gr.Blocks:
+               server: Server | None = None, mcp: bool = False) -> gr.Blocks:
     """The whole page. notice: a warning shown under the title (e.g. why a fallback model is loaded).
     systems: every loaded system by name (the RoE pipe among them) for the side-by-side view.
-    server: batches and schedules the model's work (default: Server() with its default limits)."""
+    server: batches and schedules the model's work (default: Server() with its default limits).
+    mcp: the page will be launched with gradio's MCP server (launch(mcp_server=True)): only /answer
+    and /atlas become tools; the other endpoints stay callable by clients but undocumented."""
     ex = Explorer(pipe, max_new_tokens, speed_repeats, systems, server)
     L = ex.num_layers
     examples = load_examples()
@@ -384,6 +389,10 @@ def build_demo(pipe: RoEPipeline, max_new_tokens: int = 48, speed_repeats: int =
                        cancels=[asked, speed_evt, speed_now_evt, whatif_evt, arena_evt, atlas_evt, fid_evt, sweep_evt,
                                 batch_evt, edit_evt])
         demo.unload(ex.closed)
+    if mcp:
+        for fn in demo.fns.values():
+            if fn.api_visibility == "public" and fn.api_name not in MCP_TOOLS:
+                fn.api_visibility = "undocumented"
     demo.queue(max_size=128)
     return demo
 
@@ -750,8 +759,20 @@ class Explorer:
         return [q for q in test_questions(3 * n) if not q.history][:n]
 
     def atlas(self, source: str, n: int, files, request: gr.Request = None, progress=gr.Progress()):
-        """Answers a question set and draws every route: the atlas, skip rates by type, route counts, the
-        examples in atlas order, a CSV and the data."""
+        """The route atlas of RoE Explorer: answers a set of questions with the RoE model and returns every
+        route (which decoder layers ran, which were skipped through adapters), clustered by Hamming distance,
+        with how many distinct routes there are, how often each occurs and each layer's skip rate per
+        question type.
+
+        Args:
+            source: "scenes" (questions about generated scenes of the test split) or "upload" (a LLaVA JSON
+                file with its images, in files)
+            n: how many questions, at most (4 to 256)
+            files: for source="upload": the LLaVA JSON file and the images it names
+        Returns:
+            a summary, the atlas, skip-rate and route-count figures, the examples in atlas order, a CSV
+            file and the atlas as JSON (entries with question, answer, route; route_counts; skip_rate_by_type)
+        """
         keep = (gr.skip(),) * 7
         try:
             questions = self.question_set(source, n, files)
@@ -932,10 +953,22 @@ class Explorer:
     # ---- the stateless endpoint ----
     def answer_json(self, image, question: str, history_json: str = "[]", route: str = "auto",
                     threshold: float | None = None, system: str = "roe", request: gr.Request = None) -> str:
-        """(image file, question, history as JSON [[q, a], ...], route "auto" | "dense" | JSON list of
-        booleans, threshold or None, system "roe" | "dense" | "moe_llava" | "evomoe") -> JSON {"answer", "trace",
-        "num_layers", "model", "system"} or {"error"}. route and threshold are RoE's; the other systems
-        take no options (a route other than "auto" is an error for them)."""
+        """Answers a question about an image with RoE Explorer's model and says how: for RoE, which decoder
+        layers ran and which were skipped through their adapters (the route), with the router's
+        probabilities; for the MoE systems, the experts each token used.
+
+        Args:
+            image: the image file
+            question: the question about it
+            history_json: earlier turns as JSON, [["question", "answer"], ...] ("[]" for none)
+            route: RoE's route: "auto" (the router decides), "dense" (every layer) or a JSON list of
+                booleans, one per decoder layer
+            threshold: RoE's router threshold (empty: the model's calibrated one)
+            system: "roe", "dense", "moe_llava" or "evomoe"
+        Returns:
+            JSON {"answer", "trace", "num_layers", "model", "system", "seconds"}, or {"error"} with what
+            was wrong (route and threshold are RoE's only)
+        """
         try:
             pipe = self.system_pipe(system)
             path = upload_path(image, self.workdir)
