@@ -104,11 +104,9 @@ def test_the_atlas_and_the_sweep_draw_their_figures(page):
     assert shot.stat().st_size > 10_000
 
 
-def test_the_page_fits_a_phone_without_horizontal_scrolling(url):
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"])
-        phone = browser.new_page(viewport={"width": 420, "height": 900}, device_scale_factor=1)
+def test_the_page_fits_a_phone_without_horizontal_scrolling(page, url):
+    phone = page.context.browser.new_page(viewport={"width": 420, "height": 900}, device_scale_factor=1)
+    try:
         phone.goto(url)
         phone.locator("#header").wait_for()
         phone.wait_for_timeout(1000)
@@ -116,5 +114,6 @@ def test_the_page_fits_a_phone_without_horizontal_scrolling(url):
         wide = phone.evaluate("""() => [...document.querySelectorAll('body *')]
             .filter(e => e.getBoundingClientRect().right > window.innerWidth + 1 && e.offsetParent !== null)
             .slice(0, 5).map(e => (e.id || e.className || e.tagName).toString().slice(0, 60))""")
-        browser.close()
+    finally:
+        phone.close()
     assert widths[0] <= widths[1], f"horizontal scroll at 420 px: {widths}, too wide: {wide}"
