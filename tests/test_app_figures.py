@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from app import figures as F
-from app.session import CSV_COLUMNS, Conversation, Turn, WhatIf
+from app.session import CSV_COLUMNS, Conversation, Turn, WhatIf, spans
 from roe_core import Answer, RouteTrace, SpeedComparison
 from roe_core.runtime.generation import Timing
 
@@ -134,7 +134,15 @@ def test_conversation_is_a_value(trace):
     conv2 = conv.with_turn(Turn("q", "a", trace))
     assert conv.turns == [] and len(conv2.turns) == 1
     assert conv2.history() == [("q", "a")] and conv2.history(-1) == []
-    assert conv2.chat_messages(pending=("q2", "")) == [
+    messages = conv2.chat_messages(pending=("q2", ""))
+    note = messages.pop(2)                              # the answer's route, a collapsed block
+    assert messages == [
         {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
         {"role": "user", "content": "q2"}, {"role": "assistant", "content": "…"}]
+    ran = [i for i, r in enumerate(trace.route) if r]
+    assert note["role"] == "assistant" and note["metadata"]["title"].startswith(f"Route · {len(ran)} of {len(trace.route)}")
+    assert f"**Skipped, adapter stood in:** {spans(trace.adapters_used)}" in note["content"]
+    assert spans([0, 1, 2, 5, 7, 8]) == "0–2, 5, 7–8" and spans([]) == "none"
+    undone = conv2.without_last_turn()
+    assert undone.turns == [] and conv2.turns and undone.chat_messages() == []
     assert conv2.cleared().turns == []
