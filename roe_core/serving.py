@@ -166,10 +166,12 @@ class Limits:
         if self.max_question_tokens and question:
             # a cheap bound first: no tokenizer yields fewer tokens than a quarter of the characters
             # of ordinary text, and a 1 MB string should not even be tokenized
-            n = (len(question) // 4 if len(question) > 40 * self.max_question_tokens
+            rough = len(question) > 40 * self.max_question_tokens
+            n = (len(question) // 4 if rough
                  else len(pipe.encoder.tokenizer(question, add_special_tokens=False)["input_ids"]))
             if n > self.max_question_tokens:
-                raise LimitError(f"the question is too long ({n:,} tokens, {len(question):,} characters); this "
+                raise LimitError(f"the question is too long ({'over ' if rough else ''}{n:,} tokens, "
+                                 f"{len(question):,} characters); this "
                                  f"server takes at most {self.max_question_tokens} tokens per question. Shorten it "
                                  "and ask again")
         if self.max_history_turns and len(history) > self.max_history_turns:
