@@ -4,6 +4,7 @@
     python -m app.loadtest --clients 8 --duration 60     # 8 users asking at once, against one by one
     python -m app.loadtest --clients 1,4,8,16 --duration 60 --out loadtest.json
     python -m app.loadtest --probe-during speed --duration 60   # a question during someone's speed measurement
+    python -m app.loadtest --probe-during atlas --duration 60   # ... during someone's route atlas
 
 Each client is a gradio_client session that asks /answer questions about generated scenes back to back,
 each request a different (scene, question) from one fixed pool. First the same pool is answered one by
@@ -11,9 +12,9 @@ one by a single client (the baseline); then N clients ask at once for --duration
 run: latency p50 / p95 / max, answers per second, errors, the throughput against one by one, and a
 check that every answer under load equals the answer the same request got alone (text and route).
 
---probe-during speed: one client asks a question and measures its speed against every layer, over and
-over (background work), while a probe client asks plain questions; the probe's latency is reported
-against its latency on an idle app.
+--probe-during speed|atlas: one client asks a question and measures its speed against every layer (or
+builds the route atlas of 48 questions), over and over (background work), while a probe client asks plain
+questions; the probe's latency is reported against its latency on an idle app.
 """
 from __future__ import annotations
 
@@ -207,9 +208,10 @@ def load_test(url: str, clients: list[int], duration: float, pool_size: int = 32
     return results
 
 
-def probe_during_speed(url: str, duration: float, system: str = "roe", verbose: bool = True) -> dict:
-    """A probe's plain-question latency on an idle app, then while another session measures speed
-    (/ask + /speed, over and over)."""
+def probe_during(url: str, duration: float, what: str = "speed", system: str = "roe", verbose: bool = True) -> dict:
+    """A probe's plain-question latency on an idle app, then while another session runs background work
+    over and over: what="speed" (/ask, then /speed: the turn timed against every layer) or "atlas" (/atlas
+    on 48 scene questions)."""
     from gradio_client import Client, handle_file
 
     check_loopback(url)
@@ -224,10 +226,14 @@ def probe_during_speed(url: str, duration: float, system: str = "roe", verbose: 
             c = Client(url, verbose=False)
             k = 0
             while not stop.is_set():
-                image, question = pool[(k + 4) % len(pool)]
-                c.predict(handle_file(image), question, api_name="/ask")
                 t0 = time.perf_counter()
-                c.predict(True, api_name="/speed")
+                if what == "atlas":
+                    c.predict("scenes", 48, None, api_name="/atlas")
+                else:
+                    image, question = pool[(k + 4) % len(pool)]
+                    c.predict(handle_file(image), question, api_name="/ask")
+                    t0 = time.perf_counter()
+                    c.predict(True, api_name="/speed")
                 measured.append(time.perf_counter() - t0)
                 k += 1
         bg = threading.Thread(target=measurer, daemon=True)
@@ -237,8 +243,9 @@ def probe_during_speed(url: str, duration: float, system: str = "roe", verbose: 
         stop.set()
         bg.join(120)
     i, b = idle.summary(), busy.summary()
-    out = {"idle": i, "during_speed": b, "speed_measurements": len(measured),
+    out = {"background": what, "idle": i, "during": b, "background_runs_finished": len(measured),
            "p50_ratio": b["latency_p50_s"] / i["latency_p50_s"] if i["latency_p50_s"] else None,
+           "p95_ratio_to_idle_p50": b["latency_p95_s"] / i["latency_p50_s"] if i["latency_p50_s"] else None,
            "max_ratio_to_idle_p50": b["latency_max_s"] / i["latency_p50_s"] if i["latency_p50_s"] else None}
     say(json.dumps(out))
     return out
@@ -251,12 +258,12 @@ def main(argv=None) -> int:
     p.add_argument("--duration", type=float, default=30.0, help="seconds per run (default 30)")
     p.add_argument("--pool", type=int, default=32, help="distinct (scene, question) requests (default 32)")
     p.add_argument("--system", default="roe", help="the system asked (default roe)")
-    p.add_argument("--probe-during", choices=["speed"], default=None,
-                   help="instead: a plain question's latency during another user's speed measurements")
+    p.add_argument("--probe-during", choices=["speed", "atlas"], default=None,
+                   help="instead: a plain question's latency during another user's speed measurements (or atlas runs)")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     args = p.parse_args(argv)
     if args.probe_during:
-        results = probe_during_speed(args.url, args.duration, args.system)
+        results = probe_during(args.url, args.duration, args.probe_during, args.system)
     else:
         results = load_test(args.url, [int(x) for x in args.clients.split(",")], args.duration, args.pool,
                             args.system)

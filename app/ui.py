@@ -780,7 +780,7 @@ class Explorer:
                 progress((0, len(questions)), desc="answering", unit="questions")
                 atlas = build_atlas(self.pipe, questions, batch_size=8, max_new_tokens=self.max_new_tokens,
                                     progress=lambda d, t: progress((d, t), desc="answering", unit="questions"),
-                                    on_step=job.step)
+                                    on_step=job.step, between_layers=job.checkpoint)
         except Cancelled:
             return ("_The atlas run was stopped._", *keep)
         except Exception as e:  # noqa: BLE001
@@ -829,7 +829,8 @@ class Explorer:
                                        between_layers=job.checkpoint)
                 job.turn()
                 dense = self.pipe.answer_batch([self.pipe.prepare(conv.image, last.question, conv.history(-1))],
-                                               "dense", None, self.max_new_tokens, on_step=job.step)[0]
+                                               "dense", None, self.max_new_tokens, on_step=job.step,
+                                               between_layers=job.checkpoint)[0]
         except Cancelled:
             return ("_The fidelity run was stopped._", *keep)
         except Exception as e:  # noqa: BLE001
@@ -861,7 +862,7 @@ class Explorer:
                 points = sweep_thresholds(
                     self.pipe, questions, thresholds, batch_size=8, max_new_tokens=self.max_new_tokens,
                     progress=lambda d, t: progress((d, t), desc="sweeping", unit="passes"), on_step=job.step,
-                    clock=lambda: time.perf_counter() - job.paused_s)
+                    clock=lambda: time.perf_counter() - job.paused_s, between_layers=job.checkpoint)
         except Cancelled:
             return ("_The sweep was stopped._", *keep)
         except Exception as e:  # noqa: BLE001
@@ -924,7 +925,8 @@ class Explorer:
             image = image.convert("RGB")
             with self.server.background(owner_of(request)) as job:
                 after = self.pipe.answer_batch([self.pipe.prepare(image, last.question, conv.history(-1))], "auto",
-                                               last.trace.threshold, self.max_new_tokens, on_step=job.step)[0]
+                                               last.trace.threshold, self.max_new_tokens, on_step=job.step,
+                                               between_layers=job.checkpoint)[0]
         except Cancelled:
             return ("_The edited re-answer was stopped._", *keep)
         except Exception as e:  # noqa: BLE001

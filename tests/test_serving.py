@@ -217,16 +217,28 @@ def test_a_speed_measurement_reruns_a_timed_run_that_was_paused(pipe, images, mo
         runs.append(1)
         return real(*a, **kw)
     monkeypatch.setattr(roe, "generate", counting)
-    plain = pipe.compare(images[0], QUESTIONS[0], max_new_tokens=N_NEW, repeats=2)
-    n_plain = len(runs)
-    untimed = plain.roe.trace.new_tokens + plain.dense.trace.new_tokens    # checkpoints before the timed runs
-    assert plain.roe.trace.new_tokens > 0
-    calls = []
+    pipe.compare(images[0], QUESTIONS[0], max_new_tokens=N_NEW, repeats=2)
+    n_plain = len(runs)                       # 2 untimed answers + 2 x 2 timed runs
+    assert n_plain == 6
+    paused = []
 
     def checkpoint():
-        calls.append(1)
-        return len(calls) == untimed + 1          # the first timed run's first token pauses, once
+        if len(runs) == 3 and not paused:     # inside the first timed run (its prefill): pause once
+            paused.append(1)
+            return True
+        return False
     runs.clear()
     cmp = pipe.compare(images[0], QUESTIONS[0], max_new_tokens=N_NEW, repeats=2, checkpoint=checkpoint)
-    assert len(runs) == n_plain + 1               # that timed run was run again
+    assert paused and len(runs) == n_plain + 1     # that timed run was run again
     assert len(cmp.roe_times) == len(cmp.dense_times) == 2
+
+
+def test_background_prefills_yield_between_layers(pipe, images):
+    """A prefill is the longest step: background work hands the model over after any layer of it."""
+    calls = []
+    pipe.answer_batch([(images[0], QUESTIONS[0], ())], max_new_tokens=2, between_layers=lambda: calls.append(1))
+    assert len(calls) == pipe.model.num_layers
+    calls.clear()
+    pipe.answer_batch([(images[0], QUESTIONS[0], ())], max_new_tokens=2, dense_l1=True,
+                      between_layers=lambda: calls.append(1))
+    assert len(calls) == 2 * pipe.model.num_layers              # the dense L1 prefill too

@@ -107,9 +107,10 @@ def hamming_order(routes: Sequence[Sequence[bool]]) -> list[int]:
 
 def build_atlas(pipe: RoEPipeline, questions: Sequence[Question], batch_size: int = 8, threshold: float | None = None,
                 max_new_tokens: int = 24, progress: Callable[[int, int], None] | None = None,
-                on_step: Callable | None = None) -> Atlas:
+                on_step: Callable | None = None, between_layers: Callable | None = None) -> Atlas:
     """Answers every question (in batches, routes decided per example) and gathers their routes.
-    progress(done, total) after each batch; on_step(step, tokens) after each token (a server's checkpoint)."""
+    progress(done, total) after each batch; on_step(step, tokens) after each token and between_layers()
+    after each prefill layer (a server's checkpoints)."""
     if not questions:
         raise ValueError("the question set is empty")
     thr = pipe.threshold if threshold is None else float(threshold)
@@ -117,7 +118,7 @@ def build_atlas(pipe: RoEPipeline, questions: Sequence[Question], batch_size: in
     for start in range(0, len(questions), batch_size):
         chunk = questions[start:start + batch_size]
         answers = pipe.answer_batch([(q.image, q.question, q.history) for q in chunk], "auto", thr, max_new_tokens,
-                                    on_step=on_step)
+                                    on_step=on_step, between_layers=between_layers)
         for k, (q, a) in enumerate(zip(chunk, answers)):
             entries.append(AtlasEntry(start + k, q.question, q.qtype, a.text, q.gold,
                                       None if q.gold is None else answers_match(a.text, q.gold),

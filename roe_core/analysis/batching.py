@@ -50,12 +50,12 @@ STRATEGIES = ("per_example", "union", "dense")
 def compare_batching(pipe: RoEPipeline, items: Sequence, repeats: int = 3, max_new_tokens: int = 24,
                      threshold: float | None = None, checkpoint: Callable[[], bool] | None = None) -> Composition:
     """items: [(image, question, history)] or Prepared ones, answered as one batch three ways.
-    checkpoint() between tokens as in RoEPipeline.compare (a timed run that paused is run again)."""
+    checkpoint() between tokens and prefill layers as in RoEPipeline.compare (a timed run that paused is run again)."""
     if len(items) < 2:
         raise ValueError("a batch needs at least two questions")
     prepared = [it if not isinstance(it, tuple) else pipe.prepare(*it) for it in items]
     step = None if checkpoint is None else (lambda s, t: checkpoint())
-    own = pipe.answer_batch(prepared, "auto", threshold, max_new_tokens, on_step=step)
+    own = pipe.answer_batch(prepared, "auto", threshold, max_new_tokens, on_step=step, between_layers=checkpoint)
     routes = [list(a.trace.route) for a in own]
     L = len(routes[0])
     union = [any(r[i] for r in routes) for i in range(L)]
@@ -63,7 +63,7 @@ def compare_batching(pipe: RoEPipeline, items: Sequence, repeats: int = 3, max_n
     answers = {"per_example": [a.text for a in own]}
     for name in ("union", "dense"):
         answers[name] = [a.text for a in pipe.answer_batch(prepared, modes[name], threshold, max_new_tokens,
-                                                           on_step=step)]
+                                                           on_step=step, between_layers=checkpoint)]
     B = len(prepared)
     layer_runs = {"per_example": sum(map(sum, routes)), "union": B * sum(union), "dense": B * L}
     batch = pipe.batch(prepared)
@@ -73,11 +73,12 @@ def compare_batching(pipe: RoEPipeline, items: Sequence, repeats: int = 3, max_n
             for _ in range(3):
                 paused = [False]
 
-                def watch(s, t, paused=paused):
+                def watch(*_, paused=paused):
                     paused[0] |= bool(checkpoint())
                 t0 = time.perf_counter()
                 generate(pipe.model, batch, modes[name], max_new_tokens, pipe.encoder.stop_ids, threshold,
-                         callback=None if checkpoint is None else watch)
+                         callback=None if checkpoint is None else watch,
+                         between_layers=None if checkpoint is None else watch)
                 secs = time.perf_counter() - t0
                 if not paused[0]:
                     break

@@ -34,13 +34,13 @@ class SweepPoint:
         return asdict(self)
 
 
-def _pass(pipe, questions, route, threshold, batch_size, max_new_tokens, on_step, clock):
+def _pass(pipe, questions, route, threshold, batch_size, max_new_tokens, on_step, clock, between_layers=None):
     texts, layers = [], []
     t0 = clock()
     for start in range(0, len(questions), batch_size):
         chunk = questions[start:start + batch_size]
         answers = pipe.answer_batch([(q.image, q.question, q.history) for q in chunk], route, threshold,
-                                    max_new_tokens, on_step=on_step)
+                                    max_new_tokens, on_step=on_step, between_layers=between_layers)
         texts += [a.text for a in answers]
         layers += [a.trace.layers_executed for a in answers]
     return texts, layers, clock() - t0
@@ -49,10 +49,11 @@ def _pass(pipe, questions, route, threshold, batch_size, max_new_tokens, on_step
 def sweep_thresholds(pipe: RoEPipeline, questions: Sequence[Question], thresholds: Sequence[float],
                      batch_size: int = 8, max_new_tokens: int = 24,
                      progress: Callable[[int, int], None] | None = None, on_step: Callable | None = None,
-                     clock: Callable[[], float] = time.perf_counter) -> list[SweepPoint]:
+                     clock: Callable[[], float] = time.perf_counter,
+                     between_layers: Callable | None = None) -> list[SweepPoint]:
     """The dense point first, then one point per threshold (ascending). progress(done, total) after each
-    pass; on_step(step, tokens) after every token; clock() times the passes (a server passes one that
-    stops while its work is paused for others)."""
+    pass; on_step(step, tokens) after every token and between_layers() after every prefill layer; clock()
+    times the passes (a server passes one that stops while its work is paused for others)."""
     if not questions:
         raise ValueError("the question set is empty")
     thresholds = sorted({float(t) for t in thresholds})
@@ -70,12 +71,14 @@ def sweep_thresholds(pipe: RoEPipeline, questions: Sequence[Question], threshold
                           dense_secs / secs if secs > 0 else float("nan"),
                           thr is not None and abs(thr - pipe.threshold) < 1e-9)
 
-    d_texts, d_layers, d_secs = _pass(pipe, questions, "dense", None, batch_size, max_new_tokens, on_step, clock)
+    d_texts, d_layers, d_secs = _pass(pipe, questions, "dense", None, batch_size, max_new_tokens, on_step, clock,
+                                      between_layers)
     points = [point(None, d_texts, d_layers, d_secs, d_texts, d_secs)]
     if progress is not None:
         progress(1, total)
     for k, thr in enumerate(thresholds):
-        texts, layers, secs = _pass(pipe, questions, "auto", thr, batch_size, max_new_tokens, on_step, clock)
+        texts, layers, secs = _pass(pipe, questions, "auto", thr, batch_size, max_new_tokens, on_step, clock,
+                                    between_layers)
         points.append(point(thr, texts, layers, secs, d_texts, d_secs))
         if progress is not None:
             progress(k + 2, total)

@@ -308,8 +308,10 @@ def layer_l1(h_out: Tensor, h_in: Tensor, token_ok: Tensor, R: int) -> Tensor:
 
 
 def prefill(model: RoEModel, x: DecoderInputs, route: Route = "auto", threshold: float | None = None,
-            trace_l1: bool = False, max_new_tokens: int = 0) -> tuple[Tensor, DecodeState]:
-    """Runs the prompt, deciding each example's route layer by layer. Returns (last logits (B, V), state)."""
+            trace_l1: bool = False, max_new_tokens: int = 0,
+            between_layers: Callable[[], object] | None = None) -> tuple[Tensor, DecodeState]:
+    """Runs the prompt, deciding each example's route layer by layer. Returns (last logits (B, V), state).
+    between_layers() is called after every layer (a server's checkpoint: a prefill is the longest step)."""
     h = x.embeds
     B, L, R = h.shape[0], model.num_layers, x.num_routing
     threshold = model.config.threshold if threshold is None else threshold
@@ -329,6 +331,8 @@ def prefill(model: RoEModel, x: DecoderInputs, route: Route = "auto", threshold:
         runs.append(run)
         probs.append(p_run)
         plans.append(plan)
+        if between_layers is not None:
+            between_layers()
     logits = model.final_logits(h[:, -1])
     state = DecodeState(
         run=torch.stack(runs, 1), plans=plans, cache=cache, key_ok=x.key_ok,
@@ -399,11 +403,13 @@ def layout_batch(model: RoEModel, batch: Batch) -> DecoderInputs:
 @torch.inference_mode()
 def generate(model: RoEModel, batch: Batch, route: Route = "auto", max_new_tokens: int = 32,
              stop_ids: set[int] | None = None, threshold: float | None = None, trace_l1: bool = False,
-             callback=None) -> Generation:
-    """Greedy decoding of a batch under RoE. callback(step, tokens (B,)) streams each new token."""
+             callback=None, between_layers: Callable[[], object] | None = None) -> Generation:
+    """Greedy decoding of a batch under RoE. callback(step, tokens (B,)) streams each new token;
+    between_layers() runs after each layer of the prefill."""
     threshold = model.config.threshold if threshold is None else threshold
     tokens, timing, state = greedy(
-        lambda: prefill(model, layout_batch(model, batch), route, threshold, trace_l1, max_new_tokens),
+        lambda: prefill(model, layout_batch(model, batch), route, threshold, trace_l1, max_new_tokens,
+                        between_layers),
         lambda token, st: decode_one_token(model, token, st),
         max_new_tokens, stop_ids, next(model.parameters()).device, callback)
     mode = route if isinstance(route, str) else "forced"
@@ -416,10 +422,10 @@ def generate(model: RoEModel, batch: Batch, route: Route = "auto", max_new_token
 
 
 @torch.inference_mode()
-def prefill_l1(model: RoEModel, batch: Batch, route: Route = "dense") -> Tensor:
+def prefill_l1(model: RoEModel, batch: Batch, route: Route = "dense", between_layers=None) -> Tensor:
     """Per-layer L1 distances (B, L) of one prefill under `route` (the dense path by default)."""
     x = layout_batch(model, batch)
-    _, state = prefill(model, x, route, trace_l1=True)
+    _, state = prefill(model, x, route, trace_l1=True, between_layers=between_layers)
     return state.l1
 
 
@@ -479,9 +485,9 @@ class RoEPipeline(Pipeline):
         return super().load(model, roe, device, dtype, seed)
 
     def generate(self, batch, max_new_tokens: int, callback=None, route: Route = "auto",
-                 threshold: float | None = None, trace_l1: bool = False):
+                 threshold: float | None = None, trace_l1: bool = False, between_layers=None):
         gen = generate(self.model, batch, route, max_new_tokens, self.encoder.stop_ids, threshold,
-                       trace_l1=trace_l1, callback=callback)
+                       trace_l1=trace_l1, callback=callback, between_layers=between_layers)
         return gen.tokens, gen.traces, gen.timing
 
     def parameter_counts(self, layers_executed: float | None = None) -> ParamCounts:
@@ -512,16 +518,19 @@ class RoEPipeline(Pipeline):
 
     def answer_batch(self, items: Sequence, route: Route = "auto", threshold: float | None = None,
                      max_new_tokens: int = 48, trace_l1: bool = False, dense_l1: bool = False,
-                     on_token: Callable[[str], None] | None = None, on_step: Callable | None = None) -> list[Answer]:
+                     on_token: Callable[[str], None] | None = None, on_step: Callable | None = None,
+                     between_layers: Callable[[], object] | None = None) -> list[Answer]:
         """items: [(image, question, history)] or Prepared ones. Examples in one batch may take different
-        routes. on_step(step, tokens (B,)) sees every example's new tokens (and may raise to stop)."""
+        routes. on_step(step, tokens (B,)) sees every example's new tokens (and may raise to stop);
+        between_layers() runs after each prefill layer (a server's checkpoint)."""
         if not items:
             return []
         batch = self.batch(items)
         tokens, traces, timing = self.generate(batch, max_new_tokens, self.step_callback(on_token, on_step),
-                                               route=route, threshold=threshold, trace_l1=trace_l1)
+                                               route=route, threshold=threshold, trace_l1=trace_l1,
+                                               between_layers=between_layers)
         if dense_l1:
-            for trace, row in zip(traces, prefill_l1(self.model, batch, "dense").tolist()):
+            for trace, row in zip(traces, prefill_l1(self.model, batch, "dense", between_layers).tolist()):
                 trace.l1_dense = row
         return self.answers(items, tokens, traces, timing)
 
@@ -531,14 +540,16 @@ class RoEPipeline(Pipeline):
         """Times this turn with its route and densely, interleaved (RoE, dense, RoE, dense, ...) after
         one untimed warm-up of each; medians. Also returns both answers.
 
-        checkpoint() is called after every token (a server lets other work run there): it returns True
+        checkpoint() is called after every prefill layer and every token (a server lets other work run
+        there): it returns True
         when it paused, and a timed run that was paused is run again (at most twice), so a measurement
         never counts someone else's time. It may raise to stop the measurement."""
         items = [self.prepare(image, question, history)]
         step = None if checkpoint is None else (lambda s, t: checkpoint())
         roe = self.answer_batch(items, route, threshold, max_new_tokens, trace_l1=True, dense_l1=True,
-                                on_step=step)[0]
-        dense = self.answer_batch(items, "dense", threshold, max_new_tokens, trace_l1=True, on_step=step)[0]
+                                on_step=step, between_layers=checkpoint)[0]
+        dense = self.answer_batch(items, "dense", threshold, max_new_tokens, trace_l1=True, on_step=step,
+                                  between_layers=checkpoint)[0]
         batch = self.batch(items)
         roe_t, dense_t = [], []
         for _ in range(max(1, repeats)):
@@ -546,11 +557,12 @@ class RoEPipeline(Pipeline):
                 for attempt in range(3):
                     paused = [False]
 
-                    def watch(s, t, paused=paused):
+                    def watch(*_, paused=paused):
                         paused[0] |= bool(checkpoint())
                     t0 = time.perf_counter()
                     generate(self.model, batch, r, max_new_tokens, self.encoder.stop_ids, threshold,
-                             callback=None if checkpoint is None else watch)
+                             callback=None if checkpoint is None else watch,
+                             between_layers=None if checkpoint is None else watch)
                     secs = time.perf_counter() - t0
                     if not paused[0]:
                         break
