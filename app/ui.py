@@ -127,8 +127,13 @@ def build_demo(pipe: RoEPipeline, max_new_tokens: int = 48, speed_repeats: int =
                 chat = gr.Chatbot(label="Conversation", height=320, placeholder="Answers stream here.", elem_id="chat",
                                   buttons=["copy", "copy_all"])
                 with gr.Row():
-                    question = gr.Textbox(label="question", placeholder="Ask a question about the image…",
-                                          show_label=False, scale=5, lines=1, max_lines=4, elem_id="question")
+                    # the box people type in: a question, optionally with an image attached (or pasted)
+                    question_box = gr.MultimodalTextbox(
+                        placeholder="Ask a question about the image… (or attach a new image with it)",
+                        file_types=["image"], file_count="single", sources=["upload"], show_label=False,
+                        scale=5, lines=1, max_lines=4, submit_btn=False, elem_id="question")
+                    # the question as plain text: what /ask, the examples, New scene and undo read and write
+                    question = gr.Textbox(label="question", visible=False, elem_id="question-text")
                     ask_btn = gr.Button("Ask", variant="primary", scale=1, min_width=80, elem_id="ask")
                     stop_btn = gr.Button("Stop", variant="stop", scale=1, min_width=70, elem_id="stop")
                 status = gr.Markdown(label="status", elem_id="status")
@@ -338,14 +343,20 @@ def build_demo(pipe: RoEPipeline, max_new_tokens: int = 48, speed_repeats: int =
             api_system = gr.Textbox(label="system", value="roe")
             api_result = gr.Textbox(label="result_json")
             api_btn = gr.Button()
+            api_ask_btn = gr.Button()
 
         # ---- events ----
         turn_views = [chat, trace_json, l1_plot, route_plot, usage_plot, adapters_md, layers, threshold,
                       speed_plot, speed_table, speed_md]
         speed_outputs = [conv, speed_plot, speed_table, speed_md]
 
-        asked = gr.on([ask_btn.click, question.submit], ex.ask, [conv, image, question],
-                      [conv, status, *turn_views, question], api_name="ask", preprocess=False, **PLAIN)
+        asked = gr.on([ask_btn.click, question_box.submit], ex.ask_box, [conv, image, question_box],
+                      [conv, status, *turn_views, question_box, image], api_visibility="private", preprocess=False,
+                      **PLAIN)
+        api_ask_btn.click(ex.ask, [conv, image, question], [conv, status, *turn_views, question], api_name="ask",
+                          preprocess=False, **PLAIN)
+        question.change(lambda q: {"text": q or "", "files": []}, question, question_box, queue=False,
+                        api_visibility="private")
         chat.retry(ex.retry, conv, [conv, status, *turn_views, question], api_name="retry", **PLAIN)
         chat.undo(ex.undo, conv, [conv, status, *turn_views, question], api_name="undo", **PLAIN)
         speed_evt = asked.then(ex.speed, [conv, measure], speed_outputs, api_name="speed", **BACKGROUND)
@@ -492,6 +503,22 @@ class Explorer:
             yield from self._answer(here, question, user)
         except Exception as e:  # noqa: BLE001  (every failure is shown; the app keeps serving)
             yield (conv, problem("Could not answer", e), *self.views(conv), question)
+
+    def ask_box(self, conv: Conversation, image, box, request: gr.Request = None):
+        """The multimodal box: its text is the question; an image attached to it becomes the conversation's
+        image (a new conversation when it differs). Outputs as ask's, then the box and the image panel."""
+        box = box if isinstance(box, dict) else {"text": str(box or ""), "files": []}
+        text = box.get("text") or ""
+        files = box.get("files") or []
+        attached = upload_path(files[0], self.workdir) if files else None
+        for out in self.ask(conv, attached or image, text, request):
+            *views, left = out
+            if left == "":            # answered: the box empties, the image panel shows the image asked about
+                yield (*views, {"text": "", "files": []}, attached if attached else gr.skip())
+            elif isinstance(left, str):   # refused: the box keeps what was typed (and attached)
+                yield (*views, {"text": left, "files": files}, gr.skip())
+            else:                     # streaming
+                yield (*views, gr.skip(), gr.skip())
 
     def _answer(self, here: Conversation, question: str, user):
         """Streams the answer to `question` after the turns of `here`; yields the page's outputs."""

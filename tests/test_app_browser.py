@@ -1,5 +1,5 @@
 """The page in a real browser (headless Chromium via Playwright): upload an image, ask, see the answer and
-the four figures; saves a screenshot to tests/artifacts/screenshot.png.
+the four figures; the atlas and the sweep; saves screenshots to tests/artifacts/screenshot*.png.
 
 ROE_APP_TEST_MODEL=embedded takes the screenshot with the real model (default: the tiny one);
 ROE_SCREENSHOT=docs/screenshot.png ROE_APP_TEST_MODEL=embedded refreshes the README screenshot.
@@ -88,20 +88,36 @@ def test_upload_ask_and_see_the_route(page):
     assert SCREENSHOT.stat().st_size > 20_000
 
 
+def test_an_image_attached_to_the_question_starts_a_conversation_about_it(page):
+    other = REPO / "assets" / "examples" / "2-colour.png"
+    page.locator("#question input[type=file]").set_input_files(str(other))
+    page.locator("#question textarea").fill("What colour is the biggest shape?")
+    page.locator("#ask").click()
+    page.locator("#chat").get_by_text("What colour is the biggest shape?").wait_for()
+    page.locator("#route-plot").locator(".gtitle").filter(has_text="Expert path").wait_for()
+    page.wait_for_function("() => !document.querySelector('#question textarea').value")   # the box empties
+    # one turn: the new image started a new conversation
+    assert page.locator("#chat").get_by_text("How many blue objects are there?").count() == 0
+
+
 def test_the_atlas_and_the_sweep_draw_their_figures(page):
+    def shoot(name, element):
+        page.wait_for_timeout(500)   # let plotly finish its transitions
+        shot = SCREENSHOT.with_name(f"{SCREENSHOT.stem}-{name}.png")
+        page.locator(element).screenshot(path=str(shot))
+        assert shot.stat().st_size > 10_000
+
     page.get_by_role("tab", name="Route atlas").click()
     page.locator("#atlas-go").click()
-    page.locator("#atlas-plot").locator(".gtitle").filter(has_text="Route atlas").wait_for(timeout=120_000)
+    page.locator("#atlas-plot").locator(".gtitle").filter(has_text="Route atlas").wait_for(timeout=180_000)
     page.locator("#atlas-summary").get_by_text("distinct routes").wait_for()
     page.locator("#atlas-table").get_by_role("row").nth(1).wait_for()
+    shoot("atlas", "#atlas-plot")
     page.get_by_role("tab", name="Trade-off curve").click()
     page.locator("#sweep-go").click()
-    page.locator("#sweep-plot").locator(".gtitle").filter(has_text="Trade-off").wait_for(timeout=120_000)
+    page.locator("#sweep-plot").locator(".gtitle").filter(has_text="Trade-off").wait_for(timeout=300_000)
     page.locator("#sweep-summary").get_by_text("calibrated threshold").wait_for()
-    page.wait_for_timeout(500)
-    shot = SCREENSHOT.with_name(SCREENSHOT.stem + "-explore.png")
-    page.locator("#sweep-plot").screenshot(path=str(shot))
-    assert shot.stat().st_size > 10_000
+    shoot("sweep", "#sweep-plot")
 
 
 def test_the_page_fits_a_phone_without_horizontal_scrolling(page, url):
