@@ -338,7 +338,9 @@ def plot_sweep(points) -> go.Figure:
     routed = [k for k, p in enumerate(points) if p.threshold is not None]
     for col, xs in ((1, [p.mean_layers_executed for p in points]), (2, [p.speedup for p in points])):
         fig.add_trace(go.Scatter(
-            x=[xs[k] for k in routed], y=[y[k] for k in routed], mode="lines+markers+text", name="router threshold",
+            # against layers the points lie on a curve; against measured speed (noisy) they stand alone
+            x=[xs[k] for k in routed], y=[y[k] for k in routed], mode="lines+markers+text" if col == 1 else "markers+text",
+            name="router threshold",
             text=[f"{points[k].threshold:.2f}" for k in routed], textposition="top center", textfont=dict(size=9),
             marker=dict(color=RUN, size=8), line=dict(color=RUN), showlegend=col == 1,
             customdata=[[points[k].threshold, points[k].mean_layers_executed, points[k].speedup] for k in routed],
