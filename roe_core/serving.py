@@ -125,28 +125,27 @@ class Job:
         self.pauses += 1
         self.paused_s += time.perf_counter() - t0
 
-    def checkpoint(self) -> bool:
-        """Call between tokens. Raises Cancelled when the owner stopped this work; hands the model to
-        waiting plain questions and takes it back after them. Returns True when it paused."""
+    def _yield_to(self, priority: int) -> bool:
+        """Raises Cancelled when the owner stopped this work; hands the model to anyone waiting at
+        `priority` or a more urgent one and takes it back after them. True when it paused."""
         self._check()
-        if not self.server.gate.waiting(Gate.PLAIN):
+        if not self.server.gate.waiting(priority):
             return False
         self._hand_over()
         self._check()
         return True
+
+    def checkpoint(self) -> bool:
+        """Call between tokens and prefill layers: waiting plain questions go first."""
+        return self._yield_to(Gate.PLAIN)
 
     def step(self, step: int | None = None, tokens: Any = None) -> None:
         """checkpoint() with generate's callback signature (step, tokens)."""
         self.checkpoint()
 
     def turn(self) -> bool:
-        """Call between model calls: hands the model to anyone waiting (other background work too)."""
-        self._check()
-        if not self.server.gate.waiting(Gate.BACKGROUND):
-            return False
-        self._hand_over()
-        self._check()
-        return True
+        """Call between model calls: anyone waiting goes first (other background work too)."""
+        return self._yield_to(Gate.BACKGROUND)
 
 
 # ---------------------------------------------------------------------------------------------- the limits

@@ -146,3 +146,20 @@ def logits(model, b):
 @torch.no_grad()
 def base_logits(base, b):
     return base(input_ids=b.input_ids, attention_mask=b.token_ok.long(), pixel_values=b.pixel_values).logits
+
+
+# --- one tiny RoE pipeline (test_serving.py, test_analysis.py) ---
+
+@pytest.fixture(scope="module")
+def tiny_roe():
+    """The tiny random model behind RoE's pipeline (fresh parts), one per test module."""
+    from roe_core.systems import load_system
+    return load_system("roe", model="tiny", device="cpu")
+
+
+@pytest.fixture
+def routed(tiny_roe, images, diversify_routers):
+    """tiny_roe with routers that send the three QUESTIONS different ways."""
+    items = [(images[k], q, ()) for k, q in enumerate(QUESTIONS)]
+    diversify_routers(Tiny(tiny_roe.model, tiny_roe.encoder), tiny_roe.batch(items))
+    return tiny_roe

@@ -6,26 +6,18 @@ import json
 import pytest
 import torch
 
-from conftest import QUESTIONS, Tiny
+from conftest import QUESTIONS
 from roe_core.analysis import adapter_fidelity, build_atlas, hamming_order, sweep_thresholds
 from roe_core.runtime.conversation import InputError
 from roe_core.scenes.questions import Question, load_llava_questions
-from roe_core.systems import load_system
 from roe_core.systems.roe import all_logits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    return load_system("roe", model="tiny", device="cpu")
-
-
 @pytest.fixture
-def routed(pipe, images, diversify_routers):
-    items = [(images[k], q, ()) for k, q in enumerate(QUESTIONS)]
-    diversify_routers(Tiny(pipe.model, pipe.encoder), pipe.batch(items))
-    return pipe
+def pipe(tiny_roe):
+    return tiny_roe
 
 
 def question_set(images, n=9):

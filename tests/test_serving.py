@@ -8,25 +8,16 @@ import time
 import pytest
 import torch
 
-from conftest import QUESTIONS, Tiny
+from conftest import QUESTIONS
 from roe_core.serving import Cancelled, Gate, LimitError, Limits, Server
-from roe_core.systems import load_system
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 N_NEW = 8
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    return load_system("roe", model="tiny", device="cpu")
-
-
 @pytest.fixture
-def routed(pipe, images, diversify_routers):
-    """The tiny RoE pipe with routers that send the three questions different ways."""
-    items = [(images[k], q, ()) for k, q in enumerate(QUESTIONS)]
-    diversify_routers(Tiny(pipe.model, pipe.encoder), pipe.batch(items))
-    return pipe
+def pipe(tiny_roe):
+    return tiny_roe
 
 
 def calls_of(pipe, monkeypatch):
