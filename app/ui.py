@@ -22,7 +22,7 @@ Endpoints (gradio_client api_names; the conversation state travels with the clie
     /atlas      source, n, files           -> summary, 3 figures, table, CSV, data: every route of a question set
     /fidelity                              -> summary, figure, table, data: the last turn's adapters vs its layers
     /sweep      thresholds, n              -> summary, figure, table, data: accuracy vs layers vs speed
-    /edit       editor value               -> summary, figure, table: the last question on an edited image
+    /edit       editor value               -> summary, figure, table, data: the last question on an edited image
     /batching   chosen examples            -> summary, figure, table, data: own routes vs union rule vs dense
     /stop                                  -> status, chat: this session's work ends at its next token
     /answer     image, question, history_json, route, threshold, system -> JSON {answer, trace} (stateless)
@@ -322,6 +322,7 @@ def build_demo(pipe: RoEPipeline, max_new_tokens: int = 48, speed_repeats: int =
                                                 label="edit_route_figure", show_label=False, elem_id="edit-plot")
                             edit_table = gr.Dataframe(headers=EDIT_HEADERS, interactive=False, wrap=True,
                                                       label="before and after")
+                            edit_json = gr.JSON(label="edit data", open=False)
             atlas_state = gr.State(None)
             sweep_state = gr.State(None)
 
@@ -390,7 +391,7 @@ def build_demo(pipe: RoEPipeline, max_new_tokens: int = 48, speed_repeats: int =
         batch_evt = batch_btn.click(ex.batching, batch_pick, [batch_md, batch_plot, batch_table, batch_json],
                                     api_name="batching", **BACKGROUND)
         edit_load_btn.click(ex.load_for_edit, conv, [editor, edit_md], api_visibility="private", queue=False)
-        edit_evt = edit_btn.click(ex.edited, [conv, editor], [edit_md, edit_plot, edit_table], api_name="edit",
+        edit_evt = edit_btn.click(ex.edited, [conv, editor], [edit_md, edit_plot, edit_table, edit_json], api_name="edit",
                                   **BACKGROUND)
         sweep_table.select(ex.pick_threshold, sweep_state, [threshold, how, whatif_md], api_visibility="private")
         api_btn.click(ex.answer_json, [api_image, api_question, api_history, api_route, api_threshold, api_system],
@@ -941,7 +942,7 @@ class Explorer:
 
     def edited(self, conv: Conversation, editor, request: gr.Request = None):
         """The last question again, on the edited image (same earlier turns): route and answer before and after."""
-        keep = (gr.skip(),) * 2
+        keep = (gr.skip(),) * 3
         last = conv.last
         try:
             if last is None:
@@ -966,7 +967,10 @@ class Explorer:
               + ("stayed the same." if after.text == last.answer else f"changed: “{last.answer}” → “{after.text}”."))
         table = pd.DataFrame([["original", b.layers_executed, last.answer], ["edited", a.layers_executed, after.text]],
                              columns=EDIT_HEADERS)
-        return md, F.plot_route_change(b, a), table
+        data = {"question": last.question, "changed_layers": changed,
+                "original": {"answer": last.answer, "route": b.route, "p_run": b.p_run},
+                "edited": {"answer": after.text, "route": a.route, "p_run": a.p_run}}
+        return md, F.plot_route_change(b, a), table, data
 
     def pick_threshold(self, points, evt: gr.SelectData):
         """A row of the sweep table -> the what-if threshold."""

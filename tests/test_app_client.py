@@ -473,10 +473,12 @@ def test_an_edited_image_is_answered_beside_the_original(url, L, tmp_path):
     edited = tmp_path / "cropped.png"
     Image.open(IMAGE).convert("RGB").crop((0, 0, 128, 128)).save(edited)
     value = {"background": handle_file(str(edited)), "layers": [], "composite": handle_file(str(edited))}
-    md, _, _ = c.predict(value, api_name="/edit")
+    md, *_ = c.predict(value, api_name="/edit")
     assert "ask a question about the image first" in md
     first = ask(c, IMAGE, "How many circles are there?")
-    md, fig, table = c.predict(value, api_name="/edit")
+    md, fig, table, data = c.predict(value, api_name="/edit")
+    assert data["original"]["answer"] == texts(first["chat"])[1] and len(data["edited"]["route"]) == L
+    assert data["changed_layers"] == [i for i in range(L) if data["original"]["route"][i] != data["edited"]["route"][i]]
     assert f"of {L} layer decisions" in md
     rows = table["data"]
     assert rows[0][0] == "original" and rows[0][2] == texts(first["chat"])[1] and rows[1][0] == "edited"
