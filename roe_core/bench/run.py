@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import platform
 import statistics
 import time
@@ -220,7 +221,9 @@ def run(model: str = "embedded", roe: str | None = None, n: int = 1008, quick: b
         out: str | Path = "bench", device: str = "auto", max_new_tokens: int = 24, repeats: int = 5,
         timing_n: int = 48, batch_size: int = 16, threshold: float | None = None, shifted_n: int = 400,
         systems: list[str] | None = None, moe_llava: str | None = None, evomoe: str | None = None,
-        uniformity_n: int = 240) -> dict:
+        uniformity_n: int = 240, command: str | None = None) -> dict:
+    """Every system on the test split (see the module's docstring). command: how this run was started,
+    recorded in the results (main() passes its own command line)."""
     if quick:
         n, repeats, timing_n, shifted_n, uniformity_n = min(n, 24), 2, 8, min(shifted_n, 16), min(uniformity_n, 8)
     systems = list(systems or shipped_systems(model))
@@ -289,6 +292,8 @@ def run(model: str = "embedded", roe: str | None = None, n: int = 1008, quick: b
         results["speedup_roe_vs_moe_llava"] = {"bs1": eps["bs1"]["roe"] / eps["bs1"]["moe_llava"],
                                                "bs16": eps["bs16"]["roe"] / eps["bs16"]["moe_llava"]}
         results["accuracy_roe_minus_moe_llava"] = sy["roe"]["accuracy"] - sy["moe_llava"]["accuracy"]
+    results["command"] = command
+    results["date"] = time.strftime("%Y-%m-%d")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -371,6 +376,7 @@ def markdown(r: dict) -> str:
     names = list(sy)
     lines = [f"# Benchmark: {', '.join(sy[n]['label'] for n in names)} ({r['model']}, {r['device']}, {r['dtype']}, "
              f"{r['n_questions']} test questions{', quick' if r['quick'] else ''})", "",
+             *([f"Command: `{r['command']}` ({r.get('date', '')}; {r.get('machine', '')})", ""] if r.get("command") else []),
              "| | " + " | ".join(sy[n]["label"] for n in names) + " |", "|---" * (len(names) + 1) + "|"]
 
     def row(label, fn):
@@ -494,7 +500,8 @@ def main(argv=None) -> None:
     r = run(args.model, args.roe, args.n, args.quick, args.out, args.device, args.max_new_tokens,
             args.repeats, args.timing_n, threshold=args.threshold, shifted_n=args.shifted_n,
             systems=[x.strip() for x in args.systems.split(",") if x.strip()] if args.systems else None,
-            moe_llava=args.moe_llava, evomoe=args.evomoe, uniformity_n=args.uniformity_n)
+            moe_llava=args.moe_llava, evomoe=args.evomoe, uniformity_n=args.uniformity_n,
+            command=" ".join(["python -m roe_core.bench", *(argv if argv is not None else sys.argv[1:])]))
     print(markdown(r))
 
 
