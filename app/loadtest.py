@@ -67,9 +67,10 @@ class Run:
 def percentile(sorted_values: list[float], q: float) -> float | None:
     if not sorted_values:
         return None
-    k = (len(sorted_values) - 1) * q / 100
-    lo, hi = int(k), min(int(k) + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
+    if len(sorted_values) == 1:
+        return sorted_values[0]
+    cuts = statistics.quantiles(sorted_values, n=100, method="inclusive")   # the 1st..99th percentiles
+    return cuts[int(q) - 1] if 1 <= q <= 99 else sorted_values[0 if q < 1 else -1]
 
 
 def check_loopback(url: str) -> None:

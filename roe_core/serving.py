@@ -9,7 +9,7 @@ batch, long work gives way to them at every token, and limits refuse what would 
     with server.background(owner="session-1") as job:  # long work (speed measurements, sweeps...)
         cmp = pipe.compare(image, question, checkpoint=job.checkpoint)
 
-    server.cancel("session-1")                        # stop button, closed tab: ends at the next token
+    server.cancel("session-1")                        # stop button, closed tab: ends at the next layer or token
 
 One worker thread runs the batches. Requests with the same pipe and options that arrive within
 `window_s` of the first (at most `max_batch`) are answered by one `answer_batch` call: RoE routes each
@@ -18,9 +18,10 @@ request gets alone. Every request streams its own text (on_token) and can be can
 a batch's model call raises, its requests are answered one by one so that only the faulty one fails.
 
 The model itself is a `Gate`, a lock with two priorities. Batches of plain questions take it first.
-Background work (a `Job`) holds it only between tokens: `job.checkpoint()` hands it over whenever a
-plain batch is waiting (and `job.turn()` between model calls hands it to other background work too),
-so a question asked during someone's speed measurement waits for one token, not for the measurement.
+Background work (a `Job`) holds it only between prefill layers and tokens: `job.checkpoint()` hands it
+over whenever a plain batch is waiting (and `job.turn()` between model calls hands it to other
+background work too), so a question asked during someone's speed measurement waits for one layer or
+token, not for the measurement.
 
 Why not gradio's own `batch=True`: it batches the calls of one event only (a chat turn and an /answer
 call never meet), cannot stream each user's answer, cannot cancel one user's part, and has no wait

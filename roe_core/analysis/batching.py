@@ -14,11 +14,10 @@ Three ways to answer the same batch, timed in interleaved rounds (per-example, u
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
-from ..systems.roe import RoEPipeline, generate
+from ..systems.roe import RoEPipeline, timed_generate
 
 
 @dataclass
@@ -70,18 +69,8 @@ def compare_batching(pipe: RoEPipeline, items: Sequence, repeats: int = 3, max_n
     times: dict[str, list[float]] = {k: [] for k in STRATEGIES}
     for r in range(max(1, repeats) + 1):            # round 0 warms up, untimed
         for name in STRATEGIES:
-            for _ in range(3):
-                paused = [False]
-
-                def watch(*_, paused=paused):
-                    paused[0] |= bool(checkpoint())
-                t0 = time.perf_counter()
-                generate(pipe.model, batch, modes[name], max_new_tokens, pipe.encoder.stop_ids, threshold,
-                         callback=None if checkpoint is None else watch,
-                         between_layers=None if checkpoint is None else watch)
-                secs = time.perf_counter() - t0
-                if not paused[0]:
-                    break
+            secs = timed_generate(pipe.model, batch, modes[name], max_new_tokens, pipe.encoder.stop_ids, threshold,
+                                  checkpoint)
             if r > 0:
                 times[name].append(secs)
     return Composition([p.question for p in prepared], routes, union, answers, layer_runs,

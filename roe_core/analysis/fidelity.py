@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..systems.pipeline import History
-from ..systems.roe import RoEPipeline, forced_route, layout_batch
+from ..systems.roe import RoEPipeline, forced_route, layer_l1, layout_batch
 
 
 @dataclass
@@ -37,11 +37,6 @@ class Fidelity:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _l1(a: Tensor, b: Tensor, ok: Tensor) -> float:
-    d = (a - b).float().abs().mean(-1)[ok]
-    return float(d.mean()) if d.numel() else 0.0
 
 
 def _cos(a: Tensor, b: Tensor, ok: Tensor) -> float:
@@ -67,13 +62,12 @@ def adapter_fidelity(pipe: RoEPipeline, image, question: str, history: History =
         run = bool(model.decide(i, h, R, thr)[0][0]) if forced is None else bool(forced[0, i])
         real = model.run_layer(i, h, x.mask, pos_emb, None)
         adapted = model.adapters[i](h)
-        o_real, o_adapted, o_in = real[0, R:], adapted[0, R:], h[0, R:]
-        l_l1.append(_l1(o_real, o_in, ok))
-        a_l1.append(0.0 if run else _l1(o_adapted, o_real, ok))
-        a_cos.append(1.0 if run else _cos(o_adapted, o_real, ok))
+        l_l1.append(float(layer_l1(real, h, x.token_ok, R)[0]))           # the paper's Fig. 1 measure
+        a_l1.append(0.0 if run else float(layer_l1(adapted, real, x.token_ok, R)[0]))
+        a_cos.append(1.0 if run else _cos(adapted[0, R:], real[0, R:], ok))
         h = real if run else adapted
         h_dense = model.run_layer(i, h_dense, x.mask, pos_emb, None)
-        t_l1.append(_l1(h[0, R:], h_dense[0, R:], ok))
+        t_l1.append(float(layer_l1(h, h_dense, x.token_ok, R)[0]))
         t_cos.append(_cos(h[0, R:], h_dense[0, R:], ok))
         taken.append(run)
         if between_layers is not None:

@@ -442,6 +442,25 @@ def all_logits(model: RoEModel, batch: Batch, route: Route = "dense") -> Tensor:
     return model.final_logits(h[:, x.num_routing:])
 
 
+def timed_generate(model: RoEModel, batch: Batch, route: Route, max_new_tokens: int, stop_ids: set[int] | None,
+                   threshold: float | None = None, checkpoint: Callable[[], bool] | None = None) -> float:
+    """Seconds of one greedy generation. checkpoint() runs after every prefill layer and token (a server
+    lets other work run there) and returns True when it paused: such a run is run again, at most twice,
+    so the time is this generation's own."""
+    for _ in range(3):
+        paused = [False]
+
+        def watch(*_):
+            paused[0] |= bool(checkpoint())
+        t0 = time.perf_counter()
+        generate(model, batch, route, max_new_tokens, stop_ids, threshold,
+                 callback=None if checkpoint is None else watch, between_layers=None if checkpoint is None else watch)
+        secs = time.perf_counter() - t0
+        if not paused[0]:
+            break
+    return secs
+
+
 # --- the pipeline: RoE behind the one interface ------------------------------------------------------------
 
 @dataclass
@@ -541,9 +560,8 @@ class RoEPipeline(Pipeline):
         one untimed warm-up of each; medians. Also returns both answers.
 
         checkpoint() is called after every prefill layer and every token (a server lets other work run
-        there): it returns True
-        when it paused, and a timed run that was paused is run again (at most twice), so a measurement
-        never counts someone else's time. It may raise to stop the measurement."""
+        there): it returns True when it paused, and a timed run that was paused is run again
+        (timed_generate), so a measurement never counts someone else's time. It may raise to stop it."""
         items = [self.prepare(image, question, history)]
         step = None if checkpoint is None else (lambda s, t: checkpoint())
         roe = self.answer_batch(items, route, threshold, max_new_tokens, trace_l1=True, dense_l1=True,
@@ -554,19 +572,8 @@ class RoEPipeline(Pipeline):
         roe_t, dense_t = [], []
         for _ in range(max(1, repeats)):
             for r, out in ((route, roe_t), ("dense", dense_t)):
-                for attempt in range(3):
-                    paused = [False]
-
-                    def watch(*_, paused=paused):
-                        paused[0] |= bool(checkpoint())
-                    t0 = time.perf_counter()
-                    generate(self.model, batch, r, max_new_tokens, self.encoder.stop_ids, threshold,
-                             callback=None if checkpoint is None else watch,
-                             between_layers=None if checkpoint is None else watch)
-                    secs = time.perf_counter() - t0
-                    if not paused[0]:
-                        break
-                out.append(secs)
+                out.append(timed_generate(self.model, batch, r, max_new_tokens, self.encoder.stop_ids, threshold,
+                                          checkpoint))
         dense.trace.l1_dense = dense.trace.l1
         return SpeedComparison(roe, dense, statistics.median(roe_t), statistics.median(dense_t),
                                repeats, roe_t, dense_t)
