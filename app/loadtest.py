@@ -5,6 +5,7 @@
     python -m app.loadtest --clients 1,4,8,16 --duration 60 --out loadtest.json
     python -m app.loadtest --probe-during speed --duration 60   # a question during someone's speed measurement
     python -m app.loadtest --probe-during atlas --duration 60   # ... during someone's route atlas
+    python -m app.loadtest --over-long 20000                    # how fast an over-long question is refused
 
 Each client is a gradio_client session that asks /answer questions about generated scenes back to back,
 each request a different (scene, question) from one fixed pool. First the same pool is answered one by
@@ -252,6 +253,31 @@ def probe_during(url: str, duration: float, what: str = "speed", system: str = "
     return out
 
 
+def over_long(url: str, chars: int = 20_000, repeats: int = 5, verbose: bool = True) -> dict:
+    """How fast a question of `chars` characters is refused (seconds at the client, per call), and the
+    message; the app refuses it before any model work."""
+    from gradio_client import Client, handle_file
+
+    check_loopback(url)
+    client = Client(url, verbose=False)
+    with tempfile.TemporaryDirectory(prefix="roe_loadtest_") as tmp:
+        image, _ = make_pool(1, Path(tmp))[0]
+        question = ("how many " * (chars // 9 + 1))[:chars]
+        seconds, message = [], None
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = json.loads(client.predict(handle_file(image), question, "[]", "auto", None, "roe",
+                                            api_name="/answer"))
+            seconds.append(time.perf_counter() - t0)
+            message = out.get("error")
+    client.close()
+    result = {"chars": chars, "seconds": seconds, "max_s": max(seconds), "refused": message is not None,
+              "message": message}
+    if verbose:
+        print(json.dumps(result))
+    return result
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default="http://127.0.0.1:7860/", help="the running app (loopback only)")
@@ -261,9 +287,13 @@ def main(argv=None) -> int:
     p.add_argument("--system", default="roe", help="the system asked (default roe)")
     p.add_argument("--probe-during", choices=["speed", "atlas"], default=None,
                    help="instead: a plain question's latency during another user's speed measurements (or atlas runs)")
+    p.add_argument("--over-long", type=int, default=None, metavar="CHARS",
+                   help="instead: time how fast a question of CHARS characters is refused (5 calls)")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     args = p.parse_args(argv)
-    if args.probe_during:
+    if args.over_long:
+        results = over_long(args.url, args.over_long)
+    elif args.probe_during:
         results = probe_during(args.url, args.duration, args.probe_during, args.system)
     else:
         results = load_test(args.url, [int(x) for x in args.clients.split(",")], args.duration, args.pool,

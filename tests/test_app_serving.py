@@ -196,3 +196,13 @@ def test_closing_the_tab_ends_that_users_background_work(served, monkeypatch):
     wait_for(lambda: not server._jobs, 30)
     assert measuring.cancelled.is_set()
     assert "error" not in answer(client(url), IMAGES[0], QUESTIONS[0])
+
+
+def test_the_load_test_times_an_over_long_refusal(served):
+    from app.loadtest import over_long
+
+    url, pipe, server = served
+    n = len(server.batch_sizes)
+    out = over_long(url, chars=5000, repeats=2, verbose=False)
+    assert out["refused"] and "too long" in out["message"] and len(out["seconds"]) == 2
+    assert len(server.batch_sizes) == n                       # no model work
