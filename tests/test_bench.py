@@ -89,6 +89,12 @@ def test_threshold_choice_needs_the_skip_target():
     # threshold 1 skips every layer, 0 runs every one
     rows, best = choose_threshold(pipe, qs, (1.0, 0.0), min_skip=0.5)
     assert [r["skip_ratio"] for r in rows] == [1.0, 0.0]
+    n_layers = pipe.info["num_layers"]
+    from roe_core.scenes import DIFFICULTY
+    levels = {DIFFICULTY[q.qtype] for q in qs}
+    assert set(rows[0]["layers_by_difficulty"]) == levels   # mean layers run per difficulty level
+    assert set(rows[0]["layers_by_difficulty"].values()) == {0.0}
+    assert set(rows[1]["layers_by_difficulty"].values()) == {float(n_layers)}
     assert best["threshold"] == 1.0                       # the only one that skips enough
     rows, best = choose_threshold(pipe, qs, (0.0, 1.0), min_skip=1.01)
     assert best["threshold"] == 0.0                       # none skips enough: the first

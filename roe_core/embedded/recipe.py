@@ -712,12 +712,17 @@ def choose_threshold(pipe, questions, thresholds, min_skip: float = 0.3) -> tupl
     threshold whose mean skip ratio is >= min_skip (ties: the one that skips more), or the first
     threshold if none skips enough. Returns (rows, chosen row)."""
     from ..bench import evaluate
+    from ..scenes import DIFFICULTY
     rows = []
     for t in thresholds:
         _, ok, traces = evaluate(pipe, questions, "auto", 16, 24, threshold=t)
+        layers: dict[int, list[int]] = {}
+        for q, tr in zip(questions, traces):
+            layers.setdefault(DIFFICULTY.get(q.qtype, 0), []).append(tr.layers_executed)
         rows.append({"threshold": t, "accuracy": sum(ok) / len(ok),
                      "skip_ratio": sum(tr.skip_ratio for tr in traces) / len(traces),
-                     "distinct_routes": len({tuple(tr.route) for tr in traces})})
+                     "distinct_routes": len({tuple(tr.route) for tr in traces}),
+                     "layers_by_difficulty": {d: sum(v) / len(v) for d, v in sorted(layers.items())}})
         print(json.dumps(rows[-1]))
     ok_rows = [r for r in rows if r["skip_ratio"] >= min_skip]
     return rows, (max(ok_rows, key=lambda r: (r["accuracy"], r["skip_ratio"])) if ok_rows else rows[0])
