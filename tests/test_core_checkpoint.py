@@ -122,7 +122,7 @@ def test_pipeline_loads_its_roe_folder(trained_like, tmp_path):
     t, _ = trained_like
     t.model.save_roe(tmp_path)
     pipe = RoEPipeline.load("tiny", roe=str(tmp_path), device="cpu")
-    assert pipe.info["roe"] == str(tmp_path)
+    assert pipe.info["parts"] == str(tmp_path)
     for k, v in t.model.roe_state_dict().items():
         assert torch.equal(pipe.model.roe_state_dict()[k], v), k
 

@@ -423,7 +423,7 @@ def test_left_padded_batch_equals_each_example_alone(images):
     loaded = load_base("tiny", device="cpu", dtype="float32")
     pipe = EvoMoEPipeline.from_base(loaded)
     model, enc = pipe.model, pipe.encoder
-    assert "untrained" in pipe.info["evomoe"]
+    assert "untrained" in pipe.info["parts"]
     randomise(model.moe.values(), seed=5, router_std=0.5, expert_std=0.05)
     b = batch(enc, QUESTIONS, images[:3])
     lengths = b.token_ok.sum(-1).tolist()
@@ -482,7 +482,7 @@ def test_save_and_load_round_trip(tiny, images, tmp_path, rank):
     assert loaded.generate(b, max_new_tokens=N_NEW).tokens == model.generate(b, max_new_tokens=N_NEW).tokens
     # the pipeline loads the folder too
     pipe = EvoMoEPipeline.from_base(load_base("tiny", device="cpu", dtype="float32"), str(tmp_path / "evo"))
-    assert pipe.info["evomoe"] == str(tmp_path / "evo")
+    assert pipe.info["parts"] == str(tmp_path / "evo")
     assert all(p.dtype == torch.float32 for f in pipe.model.moe.values() for p in f.router.parameters())
     assert_close(logits(pipe.model, b), want, **({} if rank else {"rtol": 0, "atol": 0}))
 

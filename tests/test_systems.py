@@ -13,13 +13,14 @@ from conftest import QUESTIONS, Tiny
 from roe_core.runtime.conversation import InputError
 from roe_core.runtime.generation import Timing
 from roe_core.runtime.loading import ModelLoadError
-import roe_core.systems as systems
-from roe_core.systems import SYSTEMS, Answer, ParamCounts, load_base, load_system, load_systems, pipeline_class
+from roe_core.systems import (SYSTEMS, Answer, ParamCounts, Trace, load_base, load_system, load_systems,
+                               pipeline_class, registry, shipped_systems)
+from roe_core.systems.dense import DensePipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 N_NEW = 8
 TRACE_TYPES = {"dense": "DenseTrace", "roe": "RouteTrace", "moe_llava": "ExpertTrace", "evomoe": "ExpertTrace"}
-MOE_SYSTEMS = tuple(getattr(systems, "MOE_SYSTEMS", ("moe_llava",)))   # systems of upcycled FFN experts
+MOE_SYSTEMS = registry.moe_systems()   # systems of upcycled FFN experts
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +61,16 @@ def test_every_system_answers_through_the_same_call(images):
         assert isinstance(ans.timing, Timing) and ans.timing.total_s > 0
         assert 1 <= ans.timing.new_tokens <= N_NEW
         assert type(ans.trace).__name__ == TRACE_TYPES.get(name, type(ans.trace).__name__)
+        assert isinstance(ans.trace, Trace)                                        # the one protocol
+        assert ans.trace.num_layers == pipe.num_layers == 6
+        assert 1 <= ans.trace.layers_executed <= ans.trace.num_layers
+        assert ans.trace.active_params == pipe.parameter_counts(ans.trace.layers_executed).active > 0
+        assert isinstance(ans.trace.summary(), str) and f"of {ans.trace.num_layers}" in ans.trace.summary() \
+            or f"all {ans.trace.num_layers}" in ans.trace.summary()
+        assert set(ans.trace.views) <= {"route", "experts"} and ans.trace.views == pipe.spec.trace_views
         d = ans.trace.to_dict()
         json.dumps(d)                                                              # the trace is JSON-ready
+        assert d["layers_executed"] == ans.trace.layers_executed and d["num_layers"] == ans.trace.num_layers
         assert ans.trace.new_tokens == d["new_tokens"] == ans.timing.new_tokens
         assert "timing" in d
         c = counts[name] = pipe.parameter_counts()
@@ -79,6 +88,33 @@ def test_every_system_answers_through_the_same_call(images):
     ffn, router = 3 * 32 * 64, 4 * 32                                            # one SwiGLU FFN, one router
     assert moe.total - dense.total == 3 * (3 * ffn + router)
     assert moe.active - dense.active == 3 * (1 * ffn + router)
+
+
+# --- the registry is the only list of systems ----------------------------------------------------------------
+
+class ProbePipeline(DensePipeline):
+    """A fifth system that is nothing but a registry entry and this class: proof that one entry suffices."""
+    system = "probe"
+
+
+def test_a_registry_entry_is_all_a_new_system_needs(loaded, images):
+    spec = registry.SystemSpec("probe", "Probe", f"{__name__}:ProbePipeline", summary="a test system")
+    registry.register(spec)
+    try:
+        assert "probe" in SYSTEMS and registry.get("probe") is spec and "probe" in registry.names()
+        assert "probe" in shipped_systems("tiny") and "probe" in shipped_systems("embedded")   # no parts needed
+        pipe = load_systems(["dense", "probe"], loaded=loaded)["probe"]
+        assert pipe.label == "Probe" and pipe.spec is spec
+        assert pipe.answer(images[0], QUESTIONS[0], max_new_tokens=N_NEW).text == \
+            load_systems(["dense"], loaded=loaded)["dense"].answer(images[0], QUESTIONS[0], max_new_tokens=N_NEW).text
+        with pytest.raises(ValueError, match="already registered"):
+            registry.register(registry.SystemSpec("probe", "Other", f"{__name__}:ProbePipeline"))
+    finally:
+        registry.SYSTEMS.pop("probe", None)
+    for name, s in SYSTEMS.items():               # every entry resolves to its own class and config
+        assert s.pipeline_class().system == name
+        assert (s.config_class() is None) == (s.parts_folder is None) == (s.trainer is None)
+        assert s.moe == ("experts" in s.trace_views)
 
 
 # --- the dense system is the unmodified model ------------------------------------------------------------------
@@ -165,7 +201,7 @@ def test_fresh_moe_parts_answer_like_the_dense_model(pipes, images, system):
     """Upcycling is exact: every expert is a copy of its layer's FFN and a token's expert weights sum
     to 1 (MoE-LLaVA's top-2), so whatever the fresh routers choose, the MoE computes the dense function."""
     dense, moe = pipes["dense"], pipes[system]
-    assert "untrained" in moe.info[system]
+    assert "untrained" in moe.info["parts"]
     items = items_of(images)
     b = dense.batch(items)
     with torch.no_grad():
@@ -226,3 +262,21 @@ def test_streaming_grows_to_the_answer(pipes, images, system):
         # the last one is the answer (Answer.text strips surrounding whitespace, the stream does not)
         assert chunks[-1].strip() == ans.text
         assert pipe.answer(images[k], q, max_new_tokens=N_NEW).text == ans.text   # streaming changes nothing
+
+
+@pytest.mark.parametrize("system", SYSTEMS)
+def test_a_batch_streams_example_0_only_up_to_its_own_stop(loaded, images, diversify_routers, system):
+    """In a batch whose example 0 stops first, the others go on: example 0's stream must end where its
+    answer ends, never run past its stop token."""
+    pipe = differentiate(loaded, system, images, diversify_routers)
+    items = items_of(images)
+    tokens, _, _ = pipe.generate(pipe.batch(items), N_NEW)
+    # a token of example 0 (not earlier in it) that another example does not emit as early: made a stop token
+    stop = next(t for j, t in enumerate(tokens[0]) if j and t not in tokens[0][:j]
+                and any(t not in other[:j + 2] and len(other) > j + 1 for other in tokens[1:]))
+    pipe.encoder.stop_ids = set(pipe.encoder.stop_ids) | {stop}
+    chunks = []
+    answers = pipe.answer_batch(items, max_new_tokens=N_NEW, on_token=chunks.append)
+    assert max(a.trace.new_tokens for a in answers) > answers[0].trace.new_tokens    # the batch went on
+    assert len(chunks) == answers[0].trace.new_tokens >= 1
+    assert chunks[-1].strip() == answers[0].text

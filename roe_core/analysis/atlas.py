@@ -117,8 +117,8 @@ def build_atlas(pipe: RoEPipeline, questions: Sequence[Question], batch_size: in
     entries: list[AtlasEntry] = []
     for start in range(0, len(questions), batch_size):
         chunk = questions[start:start + batch_size]
-        answers = pipe.answer_batch([(q.image, q.question, q.history) for q in chunk], "auto", thr, max_new_tokens,
-                                    on_step=on_step, between_layers=between_layers)
+        answers = pipe.answer_batch([(q.image, q.question, q.history) for q in chunk], route="auto", threshold=thr,
+                                    max_new_tokens=max_new_tokens, on_step=on_step, between_layers=between_layers)
         for k, (q, a) in enumerate(zip(chunk, answers)):
             entries.append(AtlasEntry(start + k, q.question, q.qtype, a.text, q.gold,
                                       None if q.gold is None else answers_match(a.text, q.gold),

@@ -54,15 +54,16 @@ def compare_batching(pipe: RoEPipeline, items: Sequence, repeats: int = 3, max_n
         raise ValueError("a batch needs at least two questions")
     prepared = [it if not isinstance(it, tuple) else pipe.prepare(*it) for it in items]
     step = None if checkpoint is None else (lambda s, t: checkpoint())
-    own = pipe.answer_batch(prepared, "auto", threshold, max_new_tokens, on_step=step, between_layers=checkpoint)
+    own = pipe.answer_batch(prepared, route="auto", threshold=threshold, max_new_tokens=max_new_tokens,
+                           on_step=step, between_layers=checkpoint)
     routes = [list(a.trace.route) for a in own]
     L = len(routes[0])
     union = [any(r[i] for r in routes) for i in range(L)]
     modes = {"per_example": "auto", "union": [union] * len(prepared), "dense": "dense"}
     answers = {"per_example": [a.text for a in own]}
     for name in ("union", "dense"):
-        answers[name] = [a.text for a in pipe.answer_batch(prepared, modes[name], threshold, max_new_tokens,
-                                                           on_step=step, between_layers=checkpoint)]
+        answers[name] = [a.text for a in pipe.answer_batch(prepared, route=modes[name], threshold=threshold,
+                                                           max_new_tokens=max_new_tokens, on_step=step, between_layers=checkpoint)]
     B = len(prepared)
     layer_runs = {"per_example": sum(map(sum, routes)), "union": B * sum(union), "dense": B * L}
     batch = pipe.batch(prepared)

@@ -52,14 +52,14 @@ def adapter_fidelity(pipe: RoEPipeline, image, question: str, history: History =
     model = pipe.model
     x = layout_batch(model, pipe.batch([(image, question, history)]))
     R, L = x.num_routing, model.num_layers
-    thr = model.config.threshold if threshold is None else threshold
+    thr = model.threshold_or(threshold)
     forced = forced_route(route, 1, L, x.embeds.device)
     ok = x.token_ok[0]                                     # real (not padding) ordinary tokens
     pos_emb = model.rotary(x.embeds, x.position_ids)
     h, h_dense = x.embeds, x.embeds
     taken, a_l1, a_cos, l_l1, t_l1, t_cos = [], [], [], [], [], []
     for i in range(L):
-        run = bool(model.decide(i, h, R, thr)[0][0]) if forced is None else bool(forced[0, i])
+        run = bool(model.decide(i, h, R, thr, forced)[0][0])
         real = model.run_layer(i, h, x.mask, pos_emb, None)
         adapted = model.adapters[i](h)
         l_l1.append(float(layer_l1(real, h, x.token_ok, R)[0]))           # the paper's Fig. 1 measure

@@ -39,8 +39,8 @@ def _pass(pipe, questions, route, threshold, batch_size, max_new_tokens, on_step
     t0 = clock()
     for start in range(0, len(questions), batch_size):
         chunk = questions[start:start + batch_size]
-        answers = pipe.answer_batch([(q.image, q.question, q.history) for q in chunk], route, threshold,
-                                    max_new_tokens, on_step=on_step, between_layers=between_layers)
+        answers = pipe.answer_batch([(q.image, q.question, q.history) for q in chunk], route=route,
+                                    threshold=threshold, max_new_tokens=max_new_tokens, on_step=on_step, between_layers=between_layers)
         texts += [a.text for a in answers]
         layers += [a.trace.layers_executed for a in answers]
     return texts, layers, clock() - t0

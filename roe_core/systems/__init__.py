@@ -1,62 +1,43 @@
-"""The routing systems, one file each, behind one interface (pipeline.py):
+"""The routing systems, one file each, behind one interface (pipeline.py), listed once (registry.py):
 
     dense.py       the unmodified transformers model (the reference)
     roe.py         Routing Experts: per-example layer skipping (the method of this project)
     moe_llava.py   MoE-LLaVA: top-2 mixture of upcycled FFN experts in every other layer
     evomoe.py      EvoMoE: evolved experts and a top-1 Dynamic Token-aware Router (on MoE-LLaVA's machinery)
+    trace.py       the Trace protocol every system's trace implements
 
     pipes = load_systems(["dense", "roe", "moe_llava"])      # one base, shared, wrapped three times
-    pipes["moe_llava"].answer(image, "How many circles are there?").trace
+    pipes["moe_llava"].answer(image, "How many circles are there?").trace.summary()
 """
 from __future__ import annotations
 
-from .pipeline import Answer, LoadedBase, ParamCounts, Pipeline, load_base
-
-SYSTEMS = ("dense", "roe", "moe_llava", "evomoe")
-LABELS = {"dense": "Dense", "roe": "RoE", "moe_llava": "MoE-LLaVA", "evomoe": "EvoMoE"}
-MOE_SYSTEMS = ("moe_llava", "evomoe")
+from ..runtime.sources import LoadedBase, load_base
+from . import registry
+from .pipeline import Answer, ParamCounts, Pipeline, shipped_parts, shipped_systems
+from .registry import SYSTEMS, SystemSpec
+from .trace import Trace
 
 
 def pipeline_class(system: str) -> type[Pipeline]:
-    if system == "dense":
-        from .dense import DensePipeline
-        return DensePipeline
-    if system == "roe":
-        from .roe import RoEPipeline
-        return RoEPipeline
-    if system == "moe_llava":
-        from .moe_llava import MoELlavaPipeline
-        return MoELlavaPipeline
-    if system == "evomoe":
-        from .evomoe import EvoMoEPipeline
-        return EvoMoEPipeline
-    raise ValueError(f"unknown system {system!r}: choose from {', '.join(SYSTEMS)}")
-
-
-def shipped_systems(model: str = "embedded") -> list[str]:
-    """Every system a model has parts for: the embedded model's shipped ones (dense always); any other
-    model all of them (fresh parts, untrained, unless given)."""
-    if model != "embedded":
-        return list(SYSTEMS)
-    from ..embedded.base import parts_folder
-    return [s for s in SYSTEMS if s == "dense" or parts_folder(s) is not None]
+    return registry.get(system).pipeline_class()
 
 
 def load_system(system: str = "roe", model: str = "embedded", parts: str | None = None, device: str | None = "auto",
                 dtype=None, seed: int = 0) -> Pipeline:
     """One system over `model` ("embedded", "tiny", a folder or a hub id); parts: its folder (None: the
-    embedded model's shipped parts, or fresh ones)."""
+    model's shipped parts, or fresh ones)."""
     return pipeline_class(system).load(model, parts, device, dtype, seed)
 
 
-def load_systems(systems=SYSTEMS, model: str = "embedded", parts: dict[str, str] | None = None,
+def load_systems(systems=None, model: str = "embedded", parts: dict[str, str] | None = None,
                  device: str | None = "auto", dtype=None, seed: int = 0, loaded: LoadedBase | None = None
                  ) -> dict[str, Pipeline]:
-    """Several systems over one shared base (each wraps it without editing it)."""
-    classes = {s: pipeline_class(s) for s in systems}
+    """Several systems (default: every registered one) over one shared base (each wraps it without
+    editing it). parts: {system: folder} for parts other than the shipped ones."""
+    classes = {s: pipeline_class(s) for s in (systems or registry.names())}
     loaded = loaded or load_base(model, device, dtype, seed)
     return {s: cls.from_base(loaded, (parts or {}).get(s), seed) for s, cls in classes.items()}
 
 
-__all__ = ["Answer", "LABELS", "MOE_SYSTEMS", "LoadedBase", "ParamCounts", "Pipeline", "SYSTEMS", "load_base", "load_system",
-           "load_systems", "pipeline_class", "shipped_systems"]
+__all__ = ["Answer", "LoadedBase", "ParamCounts", "Pipeline", "SYSTEMS", "SystemSpec", "Trace", "load_base",
+           "load_system", "load_systems", "pipeline_class", "registry", "shipped_parts", "shipped_systems"]

@@ -5,7 +5,7 @@ RoE's or the MoE systems' code runs, so it is the reference the others are measu
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +21,8 @@ class DenseTrace:
     num_layers: int
     timing: Timing | None = None
     new_tokens: int = 0
+    active_params: int = 0
+    views: tuple[str, ...] = field(default=(), init=False, repr=False)
 
     @property
     def layers_executed(self) -> int:
@@ -30,8 +32,12 @@ class DenseTrace:
     def skip_ratio(self) -> float:
         return 0.0
 
+    def summary(self) -> str:
+        return f"all {self.num_layers} layers ran"
+
     def to_dict(self) -> dict:
-        d = {"layers_executed": self.num_layers, "skip_ratio": 0.0, "new_tokens": self.new_tokens}
+        d = {"layers_executed": self.num_layers, "num_layers": self.num_layers, "skip_ratio": 0.0,
+             "new_tokens": self.new_tokens, "active_params": self.active_params}
         if self.timing is not None:
             d["timing"] = self.timing.to_dict()
         return d
@@ -83,7 +89,6 @@ class DenseModel(nn.Module):
 
 class DensePipeline(Pipeline):
     system = "dense"
-    label = "Dense"
 
     @classmethod
     def from_base(cls, loaded: LoadedBase, parts: str | None = None, seed: int = 0) -> "DensePipeline":
@@ -92,5 +97,5 @@ class DensePipeline(Pipeline):
     def generate(self, batch, max_new_tokens: int, callback=None):
         return self.model.generate(batch, max_new_tokens, self.encoder.stop_ids, callback)
 
-    def parameter_counts(self) -> ParamCounts:
+    def parameter_counts(self, layers_executed: float | None = None) -> ParamCounts:
         return ParamCounts.of_dense(self.model.base)

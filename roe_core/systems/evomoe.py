@@ -226,5 +226,4 @@ class EvoMoEModel(MoELlavaModel):
 
 class EvoMoEPipeline(MoELlavaPipeline):
     system = "evomoe"
-    label = "EvoMoE"
     model_cls = EvoMoEModel

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..runtime.conversation import Batch
-from ..runtime.decoder import DecoderInputs, OverBase, RoutedKVCache, additive_mask, embed_inputs, parts_config
+from ..runtime.decoder import DecoderInputs, OverBase, RoutedKVCache, additive_mask, causal_layout, parts_config
 from ..runtime.generation import Timing, greedy
 from .pipeline import LoadedBase, ParamCounts, Pipeline, numel
 
@@ -277,20 +277,43 @@ class ExpertTrace:
     kinds: Tensor                   # (N,) long: index into TOKEN_KINDS
     experts: Tensor                 # (M, N, 2) long, M = len(layers): [top-1, top-2]
     weights: Tensor                 # (M, N, 2) fp32, 0 = dropped
+    num_experts: int = 0
+    top_k: int = 0
+    num_layers: int = 0             # decoder layers (every one runs)
     timing: Timing | None = None    # the batch's generation time (generate only)
     new_tokens: int = 0
+    active_params: int = 0
+    views: tuple[str, ...] = field(default=("experts",), init=False, repr=False)
 
-    def top1_load(self, num_experts: int, kind: str | None = None) -> Tensor:
-        """(M, E) top-1 assignment counts per MoE layer, over the tokens of `kind` (all when None)."""
+    @property
+    def layers_executed(self) -> int:
+        return self.num_layers
+
+    def summary(self) -> str:
+        return (f"all {self.num_layers} layers ran; top-{self.top_k} of {self.num_experts} experts in "
+                f"{len(self.layers)} MoE layers")
+
+    def top1_load(self, num_experts: int | None = None, kind: str | None = None, exclude: str | None = None
+                  ) -> Tensor:
+        """(M, E) top-1 assignment counts per MoE layer, over the tokens of `kind` (all when None), or over
+        every token but those of `exclude` ("text" tokens: exclude="image")."""
         top1 = self.experts[..., 0]                                              # (M, N)
         if kind is not None:
             top1 = top1[:, self.kinds == TOKEN_KINDS.index(kind)]
-        return F.one_hot(top1, num_experts).sum(1)                               # (M, E)
+        if exclude is not None:
+            top1 = top1[:, self.kinds != TOKEN_KINDS.index(exclude)]
+        return F.one_hot(top1, num_experts or self.num_experts).sum(1)           # (M, E)
+
+    def kind_names(self) -> list[str]:
+        """Each token's kind: "image", "question", "answer" or "other" (BOS, system prompt, template)."""
+        return [TOKEN_KINDS[k] for k in self.kinds.tolist()]
 
     def to_dict(self) -> dict:
         d = {"layers": self.layers, "token_ids": self.token_ids.tolist(),
              "kinds": [TOKEN_KINDS[k] for k in self.kinds.tolist()],
-             "experts": self.experts.tolist(), "weights": self.weights.tolist(), "new_tokens": self.new_tokens}
+             "experts": self.experts.tolist(), "weights": self.weights.tolist(), "new_tokens": self.new_tokens,
+             "num_experts": self.num_experts, "top_k": self.top_k, "num_layers": self.num_layers,
+             "layers_executed": self.num_layers, "active_params": self.active_params}
         if self.timing is not None:
             d["timing"] = self.timing.to_dict()
         return d
@@ -310,18 +333,6 @@ class MoEGeneration:
     tokens: list[list[int]]         # generated ids per example (stop token excluded)
     traces: list[ExpertTrace]
     timing: Timing
-
-
-def js_divergence(p, q) -> float:
-    """Jensen-Shannon divergence (bits, 0 = the same, 1 = disjoint) of two distributions (sequences or
-    tensors): how differently two groups of tokens (image, text) are spread over the experts."""
-    p, q = torch.as_tensor(p, dtype=torch.float64), torch.as_tensor(q, dtype=torch.float64)
-    m = (p + q) / 2
-
-    def kl(a, b):
-        keep = a > 0
-        return float((a[keep] * (a[keep] / b[keep]).log2()).sum())
-    return 0.5 * kl(p, m) + 0.5 * kl(q, m)
 
 
 def token_kinds(batch: Batch, image_token_id: int) -> Tensor:
@@ -481,19 +492,8 @@ class MoELlavaModel(OverBase):
     # --- inputs ---
     def layout(self, input_ids: Tensor, token_ok: Tensor, pixel_values: Tensor | None = None,
                turn_ids: Tensor | None = None) -> DecoderInputs:
-        """A left-padded batch (B, S) laid out for the decoder: embeddings, positions counting real
-        tokens only, a causal mask over real keys (no routing tokens: num_routing = 0)."""
-        B, S = input_ids.shape
-        dev = input_ids.device
-        embeds = embed_inputs(self.base, input_ids, pixel_values)              # (B, S, d)
-        position_ids = (token_ok.long().cumsum(-1) - 1).clamp(min=0)
-        allowed = torch.ones(S, S, dtype=torch.bool, device=dev).tril() & token_ok[:, None, :]
-        eye = torch.arange(S, device=dev)
-        allowed[:, eye, eye] = True   # pad rows see themselves: they stay finite
-        if turn_ids is None:
-            turn_ids = torch.full_like(input_ids, -1)
-        return DecoderInputs(embeds, position_ids, additive_mask(allowed, embeds.dtype), token_ok.bool(),
-                             token_ok.bool(), 0, turn_ids, input_ids == self.base.config.image_token_id)
+        """A left-padded batch (B, S) laid out for the decoder (runtime.decoder.causal_layout)."""
+        return causal_layout(self.base, input_ids, token_ok, pixel_values, turn_ids)
 
     # --- one decoder layer, its FFN swapped where it is a MoE layer ---
     def layer(self, i: int, h: Tensor, mask: Tensor, pos_emb: tuple[Tensor, Tensor], cache: RoutedKVCache | None,
@@ -606,7 +606,8 @@ class MoELlavaModel(OverBase):
                 layers=list(self.moe_layers),
                 token_ids=torch.cat([batch.input_ids[k, ok], fed]).cpu(),
                 kinds=torch.cat([kinds[k, ok], torch.full_like(fed, answer)]).cpu(),
-                experts=torch.stack(ex).cpu(), weights=torch.stack(wt).float().cpu()))
+                experts=torch.stack(ex).cpu(), weights=torch.stack(wt).float().cpu(),
+                num_experts=self.config.num_experts, top_k=self.config.top_k, num_layers=self.config.num_layers))
         return traces
 
     @torch.inference_mode()
@@ -637,7 +638,6 @@ def moe_lm_loss(model: MoELlavaModel, batch: Batch, coef: float | None = None) -
 
 class MoELlavaPipeline(Pipeline):
     system = "moe_llava"
-    label = "MoE-LLaVA"
     model_cls = MoELlavaModel
 
     @classmethod
@@ -652,5 +652,5 @@ class MoELlavaPipeline(Pipeline):
         gen = self.model.generate(batch, max_new_tokens, self.encoder.stop_ids, callback)
         return gen.tokens, gen.traces, gen.timing
 
-    def parameter_counts(self) -> ParamCounts:
+    def parameter_counts(self, layers_executed: float | None = None) -> ParamCounts:
         return self.model.parameter_counts()

@@ -25,7 +25,10 @@ from torch import nn
 from ..runtime.conversation import ConversationEncoder, InputError
 from ..runtime.generation import Timing
 from ..runtime.images import load_image
-from ..runtime.loading import ModelLoadError, load_llava, pick_device, pick_dtype
+from ..runtime.loading import ModelLoadError
+from ..runtime.sources import LoadedBase, load_base, parts_root
+from . import registry
+from .trace import Trace
 
 History = Sequence[tuple[str, str]]   # [(question, answer), ...] of earlier turns about the same image
 
@@ -33,7 +36,7 @@ History = Sequence[tuple[str, str]]   # [(question, answer), ...] of earlier tur
 @dataclass
 class Answer:
     text: str
-    trace: Any                    # the system's trace: RouteTrace, ExpertTrace, DenseTrace
+    trace: Trace                  # the system's trace (RouteTrace, ExpertTrace, DenseTrace): see trace.py
     question: str = ""
     system: str = "roe"
     timing: Timing | None = None  # the batch's prefill + decode time (shared by a batch's answers)
@@ -80,52 +83,31 @@ def numel(params) -> int:
     return sum(p.numel() for p in {id(p): p for p in params}.values())
 
 
-@dataclass
-class LoadedBase:
-    """A LLaVA base with its tokenizer and image processor, shareable by several systems (each wraps it
-    without editing it)."""
-    base: nn.Module
-    tokenizer: Any
-    image_processor: Any
-    info: dict
-    embedded: bool = False
-
-
-def load_base(model: str = "embedded", device: str | None = "auto", dtype: str | torch.dtype | None = None,
-              seed: int = 0) -> LoadedBase:
-    """model: "embedded" (shipped), "tiny" (random, for tests), a local folder or a hub id."""
-    dev = pick_device(device)
-    dt = pick_dtype(dev, dtype)
-    info = {"model": model}
-    if model == "embedded":
-        from ..embedded.base import load_embedded
-        base, tokenizer, image_processor, _, extra = load_embedded(dev, dt)
-        info.update(extra)
-    elif model == "tiny":
-        from ..runtime.tiny import tiny_llava
-        base, tokenizer, image_processor = tiny_llava(seed=seed)
-        base = base.to(device=dev, dtype=dt)
-        info["trained_on"] = "nothing: random weights (tests and smoke runs)"
-    else:
-        base, tokenizer, image_processor = load_llava(model, dev, dt)
-    return LoadedBase(base.eval(), tokenizer, image_processor, info, embedded=model == "embedded")
-
-
 def shipped_parts(loaded: LoadedBase, system: str) -> str | None:
-    """The embedded model's shipped parts folder of a system (assets/embedded/<folder>), else None."""
-    if not loaded.embedded:
+    """A system's shipped parts folder in the loaded source's parts root (<root>/<parts_folder>, complete
+    when its config file is there), else None."""
+    spec = registry.get(system)
+    if loaded.parts_root is None or not spec.has_parts:
         return None
-    from ..embedded.base import parts_folder
-    folder = parts_folder(system)
-    return str(folder) if folder is not None else None
+    folder = Path(loaded.parts_root) / spec.parts_folder
+    return str(folder) if (folder / spec.parts_config).is_file() else None
+
+
+def shipped_systems(model: str = "embedded") -> list[str]:
+    """Every system a model has parts for: a source's shipped ones (systems without parts always); any
+    other model all of them (fresh parts, untrained, unless given)."""
+    root = parts_root(model)
+    if root is None:
+        return list(registry.names())
+    return [n for n, s in registry.SYSTEMS.items()
+            if not s.has_parts or (Path(root) / s.parts_folder / s.parts_config).is_file()]
 
 
 class Pipeline:
-    """One system over a LLaVA base: answers, batches, streams. Subclasses set `system` and implement
-    `generate(batch, max_new_tokens, callback, **options) -> (token ids per example, traces, Timing)`
-    and `parameter_counts()`; `from_base(loaded, parts)` builds one over a loaded base."""
+    """One system over a LLaVA base: answers, batches, streams. Subclasses set `system` (its registry
+    name) and implement `generate(batch, max_new_tokens, callback, **options) -> (token ids per example,
+    traces, Timing)` and `parameter_counts()`; `from_base(loaded, parts)` builds one over a loaded base."""
     system = "?"
-    label = "?"
 
     def __init__(self, model: nn.Module, encoder: ConversationEncoder, info: dict | None = None):
         self.model = model.eval()
@@ -138,6 +120,18 @@ class Pipeline:
         self.info.setdefault("num_layers", model.base.config.text_config.num_hidden_layers
                              if hasattr(model, "base") else None)
 
+    @property
+    def spec(self) -> registry.SystemSpec:
+        return registry.get(self.system)
+
+    @property
+    def label(self) -> str:
+        return self.spec.label
+
+    @property
+    def num_layers(self) -> int:
+        return self.info["num_layers"]
+
     # --- building ---
     @classmethod
     def from_base(cls, loaded: LoadedBase, parts: str | None = None, seed: int = 0) -> "Pipeline":
@@ -147,9 +141,9 @@ class Pipeline:
     def load(cls, model: str = "embedded", parts: str | None = None, device: str | None = "auto",
              dtype: str | torch.dtype | None = None, seed: int = 0) -> "Pipeline":
         """model: "embedded", "tiny", a local folder or a hub id. parts: the system's folder (None: the
-        embedded model's shipped parts, or fresh untrained ones for any other model)."""
+        model's shipped parts, or fresh untrained ones for any other model)."""
         if parts is not None and not Path(parts).is_dir():
-            raise ModelLoadError(f"{cls.system} folder {parts!r} does not exist")
+            raise ModelLoadError(f"{registry.label(cls.system)} folder {parts!r} does not exist")
         return cls.from_base(load_base(model, device, dtype, seed), parts, seed)
 
     @staticmethod
@@ -164,39 +158,47 @@ class Pipeline:
     @classmethod
     def with_parts(cls, loaded: LoadedBase, parts: str | None, seed: int, load: Callable, fresh: Callable,
                    untrained: str) -> "Pipeline":
-        """A system whose parts wrap the base: load(base, folder) from `parts` (None: the embedded model's
-        shipped ones), else fresh(base) seeded; info[system] says which (or `untrained`)."""
+        """A system whose parts wrap the base: load(base, folder) from `parts` (None: the source's shipped
+        ones), else fresh(base) seeded. info["parts"] says which: the folder's name for shipped parts
+        (never a server path), the path given for others, or `untrained`."""
         info = cls.base_info(loaded)
+        shipped = parts is None and shipped_parts(loaded, cls.system) is not None
         parts = parts or shipped_parts(loaded, cls.system)
         if parts is not None:
             if not Path(parts).is_dir():
-                raise ModelLoadError(f"{cls.label} folder {parts!r} does not exist")
+                raise ModelLoadError(f"{registry.label(cls.system)} folder {parts!r} does not exist")
             model = load(loaded.base, parts)
-            info[cls.system] = str(parts)
+            info["parts"] = f"shipped ({Path(parts).name}/)" if shipped else str(parts)
+            info["parts_path"] = str(parts)
         else:
             torch.manual_seed(seed)
             model = fresh(loaded.base)
-            info[cls.system] = untrained
+            info["parts"] = untrained
         return cls(model.to(device=loaded.base.device, dtype=loaded.base.dtype), cls.make_encoder(loaded), info)
 
     # --- what each system implements ---
     def generate(self, batch, max_new_tokens: int, callback=None, **options) -> tuple[list[list[int]], list, Timing]:
         raise NotImplementedError
 
-    def parameter_counts(self) -> ParamCounts:
+    def parameter_counts(self, layers_executed: float | None = None) -> ParamCounts:
+        """Parameters in total and active per token; layers_executed: the mean layers an answer ran, for a
+        system that skips layers (the others ignore it)."""
         raise NotImplementedError
 
     # --- answering ---
-    def answer(self, image, question: str, history: History = (), max_new_tokens: int = 48,
+    def answer(self, image, question: str, history: History = (), *, max_new_tokens: int = 48,
                on_token: Callable[[str], None] | None = None, **options) -> Answer:
-        """Answers one question about one image; on_token(text_so_far) streams the answer."""
-        return self.answer_batch([(image, question, history)], max_new_tokens, on_token, **options)[0]
+        """Answers one question about one image; on_token(text_so_far) streams the answer. options: the
+        system's own (registry `options`, e.g. RoE's route and threshold)."""
+        return self.answer_batch([(image, question, history)], max_new_tokens=max_new_tokens, on_token=on_token,
+                                 **options)[0]
 
-    def answer_batch(self, items: Sequence, max_new_tokens: int = 48,
+    def answer_batch(self, items: Sequence, *, max_new_tokens: int = 48,
                      on_token: Callable[[str], None] | None = None, on_step: Callable | None = None,
                      **options) -> list[Answer]:
         """items: [(image, question, history)] or Prepared ones, answered as one batch (left-padded).
-        on_token(text) streams example 0's answer; on_step(step, tokens (B,)) sees every example's tokens."""
+        on_token(text) streams example 0's answer; on_step(step, tokens (B,)) sees every example's tokens
+        (and may raise to stop)."""
         if not items:
             return []
         batch = self.batch(items)
@@ -205,20 +207,34 @@ class Pipeline:
         return self.answers(items, tokens, traces, timing)
 
     def answers(self, items, tokens, traces, timing) -> list[Answer]:
+        """Answers from generated ids; each trace gets the parameters its answer touched per token."""
         tok = self.encoder.tokenizer
-        return [Answer(tok.decode(ids, skip_special_tokens=True).strip(), trace, question_of(item), self.system,
-                       timing) for ids, trace, item in zip(tokens, traces, items)]
+        out = []
+        for ids, trace, item in zip(tokens, traces, items):
+            trace.active_params = self.parameter_counts(trace.layers_executed).active
+            out.append(Answer(tok.decode(ids, skip_special_tokens=True).strip(), trace, question_of(item),
+                              self.system, timing))
+        return out
 
     def step_callback(self, on_token, on_step=None):
-        """callback(step, tokens) for generate: streams example 0's text to on_token, and calls on_step."""
+        """callback(step, tokens) for generate: streams example 0's text to on_token until example 0 emits a
+        stop token (in a batch the others may go on; example 0's stream must not run past its own end),
+        and calls on_step."""
         if on_token is None:
             return on_step
         streamed: list[int] = []
+        done = [False]
         tok = self.encoder.tokenizer
+        stop_ids = self.encoder.stop_ids or set()
 
         def callback(step, tokens):
-            streamed.append(int(tokens[0]))
-            on_token(tok.decode(streamed, skip_special_tokens=True))
+            if not done[0]:
+                t = int(tokens[0])
+                if t in stop_ids:
+                    done[0] = True
+                else:
+                    streamed.append(t)
+                    on_token(tok.decode(streamed, skip_special_tokens=True))
             if on_step is not None:
                 on_step(step, tokens)
         return callback

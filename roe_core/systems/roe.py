@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..runtime.conversation import Batch
+from ..runtime.conversation import Batch, InputError
 from ..runtime.decoder import DecoderInputs, OverBase, RoutedKVCache, additive_mask, embed_inputs, parts_config
 from ..runtime.generation import Timing, greedy
 from .pipeline import Answer, History, LoadedBase, ParamCounts, Pipeline, numel
@@ -226,10 +226,19 @@ class RoEModel(OverBase):
         out[s] = self.adapters[i](h[s])
         return out
 
-    def decide(self, i: int, h: Tensor, num_routing: int, threshold: float) -> tuple[Tensor, Tensor]:
-        """Inference decision at prefill from the last turn's text routing token: (run (B,), p_run (B,))."""
+    def decide(self, i: int, h: Tensor, num_routing: int, threshold: float | None = None,
+               forced: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Layer i's decision at prefill, the one place it is made: (run (B,), p_run (B,)). The router reads
+        the last turn's text routing token and runs the layer iff p_run > threshold (None: the parts'
+        own); a forced route (B, L) wins over it."""
         p_run = self.router_logits(i, h, num_routing)[:, -1].float().softmax(-1)[:, 0]
-        return p_run > threshold, p_run
+        if forced is not None:
+            return forced[:, i], p_run
+        return p_run > self.threshold_or(threshold), p_run
+
+    def threshold_or(self, threshold: float | None) -> float:
+        """The threshold to use: the one given, else the parts' calibrated default (roe_config.json)."""
+        return self.config.threshold if threshold is None else threshold
 
     def final_logits(self, h: Tensor) -> Tensor:
         return self.base.lm_head(self.lm.norm(h))
@@ -284,19 +293,45 @@ class DecodeState:
     l1: Tensor | None = None        # (B, L) per-layer L1 distance at prefill (when traced)
 
 
-def forced_route(route: Route, batch_size: int, num_layers: int, device) -> Tensor | None:
-    """None for "auto"; else a (B, L) bool tensor. Raises ValueError on malformed routes."""
+def parse_route(route, num_layers: int | None = None) -> str | list[bool]:
+    """A route as people and APIs write it: "auto" (the routers decide), "dense" (every layer), or booleans
+    / 0-1, one per decoder layer, as a list or its JSON text. InputError (a ValueError) says what is expected."""
+    route = (route or "auto") if isinstance(route, str) else route
+    if isinstance(route, str) and route.strip() in ("auto", "dense"):
+        return route.strip()
+    want = f"{num_layers} " if num_layers else ""
+    usage = (f'route should be "auto" (the router decides), "dense" (every layer) or a JSON list of {want}'
+             "booleans, one per decoder layer (true: run it, false: skip it through its adapter)")
+    items = route
     if isinstance(route, str):
+        try:
+            items = json.loads(route)
+        except json.JSONDecodeError:
+            raise InputError(f"{usage}; got {route[:60]!r}") from None
+    if isinstance(items, Tensor):
+        items = items.tolist()
+    if not isinstance(items, (list, tuple)) or not all(isinstance(x, (bool, int)) and x in (0, 1) for x in items):
+        raise InputError(f"{usage}; got {str(route)[:60]!r}")
+    if num_layers and len(items) != num_layers:
+        raise InputError(f"{usage}; got a list of {len(items)}")
+    return [bool(x) for x in items]
+
+
+def forced_route(route: Route, batch_size: int, num_layers: int, device) -> Tensor | None:
+    """None for "auto"; else a (B, L) bool tensor: one route for every example, or one per example.
+    Raises ValueError (InputError) on malformed routes."""
+    if isinstance(route, str):
+        if route not in ("auto", "dense"):
+            raise InputError(f"route must be 'auto', 'dense' or a list of {num_layers} booleans, not {route!r}")
         if route == "auto":
             return None
         if route == "dense":
             return torch.ones(batch_size, num_layers, dtype=torch.bool, device=device)
-        raise ValueError(f"route must be 'auto', 'dense' or a list of {num_layers} booleans, not {route!r}")
     run = torch.as_tensor(route, dtype=torch.bool, device=device)
     if run.dim() == 1:
-        run = run[None].expand(batch_size, -1)
+        run = torch.as_tensor(parse_route(route, num_layers), dtype=torch.bool, device=device)[None].expand(batch_size, -1)
     if run.shape != (batch_size, num_layers):
-        raise ValueError(f"a forced route needs {num_layers} booleans per example, got shape {tuple(run.shape)}")
+        raise InputError(f"a forced route needs {num_layers} booleans per example, got shape {tuple(run.shape)}")
     return run
 
 
@@ -314,15 +349,13 @@ def prefill(model: RoEModel, x: DecoderInputs, route: Route = "auto", threshold:
     between_layers() is called after every layer (a server's checkpoint: a prefill is the longest step)."""
     h = x.embeds
     B, L, R = h.shape[0], model.num_layers, x.num_routing
-    threshold = model.config.threshold if threshold is None else threshold
+    threshold = model.threshold_or(threshold)
     forced = forced_route(route, B, L, h.device)
     cache = RoutedKVCache(L, capacity=h.shape[1] + max_new_tokens)
     pos_emb = model.rotary(h, x.position_ids)
     runs, probs, plans, l1s = [], [], [], []
     for i in range(L):
-        run, p_run = model.decide(i, h, R, threshold)
-        if forced is not None:
-            run = forced[:, i]
+        run, p_run = model.decide(i, h, R, threshold, forced)
         plan = LayerPlan.from_run(run)
         h_in = h
         h = model.routed_layer(i, h, plan, x.mask, pos_emb, cache)
@@ -366,6 +399,12 @@ class RouteTrace:
     l1_dense: list[float] | None = None   # the same with every layer executed
     timing: Timing | None = None
     new_tokens: int = 0
+    active_params: int = 0
+    views: tuple[str, ...] = field(default=("route",), init=False, repr=False)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.route)
 
     @property
     def layers_executed(self) -> int:
@@ -379,9 +418,15 @@ class RouteTrace:
     def skip_ratio(self) -> float:
         return 1.0 - self.layers_executed / len(self.route)
 
+    def summary(self) -> str:
+        n = len(self.adapters_used)
+        return (f"{self.layers_executed} of {self.num_layers} layers ran, {n} adapter{'' if n == 1 else 's'} "
+                f"stood in")
+
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in ("route", "p_run", "route_mode", "threshold", "l1", "l1_dense",
-                                          "new_tokens", "layers_executed", "adapters_used", "skip_ratio")}
+                                          "new_tokens", "layers_executed", "num_layers", "adapters_used",
+                                          "skip_ratio", "active_params")}
         if self.timing is not None:
             d["timing"] = self.timing.to_dict()
         return d
@@ -406,7 +451,7 @@ def generate(model: RoEModel, batch: Batch, route: Route = "auto", max_new_token
              callback=None, between_layers: Callable[[], object] | None = None) -> Generation:
     """Greedy decoding of a batch under RoE. callback(step, tokens (B,)) streams each new token;
     between_layers() runs after each layer of the prefill."""
-    threshold = model.config.threshold if threshold is None else threshold
+    threshold = model.threshold_or(threshold)
     tokens, timing, state = greedy(
         lambda: prefill(model, layout_batch(model, batch), route, threshold, trace_l1, max_new_tokens,
                         between_layers),
@@ -437,7 +482,7 @@ def all_logits(model: RoEModel, batch: Batch, route: Route = "dense") -> Tensor:
     forced = forced_route(route, h.shape[0], model.num_layers, h.device)
     pos_emb = model.rotary(h, x.position_ids)
     for i in range(model.num_layers):
-        run = model.decide(i, h, x.num_routing, model.config.threshold)[0] if forced is None else forced[:, i]
+        run = model.decide(i, h, x.num_routing, None, forced)[0]
         h = model.routed_layer(i, h, LayerPlan.from_run(run), x.mask, pos_emb, None)
     return model.final_logits(h[:, x.num_routing:])
 
@@ -483,7 +528,6 @@ class RoEPipeline(Pipeline):
     """RoE over a LLaVA base. Options of generate/answer: route ("auto", "dense" or booleans per layer),
     threshold (run a layer iff p_run > it; default the parts' config), trace_l1."""
     system = "roe"
-    label = "RoE"
 
     @property
     def threshold(self) -> float:
@@ -526,32 +570,31 @@ class RoEPipeline(Pipeline):
                       + numel(self.model.routers.parameters()))
         return ParamCounts(dense.vision, dense.projector, dense.decoder_total + parts, int(round(active)))
 
-    # --- answering (RoE's signature: route and threshold come first) ---
-    def answer(self, image, question: str, history: History = (), route: Route = "auto",
-               threshold: float | None = None, max_new_tokens: int = 48, trace_l1: bool = True,
-               dense_l1: bool = True, on_token: Callable[[str], None] | None = None) -> Answer:
+    # --- answering: the base's keywords, plus RoE's own (route, threshold, trace_l1, dense_l1, between_layers) ---
+    def answer(self, image, question: str, history: History = (), *, max_new_tokens: int = 48,
+               on_token: Callable[[str], None] | None = None, route: Route = "auto",
+               threshold: float | None = None, trace_l1: bool = True, dense_l1: bool = True, **options) -> Answer:
         """Answers one question about one image. The route is decided on this question alone and held
-        for the whole answer. on_token(text_so_far) streams the answer."""
-        return self.answer_batch([(image, question, history)], route, threshold, max_new_tokens,
-                                 trace_l1, dense_l1, on_token)[0]
+        for the whole answer (a forced route: booleans per layer). on_token(text_so_far) streams it.
+        By default the trace has both L1 curves (the path taken and the dense path)."""
+        return super().answer(image, question, history, max_new_tokens=max_new_tokens, on_token=on_token,
+                              route=route, threshold=threshold, trace_l1=trace_l1, dense_l1=dense_l1, **options)
 
-    def answer_batch(self, items: Sequence, route: Route = "auto", threshold: float | None = None,
-                     max_new_tokens: int = 48, trace_l1: bool = False, dense_l1: bool = False,
+    def answer_batch(self, items: Sequence, *, max_new_tokens: int = 48,
                      on_token: Callable[[str], None] | None = None, on_step: Callable | None = None,
-                     between_layers: Callable[[], object] | None = None) -> list[Answer]:
+                     route: Route = "auto", threshold: float | None = None, trace_l1: bool = False,
+                     dense_l1: bool = False, between_layers: Callable[[], object] | None = None) -> list[Answer]:
         """items: [(image, question, history)] or Prepared ones. Examples in one batch may take different
-        routes. on_step(step, tokens (B,)) sees every example's new tokens (and may raise to stop);
-        between_layers() runs after each prefill layer (a server's checkpoint)."""
-        if not items:
-            return []
-        batch = self.batch(items)
-        tokens, traces, timing = self.generate(batch, max_new_tokens, self.step_callback(on_token, on_step),
-                                               route=route, threshold=threshold, trace_l1=trace_l1,
-                                               between_layers=between_layers)
-        if dense_l1:
-            for trace, row in zip(traces, prefill_l1(self.model, batch, "dense", between_layers).tolist()):
-                trace.l1_dense = row
-        return self.answers(items, tokens, traces, timing)
+        routes. between_layers() runs after each prefill layer (a server's checkpoint); dense_l1 adds the
+        every-layer path's L1 curve to each trace (one more prefill)."""
+        answers = super().answer_batch(items, max_new_tokens=max_new_tokens, on_token=on_token, on_step=on_step,
+                                       route=route, threshold=threshold, trace_l1=trace_l1,
+                                       between_layers=between_layers)
+        if dense_l1 and answers:
+            batch = self.batch(items)
+            for ans, row in zip(answers, prefill_l1(self.model, batch, "dense", between_layers).tolist()):
+                ans.trace.l1_dense = row
+        return answers
 
     def compare(self, image, question: str, history: History = (), route: Route = "auto",
                 threshold: float | None = None, max_new_tokens: int = 48, repeats: int = 3,
@@ -564,10 +607,10 @@ class RoEPipeline(Pipeline):
         (timed_generate), so a measurement never counts someone else's time. It may raise to stop it."""
         items = [self.prepare(image, question, history)]
         step = None if checkpoint is None else (lambda s, t: checkpoint())
-        roe = self.answer_batch(items, route, threshold, max_new_tokens, trace_l1=True, dense_l1=True,
-                                on_step=step, between_layers=checkpoint)[0]
-        dense = self.answer_batch(items, "dense", threshold, max_new_tokens, trace_l1=True, on_step=step,
-                                  between_layers=checkpoint)[0]
+        roe = self.answer_batch(items, route=route, threshold=threshold, max_new_tokens=max_new_tokens,
+                                trace_l1=True, dense_l1=True, on_step=step, between_layers=checkpoint)[0]
+        dense = self.answer_batch(items, route="dense", threshold=threshold, max_new_tokens=max_new_tokens,
+                                  trace_l1=True, on_step=step, between_layers=checkpoint)[0]
         batch = self.batch(items)
         roe_t, dense_t = [], []
         for _ in range(max(1, repeats)):
