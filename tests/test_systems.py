@@ -173,6 +173,12 @@ def differentiate(loaded, system, images, diversify_routers):
             for e in ffn.experts:
                 for p in e.parameters():
                     p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    elif system == "static":     # fresh: no layer skipped (the dense model); skip two, adapters random
+        from roe_core.systems.static import StaticModel
+        g = torch.Generator().manual_seed(1)
+        pipe.model = StaticModel(loaded.base, skipped=[1, 4])
+        for p in pipe.model.adapter_parameters():
+            p.data.add_(torch.randn(p.shape, generator=g) * 0.3)
     return pipe
 
 

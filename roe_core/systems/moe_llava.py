@@ -25,16 +25,28 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..runtime.conversation import Batch
 from ..runtime.decoder import DecoderInputs, OverBase, RoutedKVCache, additive_mask, causal_layout, parts_config
 from ..runtime.generation import Timing, greedy
+from ..runtime.weights import load_tensors, save_tensors
 from .pipeline import LoadedBase, ParamCounts, Pipeline, numel
 
 CONFIG_NAME = "moe_config.json"
 WEIGHTS_NAME = "moe.safetensors"
+
+
+def ship_keep_fp32(name: str) -> bool:
+    """Shipped parts kept in fp32: MoE-LLaVA's linear routers (top-2 choices follow small logit gaps)."""
+    return ".router." in name
+
+
+def ship_fp8(name: str) -> bool:
+    """Shipped parts stored in fp8 with per-row scales: none yet."""
+    return False
+
+
 TOKEN_KINDS = ("other", "image", "question", "answer")   # trace kinds; "other": BOS, system prompt, template
 
 
@@ -413,12 +425,13 @@ class MoELlavaModel(OverBase):
             state = {k: v for k, v in state.items() if not k.startswith("dense_ffn.") or ".delta." in k}
         return state
 
-    def save_moe(self, folder: str | Path) -> None:
+    def save_moe(self, folder: str | Path, ship: bool = False) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.config.save(folder)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.moe_state_dict().items()},
-                  str(folder / self.config.WEIGHTS))
+        # ship=False (checkpoints): fp32, lossless; ship=True (assets/): the shipping precision (runtime.weights)
+        save_tensors(self.moe_state_dict(), folder / self.config.WEIGHTS,
+                     keep_fp32=ship_keep_fp32 if ship else (lambda name: True), fp8=ship_fp8 if ship else (lambda name: False))
 
     @classmethod
     def from_moe_folder(cls, base: nn.Module, folder: str | Path, expected_base: str | None = None,
@@ -434,7 +447,7 @@ class MoELlavaModel(OverBase):
         weights = Path(folder, config.WEIGHTS)
         if not weights.is_file():
             raise FileNotFoundError(f"no {config.WEIGHTS} in {folder!s}")
-        state = load_file(str(weights))
+        state = load_tensors(weights)
         expected = model.moe_state_dict()
         if set(state) != set(expected):
             missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))

@@ -104,3 +104,8 @@ register(SystemSpec(
     parts_config="evomoe_config.json", config="roe_core.systems.evomoe:EvoMoEConfig",
     trainer="roe_core.train.evomoe", moe=True, trace_views=("experts",),
     summary="evolved experts and a top-1 Dynamic Token-aware Router"))
+register(SystemSpec(
+    "static", "Static", "roe_core.systems.static:StaticPipeline", parts_folder="static",
+    parts_config="static_config.json", config="roe_core.systems.static:StaticConfig",
+    trainer="roe_core.train.static",
+    summary="a fixed path: the same k layers skipped for every input (those that change their input least)"))

@@ -1,0 +1,128 @@
+"""The fixed-path baseline's training (systems/static.py) on the shared loop.
+
+First the layers are chosen: the k whose output changes their input least over the first --score-n
+training examples (Fig. 1's L1, or ShortGPT's 1 - cosine), every layer running. Then the adapters that
+stand in for them train on the same data and objective as RoE's refine (CE on answers, optionally +
+KL to the every-layer path); the base stays frozen.
+
+    python -m roe_core.train --system static --model <llava> --data train.json --out runs/static --skip 11
+    python -m roe_core.train --system static ... --skip-layers 3,4,5      # a hand-picked set instead
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from safetensors.torch import load_file
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from ..runtime.conversation import ConversationEncoder
+from ..systems.static import METRICS, WEIGHTS_NAME, StaticModel, layer_scores, lowest, static_lm_loss
+from .loop import LlavaJsonDataset, LoopConfig, add_config_args, config_from_args, cosine_with_warmup, fit, make_collate
+
+
+@dataclass
+class StaticTrainConfig(LoopConfig):
+    lr: float = 1e-3
+    warmup: float = 0.03
+    distill: float = 0.0             # weight of KL(p_dense || p_static) on answer tokens
+
+
+class StaticObjective:
+    """The adapters of the skipped layers train; nothing else."""
+    desc = "static-path adapters"
+
+    def __init__(self, model: StaticModel, cfg: StaticTrainConfig):
+        self.cfg = cfg
+        self.params = model.adapter_parameters()
+
+    def param_groups(self, model: StaticModel) -> list[dict]:
+        return [{"params": self.params, "lr": self.cfg.lr}]
+
+    def set_trainable(self, model: StaticModel, step: int) -> None:
+        if step == 0 or not self.params[0].requires_grad:
+            model.requires_grad_(False)
+            for p in self.params:
+                p.requires_grad_(True)
+
+    def lr_factor(self, step: int) -> float:
+        return cosine_with_warmup(step, self.cfg.steps, self.cfg.warmup)
+
+    def loss(self, model: StaticModel, batch, step: int) -> dict[str, Tensor]:
+        return static_lm_loss(model, batch, self.cfg.distill)
+
+    def row(self, step: int) -> dict:
+        return {}
+
+    def save_parts(self, model: StaticModel, out: Path) -> None:
+        model.save_static(out)
+
+    def load_parts(self, model: StaticModel, out: Path) -> None:
+        model.load_state_dict(load_file(str(out / WEIGHTS_NAME)), strict=False)
+
+    def base_tensors(self, model: StaticModel) -> list[str]:
+        return []
+
+
+def choose_layers(base, encoder: ConversationEncoder, dataset: Dataset, k: int, metric: str = "l1", n: int = 256,
+                  batch_size: int = 16) -> tuple[list[int], list[float]]:
+    """(the k layers to skip, the per-layer scores) over the first n examples of `dataset`."""
+    items = [dataset[i] for i in range(min(n, len(dataset)))]
+    loader = DataLoader(items, batch_size=batch_size, collate_fn=make_collate(encoder))
+    scores = layer_scores(base, loader, metric)
+    return lowest(scores, k), scores
+
+
+def train_static(model: StaticModel, encoder: ConversationEncoder, dataset: Dataset, cfg: StaticTrainConfig,
+                 out: str | Path, resume: bool = False, progress: bool = True) -> list[dict]:
+    """Trains the adapters in place (loop.fit); checkpoints in `out`: static_config.json + static.safetensors,
+    optimizer.safetensors + trainer_state.json, train_log.jsonl."""
+    model.config.extra.setdefault("training", asdict(cfg))
+    if not model.config.skipped:
+        raise ValueError("no layer is skipped: there is nothing to train (choose k > 0)")
+    return fit(model, StaticObjective(model, cfg), encoder, dataset, cfg, out, resume, progress)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m roe_core.train --system static", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="embedded", help="embedded | tiny | local LLaVA folder | hub id")
+    ap.add_argument("--data", required=True, help="LLaVA conversation JSON")
+    ap.add_argument("--images", default=None, help="image folder (default: the JSON's folder)")
+    ap.add_argument("--out", required=True, help="output folder (checkpoints, train_log.jsonl)")
+    ap.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    ap.add_argument("--skip", type=int, default=None, help="k: how many layers every input skips")
+    ap.add_argument("--skip-layers", default=None, help="comma-separated layers to skip instead of choosing them")
+    ap.add_argument("--metric", choices=METRICS, default="l1", help="how the layers are chosen")
+    ap.add_argument("--score-n", type=int, default=256, help="training examples the choice is measured on")
+    ap.add_argument("--adapter-rank", type=int, default=0, help="0: hidden_size // 4 (RoE's default)")
+    add_config_args(ap, StaticTrainConfig)
+    args = ap.parse_args(argv)
+    cfg = config_from_args(StaticTrainConfig, args)
+
+    from ..runtime.sources import load_base
+    from ..systems.pipeline import Pipeline
+    loaded = load_base(args.model, "auto", "float32")
+    encoder = Pipeline.make_encoder(loaded)
+    dataset = LlavaJsonDataset(args.data, args.images)
+    if args.resume and (Path(args.out) / "static_config.json").is_file():
+        model = StaticModel.from_static_folder(loaded.base, args.out)
+    else:
+        if args.skip_layers:
+            skipped, scores = sorted(int(x) for x in args.skip_layers.split(",")), []
+        elif args.skip is not None:
+            skipped, scores = choose_layers(loaded.base, encoder, dataset, args.skip, args.metric, args.score_n)
+        else:
+            ap.error("give --skip K (chosen by --metric) or --skip-layers")
+        model = StaticModel(loaded.base, base_model=args.model, skipped=skipped, metric=args.metric,
+                            layer_scores=scores, adapter_rank=args.adapter_rank)
+        model.config.extra.update(train_data=str(args.data), score_n=args.score_n)
+        print(f"skipping layers {skipped} ({args.metric})")
+    train_static(model, encoder, dataset, cfg, args.out, resume=args.resume)
+    print(f"saved the static-path parts to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
