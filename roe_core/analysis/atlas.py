@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..scenes.questions import Question
-from ..scenes.world import answers_match
+from ..scenes.answers import answers_match
 from ..systems.roe import RoEPipeline
 
 

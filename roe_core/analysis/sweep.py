@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
 from ..scenes.questions import Question
-from ..scenes.world import answers_match
+from ..scenes.answers import answers_match
 from ..systems.roe import RoEPipeline
 
 

@@ -1,3 +1,3 @@
-from .world import main
+from .cli import main
 
 main()

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..runtime.conversation import IMAGE_PLACEHOLDER, InputError
-from . import world as scenes
+from .rendering import render
+from .shifted import make_shifted_split
+from .splits import make_sample, split_seeds
 
 
 @dataclass
@@ -29,11 +31,11 @@ class Question:
 def test_questions(n: int, image_size: int = 256, split: str = "test") -> list[Question]:
     """The first n questions of a fixed split (test by default), each with its conversation so far (gold answers)."""
     out = []
-    for seed in scenes.split_seeds(split, n):   # every sample has >= 1 turn: n samples suffice
+    for seed in split_seeds(split, n):   # every sample has >= 1 turn: n samples suffice
         if len(out) >= n:
             break
-        s = scenes.make_sample(seed)
-        img = scenes.render(s.scene, image_size)
+        s = make_sample(seed)
+        img = render(s.scene, image_size)
         hist = []
         for qa in s.turns:
             out.append(Question(img, qa.question, list(hist), qa.answer, qa.qtype))
@@ -42,10 +44,10 @@ def test_questions(n: int, image_size: int = 256, split: str = "test") -> list[Q
 
 
 def shifted_questions(n: int) -> list[Question]:
-    """The first n questions of the shifted split (scenes.make_shifted_split): held-out phrasings,
+    """The first n questions of the shifted split (shifted.make_shifted_split): held-out phrasings,
     sizes, aspect ratios, JPEG, outline widths and background tones; one question per scene."""
     return [Question(s.image(), s.turns[0].question, [], s.turns[0].answer, s.turns[0].qtype)
-            for s in scenes.make_shifted_split(n)]
+            for s in make_shifted_split(n)]
 
 
 def load_llava_questions(path: str | Path, limit: int | None = None) -> list[Question]:
