@@ -11,7 +11,7 @@ from roe_core import scenes
 from roe_core.systems import load_base, load_systems
 from roe_core.systems.static import StaticConfig, StaticModel, StaticPipeline, layer_scores, lowest
 from roe_core.train.loop import LlavaJsonDataset
-from roe_core.train.static import StaticTrainConfig, choose_layers, main, train_static
+from roe_core.train.static import StaticTrainConfig, choose_layers, init_from_roe, main, train_static
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 N_NEW = 6
@@ -150,3 +150,17 @@ def test_training_chooses_layers_trains_adapters_and_resumes(loaded, tmp_path):
     assert len((tmp_path / "out" / "train_log.jsonl").read_text().splitlines()) == 6
     cfg_saved = json.loads((tmp_path / "out" / "static_config.json").read_text())
     assert cfg_saved["skipped"] == skipped
+
+
+def test_adapters_can_start_from_roes(loaded, tmp_path):
+    from roe_core.systems.roe import RoEModel
+    torch.manual_seed(3)
+    roe = RoEModel(loaded.base)
+    roe.save_roe(tmp_path)
+    model = StaticModel(loaded.base, skipped=[0, 5], adapter_rank=roe.config.adapter_rank)
+    assert init_from_roe(model, tmp_path) == [0, 5]
+    for i in (0, 5):
+        for a, b in zip(model.adapters[str(i)].parameters(), roe.adapters[i].parameters()):
+            assert_close(a, b)
+    with pytest.raises(ValueError, match="rank"):
+        init_from_roe(StaticModel(loaded.base, skipped=[1], adapter_rank=3), tmp_path)

@@ -31,7 +31,8 @@ def to_llava_records(samples: list[Sample], image_dir, image_size: int = 256) ->
     image_dir.mkdir(parents=True, exist_ok=True)
     records = []
     for s in samples:
-        render(s.scene, image_size).save(image_dir / f"{s.id}.png")
+        # a sample with its own render style (grammar.WideSample) keeps it; the others at image_size
+        (s.image() if hasattr(s, "style") else render(s.scene, image_size)).save(image_dir / f"{s.id}.png")
         conversations = []
         for i, qa in enumerate(s.turns):
             question = f"<image>\n{qa.question}" if i == 0 else qa.question
@@ -48,12 +49,22 @@ def to_llava_records(samples: list[Sample], image_dir, image_size: int = 256) ->
     return records
 
 
-def export_llava_json(split: str, n: int, out_dir, image_size: int = 256, start: int = 0) -> Path:
+def export_llava_json(split: str, n: int, out_dir, image_size: int = 256, start: int = 0, wide: bool = False) -> Path:
     """Write out_dir/<split>.json (samples start .. start+n-1) and the images to out_dir/images/
-    (shared by all splits; ids are unique across splits). Returns the JSON path."""
+    (shared by all splits; ids are unique across splits). Returns the JSON path. wide (train split
+    only): the same scenes and answers, questions reworded and images restyled (grammar.py), written
+    as out_dir/<split>_wide.json."""
     out_dir = Path(out_dir)
-    records = to_llava_records(make_split(split, n, start), out_dir / "images", image_size)
-    path = out_dir / f"{split}.json"
+    if wide:
+        from .grammar import make_wide_sample
+        from .splits import split_seeds
+        if split != "train":
+            raise ValueError("wide inputs are for training: split must be 'train'")
+        samples = [make_wide_sample(seed) for seed in split_seeds(split, start + n)[start:]]
+    else:
+        samples = make_split(split, n, start)
+    records = to_llava_records(samples, out_dir / "images", image_size)
+    path = out_dir / f"{split}{'_wide' if wide else ''}.json"
     path.write_text(json.dumps(records, indent=1))
     return path
 

@@ -11,6 +11,7 @@ KL to the every-layer path); the base stays frozen.
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -75,6 +76,24 @@ def choose_layers(base, encoder: ConversationEncoder, dataset: Dataset, k: int, 
     return lowest(scores, k), scores
 
 
+def init_from_roe(model: StaticModel, roe_folder: str | Path) -> list[int]:
+    """Starts each skipped layer's adapter from the adapter RoE trained to stand in for that layer (the same
+    SkipAdapter; ranks must match): the baseline then starts with all that RoE's training gave its
+    adapters. Returns the layers initialised."""
+    from ..systems.roe import CONFIG_NAME as ROE_CONFIG, WEIGHTS_NAME as ROE_WEIGHTS
+    roe_cfg = json.loads(Path(roe_folder, ROE_CONFIG).read_text())
+    if roe_cfg["adapter_rank"] != model.config.adapter_rank:
+        raise ValueError(f"RoE's adapters have rank {roe_cfg['adapter_rank']}, these {model.config.adapter_rank}")
+    state = load_file(str(Path(roe_folder, ROE_WEIGHTS)))
+    done = []
+    for i in model.config.skipped:
+        own = {k.split(".", 2)[2]: v for k, v in state.items() if k.startswith(f"adapters.{i}.")}
+        model.adapters[str(i)].load_state_dict(own)
+        done.append(i)
+    model.config.extra["init_from_roe"] = str(roe_folder)
+    return done
+
+
 def train_static(model: StaticModel, encoder: ConversationEncoder, dataset: Dataset, cfg: StaticTrainConfig,
                  out: str | Path, resume: bool = False, progress: bool = True) -> list[dict]:
     """Trains the adapters in place (loop.fit); checkpoints in `out`: static_config.json + static.safetensors,
@@ -97,7 +116,10 @@ def main(argv=None) -> None:
     ap.add_argument("--skip-layers", default=None, help="comma-separated layers to skip instead of choosing them")
     ap.add_argument("--metric", choices=METRICS, default="l1", help="how the layers are chosen")
     ap.add_argument("--score-n", type=int, default=256, help="training examples the choice is measured on")
-    ap.add_argument("--adapter-rank", type=int, default=0, help="0: hidden_size // 4 (RoE's default)")
+    ap.add_argument("--adapter-rank", type=int, default=0,
+                    help="0: hidden_size // 4 (RoE's default), or the rank of --init-from-roe's adapters")
+    ap.add_argument("--init-from-roe", default=None,
+                    help="an RoE parts folder: each skipped layer's adapter starts from RoE's for that layer")
     add_config_args(ap, StaticTrainConfig)
     args = ap.parse_args(argv)
     cfg = config_from_args(StaticTrainConfig, args)
@@ -116,9 +138,14 @@ def main(argv=None) -> None:
             skipped, scores = choose_layers(loaded.base, encoder, dataset, args.skip, args.metric, args.score_n)
         else:
             ap.error("give --skip K (chosen by --metric) or --skip-layers")
+        rank = args.adapter_rank
+        if args.init_from_roe and not rank:
+            rank = json.loads(Path(args.init_from_roe, "roe_config.json").read_text())["adapter_rank"]
         model = StaticModel(loaded.base, base_model=args.model, skipped=skipped, metric=args.metric,
-                            layer_scores=scores, adapter_rank=args.adapter_rank)
+                            layer_scores=scores, adapter_rank=rank)
         model.config.extra.update(train_data=str(args.data), score_n=args.score_n)
+        if args.init_from_roe:
+            init_from_roe(model, args.init_from_roe)
         print(f"skipping layers {skipped} ({args.metric})")
     train_static(model, encoder, dataset, cfg, args.out, resume=args.resume)
     print(f"saved the static-path parts to {args.out}")
