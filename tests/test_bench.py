@@ -82,7 +82,7 @@ def test_bench_threshold_moves_the_routes(tmp_path):
 
 
 def test_threshold_choice_needs_the_skip_target():
-    from roe_core.embedded.recipe import choose_threshold
+    from roe_core.embedded.calibrate import choose_threshold
     from roe_core.systems.roe import RoEPipeline
     pipe = RoEPipeline.load("tiny", device="cpu")
     qs = bench.test_questions(4, image_size=32, split="val")
@@ -108,13 +108,13 @@ def test_threshold_choice_needs_the_skip_target():
 
 def test_calibrate_thresholds_flag_parses_and_rejects():
     import argparse
-    from roe_core.embedded.recipe import CALIBRATE_THRESHOLDS, _thresholds
+    from roe_core.embedded.calibrate import CALIBRATE_THRESHOLDS, _thresholds
     assert _thresholds("0.54, 0.5,0.48") == (0.54, 0.5, 0.48)
     assert 0.5 in CALIBRATE_THRESHOLDS
     for bad in ("0.5,x", "1.5", "", "-0.1"):
         with pytest.raises(argparse.ArgumentTypeError, match="thresholds"):
             _thresholds(bad)
-    from roe_core.embedded.recipe import _fraction
+    from roe_core.embedded.calibrate import _fraction
     assert _fraction("0.32") == 0.32
     for bad in ("x", "1", "-0.1"):
         with pytest.raises(argparse.ArgumentTypeError, match="--min-skip"):

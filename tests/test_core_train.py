@@ -266,3 +266,18 @@ def test_distillation_is_the_kl_to_the_dense_path(toy_data):
     assert got["kl"].item() == pytest.approx(kl.item(), rel=1e-4)
     assert got["loss"].item() == pytest.approx(plain["loss"].item() + 0.5 * kl.item(), rel=1e-5)
     assert dense["kl"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_train_cli_dispatches_through_the_registry(capsys):
+    """python -m roe_core.train --system NAME runs the registry's trainer for NAME; a system without one
+    is a clear error naming those that have one."""
+    import importlib
+    from roe_core.systems import registry
+    cli = importlib.import_module("roe_core.train.__main__")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--system", "dense"])
+    with_trainer = [n for n, s in registry.SYSTEMS.items() if s.trainer]
+    assert "dense" not in with_trainer and all(n in str(e.value) for n in with_trainer)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--system=moe_llava", "--help"])
+    assert e.value.code == 0 and "--system moe_llava" in capsys.readouterr().out

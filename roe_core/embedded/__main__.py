@@ -1,3 +1,3 @@
-from .recipe import main
+from .cli import main
 
 main()

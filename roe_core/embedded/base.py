@@ -11,7 +11,7 @@
   runs a plain Llama decoder.
 - the routing systems' parts: assets/embedded/<system>/ (roe/, moe_llava/, ...).
 
-How each part is trained: roe_core.embedded.recipe.
+How each part is trained: roe_core.embedded.cli (python -m roe_core.embedded) and the modules it names.
 """
 from __future__ import annotations
 
