@@ -47,7 +47,7 @@ from .calibrate import CALIBRATE_THRESHOLDS, _fraction, _thresholds
 
 # stage -> (default steps, default batch size); stages without an entry do not train
 TRAINING_DEFAULTS = {"vision": (800, 96), "align": (60, 12), "finetune": (240, 12), "roe": (900, 8), "refine": (200, 8),
-                     "moe-llava": (600, 8), "evomoe-evolve": (225, 8), "evomoe-router": (225, 8)}
+                     "moe-llava": (600, 8), "evomoe-evolve": (225, 8), "evomoe-router": (225, 8), "static": (500, 8)}
 
 
 def _convert(args) -> None:
@@ -69,7 +69,8 @@ def _routing(args) -> None:
     if args.stage.startswith("evomoe-"):
         routing.stage_evomoe(args.stage, args)
     else:
-        {"roe": routing.stage_roe, "refine": routing.stage_refine, "moe-llava": routing.stage_moe_llava}[args.stage](args)
+        {"roe": routing.stage_roe, "refine": routing.stage_refine, "moe-llava": routing.stage_moe_llava,
+         "static": routing.stage_static}[args.stage](args)
 
 
 def _calibrate(args) -> None:
@@ -95,6 +96,7 @@ def _eval(args) -> None:
 # the one list of stages: name -> what runs it
 COMMANDS = {"convert": _convert, "vision": _vision, "align": _lm, "finetune": _lm, "roe": _routing,
             "refine": _routing, "moe-llava": _routing, "evomoe-evolve": _routing, "evomoe-router": _routing,
+            "static": _routing,
             "calibrate": _calibrate, "eval": _eval, "skip-probe": _skip_probe}
 
 
@@ -153,6 +155,10 @@ def parser() -> argparse.ArgumentParser:
                     help="calibrate: the chosen threshold is the most accurate whose mean skip ratio on val is "
                          ">= this (default %(default)s; a margin above the target keeps test above it too)")
     ap.add_argument("--per-layer", action="store_true", help="skip-probe: one layer at a time, shipped adapters")
+    ap.add_argument("--skip", type=int, default=None,
+                    help="static: layers every input skips (default: the shipped RoE's mean on val, from its calibration)")
+    ap.add_argument("--metric", choices=("l1", "cosine"), default="l1", help="static: how its layers are chosen")
+    ap.add_argument("--score-n", type=int, default=256, help="static: training examples the layer choice is measured on")
     return ap
 
 

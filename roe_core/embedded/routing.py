@@ -7,6 +7,7 @@ is the system's `parts_folder` in roe_core.systems.registry).
     moe-llava      MoE-LLaVA's MoE-tuning from the dense model
     evomoe-evolve  EvoMoE: FFN_1 trains, experts 2..4 evolve along it
     evomoe-router  EvoMoE: the DTRs alone, experts frozen
+    static         the fixed-path baseline: RoE's mean number of skipped layers, the same for every input
 """
 from __future__ import annotations
 
@@ -210,3 +211,54 @@ def stage_evomoe(stage: str, args) -> None:
         ship_parts(model, out, parts_dir("evomoe"))
     write_state(f"{folder}_{which}", step=args.steps, target_steps=args.steps, done=True,
                 minutes=(time.perf_counter() - t0) / 60)
+
+
+# ----------------------------------------------------------------------------- the fixed-path baseline
+
+
+def roe_mean_skipped(num_layers: int) -> int:
+    """The shipped RoE's mean skipped layers per answer on val at its chosen threshold (the last
+    calibration, logs/calibrate.jsonl), rounded: the k a fixed path gets to match it."""
+    path = LOGS / "calibrate.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no {path}: run `python -m roe_core.embedded calibrate` first, or give --skip")
+    chosen = json.loads(path.read_text().splitlines()[-1])["chosen"]
+    return round(chosen["skip_ratio"] * num_layers)
+
+
+def stage_static(args) -> None:
+    """The fixed-path baseline (train.static) on the shipped dense model (LoRA merged, frozen): k layers
+    (--skip, default RoE's mean on val) chosen by --metric over the first --score-n training examples,
+    their adapters started from the shipped RoE's for those layers and trained on the RoE parts' data
+    with its refine's objective (CE + --distill KL to the every-layer path), --steps at least its budget."""
+    from ..systems.static import StaticModel
+    from ..train import LlavaJsonDataset
+    from ..train.static import StaticTrainConfig, choose_layers, init_from_roe, train_static
+    folder = registry.get("static").parts_folder
+    js = roe_data(args.n_roe_data, args.roe_data_from)
+    base, tok = build_base(None, merge_lora=True)
+    encoder = make_encoder(base, tok)
+    dataset = LlavaJsonDataset(js, js.parent / "images")
+    out = RUNS / folder
+    if args.resume and (out / "static_config.json").is_file():
+        model = StaticModel.from_static_folder(base, out)
+    else:
+        k = args.skip if args.skip is not None else roe_mean_skipped(base.config.text_config.num_hidden_layers)
+        skipped, scores = choose_layers(base, encoder, dataset, k, args.metric, args.score_n)
+        rank = json.loads((parts_dir("roe") / "roe_config.json").read_text())["adapter_rank"]
+        model = StaticModel(base, base_model="embedded", skipped=skipped, metric=args.metric, layer_scores=scores,
+                            adapter_rank=rank)
+        init_from_roe(model, parts_dir("roe"))
+        model.config.extra.update(train_data=_data_record(args), trained_on=TRAINED_ON, score_n=args.score_n,
+                                  init_from_roe="assets/embedded/roe (the shipped RoE parts' adapters)")
+        print(f"static: skipping {k} layers {skipped} ({args.metric})")
+    cfg = StaticTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr or 1e-3, seed=args.seed,
+                            save_every=args.save_every, log_every=args.log_every, bf16=cpu_bf16_is_fast(),
+                            distill=args.distill)
+    t0 = time.perf_counter()
+    train_static(model, encoder, dataset, cfg, out, resume=args.resume)
+    _copy_curve(out, folder)
+    ship = parts_dir("static")
+    model.save_static(ship)
+    write_state(folder, step=args.steps, target_steps=args.steps, done=True, minutes=(time.perf_counter() - t0) / 60,
+                skipped=model.config.skipped, metric=model.config.metric)
