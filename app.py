@@ -29,12 +29,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="embedded",
                    help='"embedded" (default: the shipped model), "tiny" (random, for tests), '
                         "or a local LLaVA folder / hub id")
-    p.add_argument("--roe", default=None, help="RoE folder (roe_config.json + roe.safetensors) for --model")
-    p.add_argument("--moe-llava", default=None, help="MoE-LLaVA folder (moe_config.json + moe.safetensors) for --model")
-    p.add_argument("--evomoe", default=None, help="EvoMoE folder (its config + safetensors) for --model")
+    from roe_core.systems import registry
+
+    for spec in registry.SYSTEMS.values():      # --roe, --moe-llava, --evomoe: each system's parts folder
+        if spec.has_parts:
+            p.add_argument(f"--{spec.name.replace('_', '-')}", default=None, dest=spec.name,
+                           help=f"{spec.label} folder ({spec.parts_config} + its safetensors) for --model")
     p.add_argument("--systems", default=None,
-                   help="systems to load, comma-separated, of dense,roe,moe_llava,evomoe (default: every one the model "
-                        "has parts for; RoE is always loaded)")
+                   help=f"systems to load, comma-separated, of {','.join(registry.names())} (default: every one the "
+                        "model has parts for; the routed one, RoE, is always loaded)")
     p.add_argument("--device", default="auto", help='"auto" (GPU when there is one), "cpu", "cuda", "cuda:1"...')
     p.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
@@ -75,15 +78,22 @@ def load_pipelines(args):
                                  "to load another model.")
 
 
+def routed_system() -> str:
+    """The system the page is built around: the registry's routed one (RoE)."""
+    from roe_core.systems import registry
+
+    return next(n for n, s in registry.SYSTEMS.items() if s.routed)
+
+
 def _load(args, model: str) -> dict:
-    from roe_core.systems import load_base, load_systems, shipped_systems
+    from roe_core.systems import load_base, load_systems, registry, shipped_systems
 
     chosen = [x.strip() for x in args.systems.split(",") if x.strip()] if args.systems else shipped_systems(model)
-    if "roe" not in chosen:
-        chosen = ["roe", *chosen]      # the page is built around RoE's views
+    if routed_system() not in chosen:
+        chosen = [routed_system(), *chosen]      # the page is built around its route views
     loaded = load_base(model, args.device, args.dtype)
-    return load_systems(chosen, loaded=loaded, parts={"roe": args.roe, "moe_llava": args.moe_llava,
-                                                      "evomoe": args.evomoe})
+    return load_systems(chosen, loaded=loaded,
+                        parts={n: getattr(args, n) for n, s in registry.SYSTEMS.items() if s.has_parts})
 
 
 def main(argv=None) -> int:
@@ -97,12 +107,12 @@ def main(argv=None) -> int:
         return 2
     if notice:
         print(f"warning: {notice}", file=sys.stderr)
-    pipe = pipes["roe"]
+    pipe = pipes[routed_system()]
     info = pipe.info
     print(f"RoE Explorer: model {info.get('model')} on {info.get('device')} ({info.get('dtype')}), "
           f"{info.get('num_layers')} decoder layers; systems {', '.join(pipes)}", file=sys.stderr)
 
-    from app.ui import build_demo, launch_options
+    from app.layout import build_demo, launch_options
     from roe_core.serving import Limits, Server
 
     try:

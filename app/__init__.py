@@ -1,4 +1,18 @@
-"""RoE Explorer's Gradio app: app.ui.build_demo(pipe) is the page; app.py at the repo root launches it."""
+"""RoE Explorer's Gradio app; app.py at the repo root launches it. The rooms, in the order a request meets them:
+
+    layout.py            build_demo(pipe): the page in page order (header; tabs Chat, Side by side, What if,
+                         Explore), every component named, and the events wired by name
+    handlers_chat.py     the Chat tab's events (ask, retry, undo, stop, images, speed, export)
+    handlers_compare.py  What if and Side by side
+    handlers_explore.py  Explore: route atlas, adapter fidelity, trade-off sweep, batch composition, image edits
+    api.py               the endpoints for programs (/answer, the MCP tools) and their list
+    background.py        AppContext and the one helper for background work on the shared model
+    views.py             what the page shows about a conversation's last turn, by output name
+    figures.py, figures_explore.py   plotly figures: traces and plain data in, figures out
+    texts.py             the page's words; inputs.py: uploads, JSON, routes, thresholds checked; problems shown
+    session.py           one user's Conversation (a value in gr.State) and its export
+    examples.py, loadtest.py         the examples gallery; a load test against a running app
+"""
 import os
 
 # Before gradio is imported anywhere: no analytics thread calling out, and local health checks that

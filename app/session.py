@@ -177,7 +177,6 @@ def spans(layers: list[int]) -> str:
 
 def route_note(trace: RouteTrace) -> dict:
     """A turn's route as a collapsed chat block: which layers ran, which adapters stood in, its cost."""
-    L = len(trace.route)
     ran = [i for i, r in enumerate(trace.route) if r]
     skipped = trace.adapters_used
     timing = trace.timing
@@ -186,8 +185,7 @@ def route_note(trace: RouteTrace) -> dict:
     if timing is not None:
         lines.append(f"{timing.total_s:.3f} s for {trace.new_tokens} tokens (prefill {timing.prefill_s:.3f} s).")
     return {"role": "assistant", "content": "  \n".join(lines),
-            "metadata": {"title": f"Route · {len(ran)} of {L} layers ran, {len(skipped)} adapters stood in",
-                         "status": "done"}}
+            "metadata": {"title": f"Route · {trace.summary()}", "status": "done"}}
 
 
 def speed_dict(s: SpeedComparison | None) -> dict | None:

@@ -31,7 +31,7 @@ handle_file = gradio_client.handle_file
 
 @pytest.fixture(scope="module")
 def server(free_port):
-    from app.ui import build_demo, launch_options
+    from app.layout import build_demo, launch_options
 
     from roe_core.systems import SYSTEMS, load_systems
     pipes = load_systems(SYSTEMS, model="tiny")     # one tiny base, wrapped by every system

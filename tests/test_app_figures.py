@@ -146,3 +146,28 @@ def test_conversation_is_a_value(trace):
     undone = conv2.without_last_turn()
     assert undone.turns == [] and conv2.turns and undone.chat_messages() == []
     assert conv2.cleared().turns == []
+
+
+def test_the_header_never_shows_a_server_path():
+    from app.texts import header_markdown, public_name, without_paths
+
+    info = {"model": "/home/someone/models/llava-1.5-7b", "parts": "/srv/runs/roe-llava", "parts_path": "/srv/runs/x",
+            "num_layers": 32, "device": "cuda:0", "dtype": "bfloat16", "trained_on": "LLaVA-665k"}
+    text = header_markdown(info)
+    assert "/home" not in text and "/srv" not in text
+    assert "llava-1.5-7b/" in text and "roe-llava/" in text and "32 decoder layers" in text
+    assert without_paths("OSError: no file '/work/main/assets/embedded/roe/x.bin' (see https://a.b/c)") == \
+        "OSError: no file 'x.bin' (see https://a.b/c)"
+    assert public_name("shipped (roe/)") == "shipped (roe/)" and public_name("llava-hf/llava-1.5-7b-hf") == \
+        "llava-hf/llava-1.5-7b-hf"
+
+
+def test_turn_views_name_every_output_of_a_turn(trace):
+    from app.views import TURN_VIEWS, turn_views
+
+    empty = turn_views(Conversation(), L)
+    assert set(empty) == set(TURN_VIEWS) - {"threshold"}          # no turn: the what-if threshold is left alone
+    views = turn_views(Conversation().with_turn(Turn("q", "a", trace)), L)
+    assert set(views) == set(TURN_VIEWS)
+    assert views["layers"] == [i for i, r in enumerate(ROUTE) if r] and views["threshold"] == trace.threshold
+    assert views["trace"]["turn"] == 1 and views["speed_md"].startswith("_Speed")

@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
 
 @pytest.fixture(scope="module")
 def url(free_port):
-    from app.ui import build_demo, launch_options
+    from app.layout import build_demo, launch_options
     from roe_core.systems import load_systems
 
     pipe = load_systems(["roe"], model="tiny")["roe"]

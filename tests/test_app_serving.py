@@ -29,7 +29,7 @@ handle_file = gradio_client.handle_file
 def served(free_port):
     """(url, pipe, server): the tiny RoE model behind a server that gathers a batch for 0.2 s, with
     a long speed measurement (200 interleaved repeats) to have something to interrupt."""
-    from app.ui import build_demo, launch_options
+    from app.layout import build_demo, launch_options
 
     from roe_core.systems import load_systems
     pipe = load_systems(["roe"], model="tiny")["roe"]
