@@ -26,10 +26,10 @@ import json
 
 import gradio as gr
 
-from roe_core import InputError
+from roe_core import InputError, parse_route
 
 from .background import AppContext, owner_of
-from .inputs import message_of, parse_history, parse_route, upload_path
+from .inputs import message_of, parse_history, upload_path
 from .texts import public_name
 
 # The endpoints gradio's MCP server offers as tools (app.py --mcp)
@@ -53,7 +53,7 @@ class ApiHandlers:
             route: RoE's route: "auto" (the router decides), "dense" (every layer) or a JSON list of
                 booleans, one per decoder layer
             threshold: RoE's router threshold (empty: the model's calibrated one)
-            system: which loaded system answers: "roe" (the default), "dense", "moe_llava", "evomoe"...
+            system: which loaded system answers: "roe" (the default), "dense", or any other loaded system (see /systems)
         Returns:
             JSON {"answer", "trace", "num_layers", "model", "system", "seconds"}, or {"error"} with what
             was wrong (route and threshold are RoE's only)

@@ -66,28 +66,6 @@ def parse_history(text) -> list[tuple[str, str]]:
     return out
 
 
-def parse_route(route, num_layers: int | None = None) -> str | list[bool]:
-    """"auto", "dense", or a JSON list of booleans / 0-1, one per decoder layer."""
-    route = (route or "auto") if isinstance(route, str) else route
-    if isinstance(route, str) and route.strip() in ("auto", "dense"):
-        return route.strip()
-    want = f"{num_layers} " if num_layers else ""
-    usage = (f'route should be "auto" (the router decides), "dense" (every layer) or a JSON list of {want}'
-             "booleans, one per decoder layer (true: run it, false: skip it through its adapter)")
-    if isinstance(route, str):
-        try:
-            items = json.loads(route)
-        except json.JSONDecodeError:
-            raise InputError(f"{usage}; got {route[:60]!r}") from None
-    else:
-        items = route
-    if not isinstance(items, list) or not all(isinstance(x, (bool, int)) and x in (0, 1) for x in items):
-        raise InputError(f"{usage}; got {str(route)[:60]!r}")
-    if num_layers and len(items) != num_layers:
-        raise InputError(f"{usage}; got a list of {len(items)}")
-    return [bool(x) for x in items]
-
-
 def default_thresholds(calibrated: float) -> list[float]:
     """A sweep around the calibrated threshold, from few layers skipped to many."""
     return sorted({round(min(0.95, max(0.05, calibrated + d)), 2) for d in (-0.3, -0.2, -0.1, -0.05, 0.05, 0.1, 0.2)})

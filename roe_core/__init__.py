@@ -13,10 +13,11 @@ from .runtime.loading import ModelLoadError
 from .runtime import tiny as _tiny  # noqa: F401  (registers the model source "tiny")
 from .systems import SYSTEMS, load_system, load_systems
 from .systems.pipeline import Answer, Pipeline
-from .systems.roe import RoEConfig, RoEModel, RoEPipeline, Router, RouteTrace, SkipAdapter, SpeedComparison, generate
+from .systems.roe import (RoEConfig, RoEModel, RoEPipeline, Router, RouteTrace, SkipAdapter, SpeedComparison, generate,
+                          parse_route)
 
 __all__ = ["Answer", "ConversationEncoder", "InputError", "ModelLoadError", "Pipeline", "RoEConfig", "RoEModel",
-           "RoEPipeline", "RouteTrace", "Router", "SYSTEMS", "SkipAdapter", "SpeedComparison", "generate",
+           "RoEPipeline", "RouteTrace", "Router", "SYSTEMS", "SkipAdapter", "SpeedComparison", "generate", "parse_route",
            "load_system", "load_systems"]
 
 from . import embedded as _embedded  # noqa: E402,F401  (registers the model source "embedded")

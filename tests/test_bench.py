@@ -63,6 +63,10 @@ def test_quick_bench_writes_every_key(tmp_path):
     assert saved["accuracy_roe_minus_moe_llava"] == sy["roe"]["accuracy"] - moe["accuracy"]
     md = (tmp_path / "results.md").read_text()
     assert "| RoE vs MoE-LLaVA | here | the RoE paper |" in md and "1.61x" in md and "+3.3" in md
+    assert "| EvoMoE vs MoE-LLaVA | here | the EvoMoE paper |" in md and "+1.0" in md
+    assert saved["accuracy_evomoe_minus_moe_llava"] == sy["evomoe"]["accuracy"] - moe["accuracy"]
+    assert saved["paper"]["roe"]["versus"]["moe_llava"]["speedup"] == 1.61
+    assert "static" in sy and sy["static"]["layers_executed"] == saved["num_layers"]   # fresh: nothing skipped
 
 
 def test_bench_runs_a_chosen_subset_of_systems(tmp_path):

@@ -3,7 +3,7 @@ them (not the training templates), answered by every system side by side, with t
 the scene determines one.
 
     python -m roe_core.bench.own_words                       # the embedded model, every shipped system
-    python -m roe_core.bench.own_words --systems dense,roe,static --markdown
+    python -m roe_core.bench.own_words --systems dense,roe --json rows.json
 """
 from __future__ import annotations
 
@@ -80,13 +80,11 @@ def markdown(rows: list[dict], num_layers: int) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="embedded")
-    ap.add_argument("--systems", default=None, help="comma-separated (default: dense, roe and static where shipped)")
+    ap.add_argument("--systems", default=None, help="comma-separated (default: every shipped system)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args(argv)
-    shipped = shipped_systems(args.model)
-    systems = ([s.strip() for s in args.systems.split(",")] if args.systems
-               else [s for s in ("dense", "roe", "static") if s in shipped])
+    systems = [s.strip() for s in args.systems.split(",")] if args.systems else shipped_systems(args.model)
     pipes = load_systems(systems, loaded=load_base(args.model, args.device))
     rows = ask(pipes)
     if args.json:

@@ -1,7 +1,7 @@
 """Every routing system side by side in one run, on the scene test split.
 
     python -m roe_core.bench                                 # embedded model, every shipped system
-    python -m roe_core.bench --systems dense,roe,moe_llava   # the same, named
+    python -m roe_core.bench --systems dense,roe,static      # the same, named
     python -m roe_core.bench --quick                         # a smoke run, < 2 min on 2 cores
     python -m roe_core.bench --model tiny --quick --out /tmp/bench
 
@@ -15,7 +15,8 @@ Per system, under `systems.<name>`: accuracy, by-type accuracy, shifted-split ac
 parameters in total and active per token; MoE systems add the expert load per MoE layer (image vs
 text tokens, top-1) and the load-balancing figure l_aux. Top level: RoE's own figures (against its
 every-layer path: speedup_bs1/_bs16, ideal_speedup, by type and difficulty, routes) and
-`speedup_roe_vs_moe_llava` with the accuracy difference, beside the papers' figures.
+`speedup_<a>_vs_<b>` / `accuracy_<a>_minus_<b>` for each pair a system's paper compares (registry
+`paper`), beside the papers' figures.
 
 ideal_speedup counts multiply-adds (parameters touched per token): decoder layers executed, adapters
 of skipped layers, plus what every path runs (vision tower, projector, LM head on generated tokens).
@@ -42,20 +43,6 @@ from ..analysis.experts import expert_similarity, expert_stats, uniformity
 from ..scenes.questions import Question, shifted_questions, test_questions
 from ..systems import load_base, load_systems, registry, shipped_systems
 from ..systems.pipeline import Pipeline
-
-# The papers' own figures (RoE, ICLR 2025, Table 2 / Fig. 1): RoE-LLaVA-HR vs MoE-LLaVA, five benchmarks
-PAPER = {"accuracy_points_roe_minus_moe_llava": 3.3, "speedup_roe_vs_moe_llava": 1.61,
-         "examples_per_s": {"roe": 6.77, "moe_llava": 4.95},
-         # EvoMoE (AAAI-26): about +1 point over MoE-LLaVA on average; its ablation, Qwen-1.8B average
-         "evomoe_minus_moe_llava_points": 1.0,
-         "evomoe_ablation": {"dense": 65.4, "moe_tuning": 65.5, "+dtr": 66.0, "evolution+linear_router": 66.3,
-                             "evolution+dtr": 66.5},
-         # EvoMoE's evidence: shuffling MoE-LLaVA's router logits costs nothing (uniform experts)
-         "moe_llava_shuffled_routers_loss_points": 0.0}
-# Head-to-head rows the papers report: (system, baseline, paper key of the accuracy gap, of the speed ratio)
-PAPER_PAIRS = (("roe", "moe_llava", "accuracy_points_roe_minus_moe_llava", "speedup_roe_vs_moe_llava"),
-               ("evomoe", "moe_llava", "evomoe_minus_moe_llava_points", None))
-
 
 def accuracy_by_type(qs: list[Question], d_ok, r_ok, r_tr) -> dict:
     rows = defaultdict(lambda: defaultdict(list))
@@ -188,7 +175,7 @@ def run(model: str = "embedded", roe: str | None = None, n: int = 1008, quick: b
                    "bs1_examples_per_s": eps["bs1"], "bs16_examples_per_s": eps["bs16"]},
         "dense": {"accuracy": statistics.mean(ev["dense"][1]), "layers_executed": any_pipe.info.get("num_layers")},
         "systems": {},
-        "paper": PAPER,
+        "paper": {n: registry.get(n).paper for n in pipes if registry.get(n).paper},
     }
     for name, pipe in pipes.items():
         preds, ok, traces = ev[name]
@@ -212,8 +199,7 @@ def run(model: str = "embedded", roe: str | None = None, n: int = 1008, quick: b
     if roe_pipe is not None:
         results.update(roe_results(roe_pipe, routed, qs, sq, ev, ev_shifted, eps, med, threshold, len(tq)))
     sy = results["systems"]
-    for a, b, _, speed_key in PAPER_PAIRS:
-        if a in pipes and b in pipes:
+    for a, b in paper_pairs(pipes):
             results[f"accuracy_{a}_minus_{b}"] = sy[a]["accuracy"] - sy[b]["accuracy"]
             results[f"speedup_{a}_vs_{b}"] = {k: eps[k][a] / eps[k][b] for k in ("bs1", "bs16")}
     results["command"] = command
@@ -223,6 +209,11 @@ def run(model: str = "embedded", roe: str | None = None, n: int = 1008, quick: b
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(markdown(results))
     return results
+
+
+def paper_pairs(systems) -> list[tuple[str, str]]:
+    """(system, other) pairs that a system's paper compares and that both ran here (registry `paper`)."""
+    return [(a, b) for a in systems for b in registry.get(a).paper.get("versus", {}) if b in systems]
 
 
 def roe_results(pipe: Pipeline, name: str, qs, sq, ev, ev_shifted, eps, med, threshold, n_timed: int) -> dict:
@@ -316,29 +307,27 @@ def markdown(r: dict) -> str:
     if any("l_aux_sum" in v for v in sy.values()):
         row("l_aux per MoE layer (balanced 1.0)", lambda n, v: f"{v['l_aux_sum'] / len(v['l_aux_per_layer']):.3f}"
             if "l_aux_sum" in v else "-")
-    if "speedup_roe_vs_moe_llava" in r:
-        sp, d = r["speedup_roe_vs_moe_llava"], r["accuracy_roe_minus_moe_llava"]
-        pa = r["paper"]
-        lines += ["", "| RoE vs MoE-LLaVA | here | the RoE paper |", "|---|---|---|",
-                  f"| accuracy, RoE minus MoE-LLaVA (points) | {100 * d:+.1f} | +{pa['accuracy_points_roe_minus_moe_llava']}"
-                  " (5 benchmarks, LLaVA-HR base) |",
-                  f"| speed, RoE / MoE-LLaVA, batch 1 | {sp['bs1']:.2f}x | {pa['speedup_roe_vs_moe_llava']}x "
-                  f"({pa['examples_per_s']['roe']} vs {pa['examples_per_s']['moe_llava']} examples/s) |",
-                  f"| speed, RoE / MoE-LLaVA, batch 16 | {sp['bs16']:.2f}x | - |"]
+    for a, b in paper_pairs(names):
+        la, lb = sy[a]["label"], sy[b]["label"]
+        sp, d = r[f"speedup_{a}_vs_{b}"], r[f"accuracy_{a}_minus_{b}"]
+        pa = registry.get(a).paper
+        v = pa["versus"][b]
+        eps = v.get("examples_per_s")
+        lines += ["", f"| {la} vs {lb} | here | the {la} paper |", "|---|---|---|",
+                  f"| accuracy, {la} minus {lb} (points) | {100 * d:+.1f} | {v['accuracy_points']:+.1f} |",
+                  f"| speed, {la} / {lb}, batch 1 | {sp['bs1']:.2f}x | "
+                  + (f"{v['speedup']}x" if "speedup" in v else "-")
+                  + (f" ({eps[0]} vs {eps[1]} examples/s)" if eps else "") + " |",
+                  f"| speed, {la} / {lb}, batch 16 | {sp['bs16']:.2f}x | - |", "", f"The paper's figures: {pa['source']}."]
         if d < 0:
-            lines += ["", f"**MoE-LLaVA is more accurate than RoE here, by {-100 * d:.1f} points.**"]
+            lines += ["", f"**{lb} is more accurate than {la} here, by {-100 * d:.1f} points.**"]
     lines += ["", "| type | " + " | ".join(sy[n]["label"] for n in names) + " |", "|---" * (len(names) + 1) + "|"]
     for t in sorted({t for n in names for t in sy[n]["by_type"]}):
         lines.append(f"| {t} | " + " | ".join(_f(sy[n]["by_type"].get(t)) for n in names) + " |")
     moes = [n for n in names if "expert_load" in sy[n]]
-    if "evomoe" in sy and "moe_llava" in sy:
-        d = sy["evomoe"]["accuracy"] - sy["moe_llava"]["accuracy"]
-        lines += ["", f"EvoMoE minus MoE-LLaVA: **{100 * d:+.1f}** points here; the EvoMoE paper: about "
-                  f"+{r['paper']['evomoe_minus_moe_llava_points']:.0f} (its ablation on Qwen-1.8B, average: dense 65.4, "
-                  "MoE-tuning 65.5, + DTR 66.0, evolution + linear router 66.3, evolution + DTR 66.5)."]
     if moes:
-        lines += ["", "Expert uniformity and router rigidity (EvoMoE's evidence; means over MoE layers). The paper: "
-                  "shuffling MoE-LLaVA's router logits at eval costs nothing, and its image and text tokens get "
+        lines += ["", "Expert uniformity and router rigidity (EvoMoE's evidence; means over MoE layers). The EvoMoE "
+                  "paper: shuffling MoE-LLaVA's router logits at eval costs nothing, and its image and text tokens get "
                   "similar expert distributions.", "",
                   "| system | accuracy (first n) | with router scores shuffled | expert-output cosine similarity "
                   "| image-vs-text divergence (JS, bits) |", "|---|---|---|---|---|"]

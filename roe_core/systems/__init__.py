@@ -6,8 +6,8 @@
     evomoe.py      EvoMoE: evolved experts and a top-1 Dynamic Token-aware Router (on MoE-LLaVA's machinery)
     trace.py       the Trace protocol every system's trace implements
 
-    pipes = load_systems(["dense", "roe", "moe_llava"])      # one base, shared, wrapped three times
-    pipes["moe_llava"].answer(image, "How many circles are there?").trace.summary()
+    pipes = load_systems()                  # every registered system over one base, shared, each wrapping it
+    pipes["roe"].answer(image, "How many circles are there?").trace.summary()
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 the answer and what the system decided for it.
 
     from roe_core.systems import load_system, load_systems
-    pipe = load_system("moe_llava")                 # "dense", "roe", "moe_llava"; the embedded model
+    pipe = load_system("roe")                       # any name in registry.SYSTEMS; the embedded model
     ans = pipe.answer("scene.png", "How many circles are there?")
     ans.text, ans.trace, ans.timing.total_s, pipe.parameter_counts().active
 

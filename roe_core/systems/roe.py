@@ -34,12 +34,12 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..runtime.conversation import Batch, InputError
 from ..runtime.decoder import DecoderInputs, OverBase, RoutedKVCache, additive_mask, embed_inputs, parts_config
 from ..runtime.generation import Timing, greedy
+from ..runtime.weights import load_tensors, save_tensors
 from .pipeline import Answer, History, LoadedBase, ParamCounts, Pipeline, numel
 
 CONFIG_NAME = "roe_config.json"
@@ -138,12 +138,12 @@ class RoEModel(OverBase):
     def roe_state_dict(self) -> dict[str, Tensor]:
         return {k: v for k, v in self.state_dict().items() if not k.startswith("base.")}
 
-    def save_roe(self, folder: str | Path) -> None:
+    def save_roe(self, folder: str | Path, ship: bool = False) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.config.save(folder)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.roe_state_dict().items()},
-                  str(folder / WEIGHTS_NAME))
+        # ship=False (checkpoints): fp32, lossless; ship=True (assets/): bf16 (runtime.weights)
+        save_tensors(self.roe_state_dict(), folder / WEIGHTS_NAME, keep_fp32=lambda name: not ship)
 
     @classmethod
     def from_roe_folder(cls, base: nn.Module, folder: str | Path) -> "RoEModel":
@@ -152,7 +152,7 @@ class RoEModel(OverBase):
         weights = Path(folder, WEIGHTS_NAME)
         if not weights.is_file():
             raise FileNotFoundError(f"no {WEIGHTS_NAME} in {folder!s}")
-        state = load_file(str(weights))
+        state = load_tensors(weights)
         expected = set(model.roe_state_dict())
         if set(state) != expected:
             missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
