@@ -232,6 +232,16 @@ def build_base(stages: tuple[str, ...] | None = None, dtype: torch.dtype = torch
     return base.to(dtype).eval(), tok
 
 
+def save_lora(base) -> None:
+    """Ships the decoder's peft LoRA into assets/embedded/lora/ with its factors in bf16 (measured to change
+    no val answer: assets/embedded/README.md); peft merges them in fp32 at load."""
+    from ..runtime.weights import load_tensors, save_tensors
+    base.model.language_model.save_pretrained(str(ASSETS / LORA_DIR))
+    (ASSETS / LORA_DIR / "README.md").unlink(missing_ok=True)   # peft's blank model card
+    weights = ASSETS / LORA_DIR / "adapter_model.safetensors"
+    save_tensors(load_tensors(weights), weights)
+
+
 def merge_lora_adapter(base, folder: Path) -> None:
     """Folds the shipped LoRA deltas (a peft adapter folder) into the decoder: W += alpha/r * B @ A."""
     from peft import PeftModel

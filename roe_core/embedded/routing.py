@@ -17,11 +17,10 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from ..runtime.loading import cpu_bf16_is_fast
 from ..systems import registry
-from .base import ASSETS, LOGS, LORA_DIR, RUNS, TRAINED_ON, _save_half, add_lora, build_base, make_encoder, write_state
+from .base import ASSETS, LOGS, LORA_DIR, RUNS, TRAINED_ON, add_lora, build_base, make_encoder, save_lora, write_state
 from .calibrate import evaluate_routes
 from .data import roe_data
 from .fitting import log_row
@@ -74,11 +73,9 @@ def _ship_routed(stage: str, model, base, cfg, out: Path, lora: bool, t0: float,
     _copy_curve(out, stage)
     ship = parts_dir("roe")
     ship.mkdir(parents=True, exist_ok=True)
-    model.config.save(ship)
-    _save_half(load_file(str(out / "roe.safetensors")), ship / "roe.safetensors")
+    model.save_roe(ship, ship=True)      # bf16
     if lora:
-        base.model.language_model.save_pretrained(str(ASSETS / LORA_DIR))
-        (ASSETS / LORA_DIR / "README.md").unlink(missing_ok=True)   # peft's blank model card
+        save_lora(base)
     info = {"step": args.steps, "target_steps": args.steps, "done": True, "minutes": (time.perf_counter() - t0) / 60,
             **{k: getattr(cfg, k) for k in ("lr", "backbone", "backbone_lr", "rho", "sparsity_weight", "hard_routes")}}
     ev = evaluate_routes(str(ship), args.final_eval_n)
@@ -140,15 +137,12 @@ def stage_refine(args) -> None:
 
 
 def ship_parts(model, out: Path, ship: Path) -> None:
-    """A MoE system's checkpoint into assets/: its config, and its tensors in bf16 except the routers
-    (fp32, as the methods keep them)."""
-    weights = model.config.WEIGHTS
-    ship.mkdir(parents=True, exist_ok=True)
-    model.config.save(ship)
-    parts = load_file(str(out / weights))
-    routers = {k: v for k, v in parts.items() if ".router." in k}
-    _save_half({k: v for k, v in parts.items() if k not in routers}, ship / weights)
-    save_file({**load_file(str(ship / weights)), **routers}, str(ship / weights))
+    """A MoE system's checkpoint into assets/ with the shipping precision (systems.moe_llava.ship_keep_fp32 /
+    ship_fp8: linear routers fp32, delta factors fp8 with per-row scales, the rest bf16; measured to change
+    no val answer, assets/embedded/README.md)."""
+    from ..runtime.weights import load_tensors
+    model.load_state_dict(load_tensors(out / model.config.WEIGHTS), strict=False)
+    model.save_moe(ship, ship=True)
 
 
 def stage_moe_llava(args) -> None:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..runtime.loading import cpu_bf16_is_fast
 from ..train.loop import LoopConfig, fit
-from .base import ASSETS, LORA_DIR, RUNS, add_lora, build_base, make_encoder, save_vision_parts, write_state
+from .base import ASSETS, LORA_DIR, RUNS, add_lora, build_base, make_encoder, save_lora, save_vision_parts, write_state
 from .data import LMCollator, PixelConversations, pixel_cache
 from .fitting import CurveMirror, log_row, resume_point
 
@@ -178,8 +178,7 @@ def stage_lm(stage: str, args) -> None:
     def ship(step: int, done: bool = False, **info) -> None:
         save_vision_parts(base)
         if stage == "finetune":
-            base.model.language_model.save_pretrained(str(ASSETS / LORA_DIR))
-            (ASSETS / LORA_DIR / "README.md").unlink(missing_ok=True)   # peft's blank model card
+            save_lora(base)
         write_state(stage, step=step, target_steps=args.steps, done=done, **info)
         curve.sync()
 

@@ -37,14 +37,17 @@ CONFIG_NAME = "moe_config.json"
 WEIGHTS_NAME = "moe.safetensors"
 
 
+# What ships in assets/ (save_moe(ship=True)); everything else in bf16. Measured on 240 val questions
+# (scripts/check_weights_precision.py, assets/embedded/README.md): these choices change no answer.
 def ship_keep_fp32(name: str) -> bool:
-    """Shipped parts kept in fp32: MoE-LLaVA's linear routers (top-2 choices follow small logit gaps)."""
-    return ".router." in name
+    """Kept in fp32: MoE-LLaVA's linear routers `moe.<i>.router.weight` (0.14 MB: nothing to gain; the method
+    keeps routers fp32). EvoMoE's DTRs (`.router.hyper.*`, `.router.phi.*`) ship in bf16."""
+    return name.endswith(".router.weight")
 
 
 def ship_fp8(name: str) -> bool:
-    """Shipped parts stored in fp8 with per-row scales: none yet."""
-    return False
+    """Stored as fp8 with per-row bf16 scales: the rank-r delta factors of experts and dense FFNs (`*.delta.*`)."""
+    return ".delta." in name
 
 
 TOKEN_KINDS = ("other", "image", "question", "answer")   # trace kinds; "other": BOS, system prompt, template
