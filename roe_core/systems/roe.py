@@ -40,6 +40,7 @@ from ..runtime.conversation import Batch, InputError
 from ..runtime.decoder import DecoderInputs, OverBase, RoutedKVCache, additive_mask, embed_inputs, parts_config
 from ..runtime.generation import Timing, greedy
 from ..runtime.weights import load_tensors, save_tensors
+from .trace import LayerRoute
 from .pipeline import Answer, History, LoadedBase, ParamCounts, Pipeline, numel
 
 CONFIG_NAME = "roe_config.json"
@@ -389,7 +390,7 @@ def decode_one_token(model: RoEModel, token: Tensor, state: DecodeState) -> Tens
 
 
 @dataclass
-class RouteTrace:
+class RouteTrace(LayerRoute):
     """What one answer did: its route, the routers' view, the features' change, its cost."""
     route: list[bool]                     # per layer: True = executed, False = skipped via adapter
     p_run: list[float]                    # router's probability of running each layer (at prefill)
@@ -401,22 +402,6 @@ class RouteTrace:
     new_tokens: int = 0
     active_params: int = 0
     views: tuple[str, ...] = field(default=("route",), init=False, repr=False)
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.route)
-
-    @property
-    def layers_executed(self) -> int:
-        return sum(self.route)
-
-    @property
-    def adapters_used(self) -> list[int]:
-        return [i for i, r in enumerate(self.route) if not r]
-
-    @property
-    def skip_ratio(self) -> float:
-        return 1.0 - self.layers_executed / len(self.route)
 
     def summary(self) -> str:
         n = len(self.adapters_used)

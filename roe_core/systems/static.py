@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from ..runtime.conversation import Batch
 from ..runtime.decoder import DecoderInputs, OverBase, RoutedKVCache, additive_mask, causal_layout, parts_config
 from ..runtime.generation import Timing, greedy
+from .trace import LayerRoute
 from .pipeline import LoadedBase, ParamCounts, Pipeline, numel
 from .roe import SkipAdapter
 
@@ -103,29 +104,13 @@ def lowest(scores: list[float], k: int) -> list[int]:
 # --- the model -----------------------------------------------------------------------------------------------
 
 @dataclass
-class StaticTrace:
+class StaticTrace(LayerRoute):
     """What a static-path answer did: the same route for every input."""
     route: list[bool]                     # per layer: True = executed, False = its adapter stood in
     timing: Timing | None = None
     new_tokens: int = 0
     active_params: int = 0
     views: tuple[str, ...] = field(default=(), init=False, repr=False)
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.route)
-
-    @property
-    def layers_executed(self) -> int:
-        return sum(self.route)
-
-    @property
-    def adapters_used(self) -> list[int]:
-        return [i for i, r in enumerate(self.route) if not r]
-
-    @property
-    def skip_ratio(self) -> float:
-        return 1.0 - self.layers_executed / len(self.route)
 
     def summary(self) -> str:
         return f"{self.layers_executed} of {self.num_layers} layers ran (the same for every input)"

@@ -30,3 +30,26 @@ class Trace(Protocol):
     def summary(self) -> str: ...             # one line for the chat's route block
 
     def to_dict(self) -> dict: ...            # JSON-ready, with layers_executed and num_layers
+
+
+class LayerRoute:
+    """What a trace with a `route` (per decoder layer: True = ran, False = its adapter stood in) derives
+    from it; RoE's and the fixed path's traces share it."""
+    route: list[bool]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.route)
+
+    @property
+    def layers_executed(self) -> int:
+        return sum(self.route)
+
+    @property
+    def adapters_used(self) -> list[int]:
+        return [i for i, r in enumerate(self.route) if not r]
+
+    @property
+    def skip_ratio(self) -> float:
+        return 1.0 - self.layers_executed / len(self.route)
+
