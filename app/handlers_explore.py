@@ -73,7 +73,8 @@ class ExploreHandlers:
         md = (f"**{len(atlas.entries)} questions, {atlas.distinct_routes} distinct routes**; the most common is "
               f"taken by {counts[0][1]} ({counts[0][1] / len(atlas.entries):.0%}), {sum(1 for _, c in counts if c == 1)} "
               f"routes occur once. Mean {statistics.mean(e.layers_executed for e in atlas.entries):.1f} of "
-              f"{atlas.num_layers} layers run" + (f"; exact match {statistics.mean(e.correct for e in scored):.3f} "
+              f"{atlas.num_layers} layers run, standard deviation per example "
+              f"{statistics.pstdev(e.layers_executed for e in atlas.entries):.2f}" + (f"; exact match {statistics.mean(e.correct for e in scored):.3f} "
                                                  f"on the {len(scored)} with a reference" if scored else "") + ".")
         table = pd.DataFrame([[r["rank"], r["index"], r["qtype"], r["question"], r["answer"], r["gold"],
                                "" if r["correct"] is None else ("✓" if r["correct"] else "✗"), r["layers_executed"],

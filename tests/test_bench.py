@@ -20,6 +20,10 @@ def test_quick_bench_writes_every_key(tmp_path):
     assert "accuracy" in saved["dense"]
     assert saved["n_questions"] == 24
     assert 0.0 <= saved["roe"]["skip_ratio"] <= 1.0
+    hist = saved["roe"]["layers_executed_histogram"]               # per example: the spread of layers run
+    assert sum(hist.values()) == 24 and saved["roe"]["layers_executed_std"] >= 0
+    assert sum(int(k) * v for k, v in hist.items()) / 24 == pytest.approx(saved["roe"]["layers_executed"])
+    assert "layers run per example: histogram" in (tmp_path / "results.md").read_text()
     assert saved["speedup_bs1"] > 0 and saved["ideal_speedup"] >= 1.0
     assert sum(v["n"] for v in saved["by_type"].values()) == 24
     assert set(saved["by_type"]) <= set(bench.scenes.QTYPES)

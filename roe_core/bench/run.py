@@ -31,7 +31,7 @@ import sys
 import platform
 import statistics
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
@@ -242,6 +242,10 @@ def roe_results(pipe: Pipeline, name: str, qs, sq, ev, ev_shifted, eps, med, thr
             "layers_executed": statistics.mean(t.layers_executed for t in r_tr),
             "distinct_routes": len({tuple(t.route) for t in r_tr}),
             "layer_run_rate": [statistics.mean(t.route[i] for t in r_tr) for i in range(L)],
+            # per example: how many layers each answer ran (the spread per-example routing exists for)
+            "layers_executed_std": statistics.pstdev(t.layers_executed for t in r_tr),
+            "layers_executed_histogram": {str(k): v for k, v in sorted(
+                Counter(t.layers_executed for t in r_tr).items())},
         },
         # against RoE's own every-layer path, timed in the same rounds
         "speedup_bs1": med["bs1"][f"{name}_dense_route"] / med["bs1"][name],
@@ -361,6 +365,9 @@ def roe_markdown(r: dict) -> str:
         f"| layers executed (mean of {r['num_layers']}) | {r['num_layers']} | {r['roe']['layers_executed']:.2f} |",
         f"| skip ratio | 0 | {r['roe']['skip_ratio']:.3f} |",
         f"| distinct routes | 1 | {r['roe']['distinct_routes']} |",
+        f"| layers run per example: standard deviation | 0 | {r['roe']['layers_executed_std']:.2f} |",
+        "| layers run per example: histogram (layers: answers) | - | " + ", ".join(
+            f"{k}: {v}" for k, v in r["roe"]["layers_executed_histogram"].items()) + " |",
         f"| examples/s, batch 1 | {t['bs1_examples_per_s']['dense']:.2f} | {t['bs1_examples_per_s']['auto']:.2f} |",
         f"| examples/s, batch 16 (mixed routes) | {t['bs16_examples_per_s']['dense']:.2f} | {t['bs16_examples_per_s']['auto']:.2f} |",
         "", f"speedup_bs1 = **{r['speedup_bs1']:.3f}**, speedup_bs16 = **{r['speedup_bs16']:.3f}**, "
