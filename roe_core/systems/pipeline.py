@@ -201,7 +201,14 @@ class Pipeline:
         (and may raise to stop)."""
         if not items:
             return []
-        batch = self.batch(items)
+        return self.answer_collated(items, self.batch(items), max_new_tokens=max_new_tokens, on_token=on_token,
+                                    on_step=on_step, **options)
+
+    def answer_collated(self, items: Sequence, batch, *, max_new_tokens: int = 48,
+                        on_token: Callable[[str], None] | None = None, on_step: Callable | None = None,
+                        **options) -> list[Answer]:
+        """answer_batch on items already collated into `batch` (self.batch(items)), for a system that
+        reuses the batch after generating."""
         tokens, traces, timing = self.generate(batch, max_new_tokens, self.step_callback(on_token, on_step),
                                                **options)
         return self.answers(items, tokens, traces, timing)

@@ -572,11 +572,13 @@ class RoEPipeline(Pipeline):
         """items: [(image, question, history)] or Prepared ones. Examples in one batch may take different
         routes. between_layers() runs after each prefill layer (a server's checkpoint); dense_l1 adds the
         every-layer path's L1 curve to each trace (one more prefill)."""
-        answers = super().answer_batch(items, max_new_tokens=max_new_tokens, on_token=on_token, on_step=on_step,
-                                       route=route, threshold=threshold, trace_l1=trace_l1,
+        if not items:
+            return []
+        batch = self.batch(items)
+        answers = self.answer_collated(items, batch, max_new_tokens=max_new_tokens, on_token=on_token,
+                                       on_step=on_step, route=route, threshold=threshold, trace_l1=trace_l1,
                                        between_layers=between_layers)
-        if dense_l1 and answers:
-            batch = self.batch(items)
+        if dense_l1:
             for ans, row in zip(answers, prefill_l1(self.model, batch, "dense", between_layers).tolist()):
                 ans.trace.l1_dense = row
         return answers

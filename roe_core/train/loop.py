@@ -90,6 +90,36 @@ def cosine_with_warmup(step: int, steps: int, warmup: float = 0.03) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, steps - w)))
 
 
+class TrainableParts:
+    """The shared part of an objective in which one set of parameters trains and nothing else, with a
+    cosine learning rate after warm-up (cfg.warmup); a subclass brings the loss and its checkpoint files.
+    base_names: trained tensors its own checkpoint does not hold (saved in backbone.safetensors)."""
+    desc = "training"
+
+    def __init__(self, cfg, params: list, base_names: list[str] = ()):
+        self.cfg = cfg
+        self.params = params
+        self.base_names = list(base_names)
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        return [{"params": self.params, "lr": self.cfg.lr}]
+
+    def set_trainable(self, model: nn.Module, step: int) -> None:
+        if step == 0 or not self.params[0].requires_grad:
+            model.requires_grad_(False)
+            for p in self.params:
+                p.requires_grad_(True)
+
+    def lr_factor(self, step: int) -> float:
+        return cosine_with_warmup(step, self.cfg.steps, self.cfg.warmup)
+
+    def row(self, step: int) -> dict:
+        return {}
+
+    def base_tensors(self, model: nn.Module) -> list[str]:
+        return self.base_names
+
+
 # --- data ---------------------------------------------------------------------------------------------
 
 class LlavaJsonDataset(Dataset):

@@ -17,13 +17,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from safetensors.torch import load_file
+from ..runtime.weights import load_tensors
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..runtime.conversation import ConversationEncoder
 from ..systems.moe_llava import MoELlavaModel, moe_lm_loss
-from .loop import LoopConfig, add_config_args, config_from_args, cosine_with_warmup, fit
+from .loop import LoopConfig, TrainableParts, add_config_args, config_from_args, fit
 
 
 @dataclass
@@ -32,45 +32,25 @@ class MoETuneConfig(LoopConfig):
     warmup: float = 0.03             # fraction of steps, then cosine to 0
 
 
-class PartsObjective:
-    """The shared part of an MoE system's stage for the loop: a set of parameters trains (nothing else),
-    cosine LR after warm-up, loss CE + coef x the sum of l_aux, the system's own checkpoint files."""
+class PartsObjective(TrainableParts):
+    """An MoE system's stage: its set of parameters trains (loop.TrainableParts), loss CE + coef x the sum
+    of l_aux, the system's own checkpoint files."""
     desc = "MoE training"
 
     def __init__(self, model: MoELlavaModel, cfg, params: list):
-        self.cfg = cfg
-        self.params = params
         ids = {id(p) for p in params}
         stored = set(model.moe_state_dict())
         # trained tensors the MoE checkpoint does not hold (full-weight dense FFNs of the base)
-        self.base_names = [n for n, p in model.named_parameters() if id(p) in ids and n not in stored]
-
-    def param_groups(self, model: MoELlavaModel) -> list[dict]:
-        return [{"params": self.params, "lr": self.cfg.lr}]
-
-    def set_trainable(self, model: MoELlavaModel, step: int) -> None:
-        if step == 0 or not self.params[0].requires_grad:
-            model.requires_grad_(False)
-            for p in self.params:
-                p.requires_grad_(True)
-
-    def lr_factor(self, step: int) -> float:
-        return cosine_with_warmup(step, self.cfg.steps, self.cfg.warmup)
+        super().__init__(cfg, params, [n for n, p in model.named_parameters() if id(p) in ids and n not in stored])
 
     def loss(self, model: MoELlavaModel, batch, step: int) -> dict[str, Tensor]:
         return moe_lm_loss(model, batch)
-
-    def row(self, step: int) -> dict:
-        return {}
 
     def save_parts(self, model: MoELlavaModel, out: Path) -> None:
         model.save_moe(out)
 
     def load_parts(self, model: MoELlavaModel, out: Path) -> None:
-        model.load_state_dict(load_file(str(out / model.config.WEIGHTS)), strict=False)
-
-    def base_tensors(self, model: MoELlavaModel) -> list[str]:
-        return self.base_names
+        model.load_state_dict(load_tensors(out / model.config.WEIGHTS), strict=False)
 
 
 class MoETuneObjective(PartsObjective):

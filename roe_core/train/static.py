@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..runtime.conversation import ConversationEncoder
 from ..systems.static import METRICS, WEIGHTS_NAME, StaticModel, layer_scores, lowest, static_lm_loss
-from .loop import LlavaJsonDataset, LoopConfig, add_config_args, config_from_args, cosine_with_warmup, fit, make_collate
+from .loop import LlavaJsonDataset, LoopConfig, TrainableParts, add_config_args, config_from_args, fit, make_collate
 
 
 @dataclass
@@ -31,40 +31,21 @@ class StaticTrainConfig(LoopConfig):
     distill: float = 0.0             # weight of KL(p_dense || p_static) on answer tokens
 
 
-class StaticObjective:
-    """The adapters of the skipped layers train; nothing else."""
+class StaticObjective(TrainableParts):
+    """The adapters of the skipped layers train; nothing else (loop.TrainableParts)."""
     desc = "static-path adapters"
 
     def __init__(self, model: StaticModel, cfg: StaticTrainConfig):
-        self.cfg = cfg
-        self.params = model.adapter_parameters()
-
-    def param_groups(self, model: StaticModel) -> list[dict]:
-        return [{"params": self.params, "lr": self.cfg.lr}]
-
-    def set_trainable(self, model: StaticModel, step: int) -> None:
-        if step == 0 or not self.params[0].requires_grad:
-            model.requires_grad_(False)
-            for p in self.params:
-                p.requires_grad_(True)
-
-    def lr_factor(self, step: int) -> float:
-        return cosine_with_warmup(step, self.cfg.steps, self.cfg.warmup)
+        super().__init__(cfg, model.adapter_parameters())
 
     def loss(self, model: StaticModel, batch, step: int) -> dict[str, Tensor]:
         return static_lm_loss(model, batch, self.cfg.distill)
-
-    def row(self, step: int) -> dict:
-        return {}
 
     def save_parts(self, model: StaticModel, out: Path) -> None:
         model.save_static(out)
 
     def load_parts(self, model: StaticModel, out: Path) -> None:
         model.load_state_dict(load_file(str(out / WEIGHTS_NAME)), strict=False)
-
-    def base_tensors(self, model: StaticModel) -> list[str]:
-        return []
 
 
 def choose_layers(base, encoder: ConversationEncoder, dataset: Dataset, k: int, metric: str = "l1", n: int = 256,
