@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .moe_llava import Expert, MoELlavaConfig, MoELlavaModel, MoELlavaPipeline, Top2Gating, dispatch, shuffle_scores
+from .dispatch import GroupedExperts
+from .moe_llava import Expert, MoELlavaConfig, MoELlavaModel, MoELlavaPipeline, Top2Gating, shuffle_scores
 
 CONFIG_NAME = "evomoe_config.json"
 WEIGHTS_NAME = "evomoe.safetensors"
@@ -80,6 +81,15 @@ class DTRouter(nn.Module):
         self.hyper = nn.ModuleDict({"image": HyperNetwork(d, hidden, b, k), "text": HyperNetwork(d, hidden, b, k)})
         self.phi = nn.Sequential(nn.Linear(k, k), nn.SiLU(), nn.Linear(k, num_experts))
         self.to(device=device, dtype=torch.float32)
+        self.sync_free: bool | None = None   # True: forward_sync_free; None: it on CUDA in eval
+
+    def _apply(self, fn, *args, **kwargs):
+        """Routing stays fp32 when the model around it moves to bf16 (`.to(dtype)` converts devices only)."""
+        out = super()._apply(fn, *args, **kwargs)
+        for p in self.parameters():
+            if p.dtype != torch.float32:
+                p.data = p.data.float()
+        return out
 
     def embed(self, z: Tensor, modality: str) -> Tensor:
         """(n, d) tokens of one modality -> (n, k): Theta_up(SwiGLU(Theta_down z)) with generated Thetas."""
@@ -89,8 +99,12 @@ class DTRouter(nn.Module):
 
     def forward(self, z: Tensor, is_image: Tensor) -> Tensor:
         """z (N, d) fp32, is_image (N,) bool -> routing scores (N, E). Each hypernetwork runs once, on
-        its modality's tokens. Routing stays fp32 under autocast too (training with bf16: autocast would
-        make phi's output bf16, which index_copy_ into the fp32 scores refuses)."""
+        its modality's tokens (or, sync-free, on all tokens: forward_sync_free). Routing stays fp32 under
+        autocast too (training with bf16: autocast would make phi's output bf16, which index_copy_ into
+        the fp32 scores refuses)."""
+        on = self.sync_free if self.sync_free is not None else z.is_cuda and not self.training
+        if on:
+            return self.forward_sync_free(z, is_image)
         with torch.autocast(z.device.type, enabled=False):
             z = z.float()
             scores = z.new_zeros(z.shape[0], self.phi[-1].out_features)
@@ -99,6 +113,15 @@ class DTRouter(nn.Module):
                 if idx.numel():
                     scores.index_copy_(0, idx, self.phi(self.embed(z.index_select(0, idx), modality)))
         return scores
+
+    def forward_sync_free(self, z: Tensor, is_image: Tensor) -> Tensor:
+        """forward's scores with no host sync (no nonzero(): CUDA graphs): both hypernetworks run on
+        every token and each token keeps its modality's embedding (torch.where); rows are independent,
+        so the values are forward's (up to float rounding)."""
+        with torch.autocast(z.device.type, enabled=False):
+            z = z.float()
+            emb = torch.where(is_image.reshape(-1, 1), self.embed(z, "image"), self.embed(z, "text"))
+            return self.phi(emb)
 
 
 def top1_gating(scores: Tensor, token_mask: Tensor | None = None) -> Gating:
@@ -111,13 +134,13 @@ def top1_gating(scores: Tensor, token_mask: Tensor | None = None) -> Gating:
     top = probs.argmax(-1)
     p = probs.gather(1, top[:, None])                                            # (N, 1)
     weights = (1.0 + p - p.detach()) * real[:, None]
-    n = max(int(real.sum()), 1)
+    n = max(N if token_mask is None else int(real.sum()), 1)   # no mask: no host sync (CUDA graphs)
     mean_prob = (probs * real[:, None]).sum(0) / n
     frac = (F.one_hot(top, E) * real[:, None]).sum(0).float() / n
     return Gating(top[:, None], weights, real[:, None].clone(), E * (mean_prob * frac).sum(), probs, N)
 
 
-class EvoMoEFFN(nn.Module):
+class EvoMoEFFN(GroupedExperts, nn.Module):
     """E experts (copies of the layer's FFN, evolved in stage II) and a DTR, top-1.
 
     evolving = True (stage II): only expert 0 runs, for every token (the dense model with FFN_1); the
@@ -165,7 +188,7 @@ class EvoMoEFFN(nn.Module):
         gating = self.gate(x, token_ok, token_image)
         if self.evolving:
             return self.experts[0](x), gating
-        return dispatch(self.experts, x, gating), gating
+        return self.run_experts(x, gating), gating   # grouped matmuls on CUDA in eval (dispatch.py)
 
     @torch.no_grad()
     def evolve(self, ranges, rng: random.Random) -> list[float]:
