@@ -11,6 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from ..runtime.conversation import Batch
+from ..runtime.decoder import causal_layout
+from ..runtime.engine import DecodeEngine, LayerProgram, Prefilled
 from ..runtime.generation import Timing, greedy
 from .pipeline import LoadedBase, ParamCounts, Pipeline
 
@@ -78,12 +80,47 @@ class DenseModel(nn.Module):
         state.next_pos = state.next_pos + 1
         return out.logits[:, -1]
 
+    # --- the decode engine's path: the base's own layers, called one by one over a static cache ---
+    @property
+    def lm(self) -> nn.Module:
+        return self.base.model.language_model
+
+    def layer_program(self) -> LayerProgram:
+        lm = self.lm
+
+        def block(i, h, mask, pos_emb, cache):
+            return lm.layers[i](h, attention_mask=mask, position_embeddings=pos_emb, past_key_values=cache)
+        return LayerProgram(self.num_layers, self.base.model.get_input_embeddings(),
+                            lambda h, pos: lm.rotary_emb(h, position_ids=pos), block, lambda i: None,
+                            lambda h: self.base.lm_head(lm.norm(h)), owner=self)
+
+    def engine_prefill(self, b: Batch, cache_for) -> Prefilled:
+        """The prompt through the base's layers one by one (the same computation as its forward, which
+        the parity tests check), keys written into the engine's cache."""
+        x = causal_layout(self.base, b.input_ids, b.token_ok, b.pixel_values)
+        p = self.layer_program()
+        cache = cache_for(x.embeds.shape[1])
+        h, pos_emb = x.embeds, p.rotary(x.embeds, x.position_ids)
+        for i in range(self.num_layers):
+            h = p.block(i, h, x.mask, pos_emb, cache)
+        return Prefilled(p.final_logits(h[:, -1]), x.key_ok, x.position_ids[:, -1] + 1, None)
+
+    def engine_ready(self) -> bool:
+        """The engine passes explicit masks: eager or sdpa attention (not flash kernels)."""
+        return getattr(self.base.config.text_config, "_attn_implementation", None) in (None, "eager", "sdpa")
+
     @torch.inference_mode()
     def generate(self, batch: Batch, max_new_tokens: int = 32, stop_ids: set[int] | None = None,
-                 callback=None) -> tuple[list[list[int]], list[DenseTrace], Timing]:
-        b = batch.to(next(self.parameters()).device)
-        tokens, timing, _ = greedy(lambda: self.prefill(b, max_new_tokens), self.decode_one_token,
-                                   max_new_tokens, stop_ids, b.input_ids.device, callback)
+                 callback=None, engine: DecodeEngine | None = None) -> tuple[list[list[int]], list[DenseTrace], Timing]:
+        p = next(self.parameters())
+        b = batch.to(p.device)
+        if engine is not None and self.engine_ready():
+            tokens, timing, _, _ = engine.generate(
+                self.layer_program(), lambda cache_for: self.engine_prefill(b, cache_for), b.input_ids.shape[0],
+                p.dtype, p.device, self.base.config.text_config, max_new_tokens, stop_ids, callback)
+        else:
+            tokens, timing, _ = greedy(lambda: self.prefill(b, max_new_tokens), self.decode_one_token,
+                                       max_new_tokens, stop_ids, b.input_ids.device, callback)
         return tokens, [DenseTrace(self.num_layers, timing, len(t)) for t in tokens], timing
 
 
@@ -95,7 +132,7 @@ class DensePipeline(Pipeline):
         return cls(DenseModel(loaded.base), cls.make_encoder(loaded), cls.base_info(loaded))
 
     def generate(self, batch, max_new_tokens: int, callback=None):
-        return self.model.generate(batch, max_new_tokens, self.encoder.stop_ids, callback)
+        return self.model.generate(batch, max_new_tokens, self.encoder.stop_ids, callback, self.engine)
 
     def parameter_counts(self, layers_executed: float | None = None) -> ParamCounts:
         return ParamCounts.of_dense(self.model.base)

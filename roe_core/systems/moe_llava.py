@@ -29,8 +29,10 @@ from torch import Tensor, nn
 
 from ..runtime.conversation import Batch
 from ..runtime.decoder import DecoderInputs, OverBase, RoutedKVCache, additive_mask, causal_layout, parts_config
+from ..runtime.engine import DecodeEngine, LayerProgram, Prefilled
 from ..runtime.generation import Timing, greedy
 from ..runtime.weights import load_tensors, save_tensors
+from .dispatch import GroupedExperts, dispatch, grouped_dispatch, set_sync_free  # noqa: F401  (re-exported)
 from .pipeline import LoadedBase, ParamCounts, Pipeline, numel
 
 CONFIG_NAME = "moe_config.json"
@@ -127,7 +129,7 @@ def top2_gating(logits: Tensor, capacity_factor: float, training: bool, noise_ge
     second = scores.masked_fill(F.one_hot(first, E).bool(), float("-inf")).argmax(-1)
     experts = torch.stack([first, second], 1)                            # (N, 2)
 
-    n_real = int(real.sum())
+    n_real = N if token_mask is None else int(real.sum())   # no mask: no host sync (CUDA graphs)
     capacity = math.ceil(n_real / E * capacity_factor * 2)
     m1 = F.one_hot(first, E) * real[:, None]                             # (N, E) 0/1
     m2 = F.one_hot(second, E) * real[:, None]
@@ -207,7 +209,7 @@ class Expert(nn.Module):
             self.merged = True
 
 
-class MoEFFN(nn.Module):
+class MoEFFN(GroupedExperts, nn.Module):
     """E experts, each an exact copy of `mlp` at init, and a top-2 router Linear(d -> E) kept in fp32."""
 
     def __init__(self, mlp: nn.Module, num_experts: int = 4, delta_rank: int = 0,
@@ -239,10 +241,11 @@ class MoEFFN(nn.Module):
     def forward(self, x: Tensor, token_ok: Tensor | None = None, token_image: Tensor | None = None
                 ) -> tuple[Tensor, Top2Gating]:
         """x (..., d) -> (y (..., d), gating over the flattened tokens). Each expert runs once, on the
-        tokens assigned to it (gathered), and its weighted outputs are added back (index_add_).
+        tokens assigned to it (gathered), and its weighted outputs are added back (index_add_); on CUDA
+        in eval (or with sync_free) as grouped matmuls with no host sync (dispatch.grouped_dispatch).
         token_image is not used: MoE-LLaVA's router sees every token alike."""
         gating = self.gate(x, token_ok)
-        return dispatch(self.experts, x, gating), gating
+        return self.run_experts(x, gating), gating
 
 
 def shuffle_scores(scores: Tensor, generator: torch.Generator) -> Tensor:
@@ -250,28 +253,6 @@ def shuffle_scores(scores: Tensor, generator: torch.Generator) -> Tensor:
     are alike, shuffling which one a token gets costs nothing)."""
     perm = torch.rand(scores.shape, generator=generator, device="cpu").argsort(-1).to(scores.device)
     return scores.gather(1, perm)
-
-
-def dispatch(experts: nn.ModuleList, x: Tensor, gating) -> Tensor:
-    """Runs each expert once on the tokens assigned to it (gathered, grouped by expert) and adds back
-    its outputs times their weights (index_add_): sum_k w_k E_{e_k}(x) per token, for any top-k.
-    gating.experts / weights / kept: (N, k) over x's N = prod(x.shape[:-1]) tokens."""
-    flat = x.reshape(-1, x.shape[-1])                                           # (N, d)
-    N, k = gating.experts.shape
-    token = torch.arange(N, device=x.device).repeat_interleave(k)               # (kN,) assignment -> token
-    expert = gating.experts.reshape(-1)
-    weight = gating.weights.reshape(-1)
-    sel = gating.kept.reshape(-1).nonzero().squeeze(1)                          # kept assignments
-    sel = sel[torch.argsort(expert[sel], stable=True)]                          # grouped by expert
-    counts = torch.bincount(expert[sel], minlength=len(experts)).tolist()
-    out = torch.zeros_like(flat)
-    for e, idx in enumerate(sel.split(counts)):
-        if idx.numel() == 0:
-            continue
-        tok = token[idx]
-        y = experts[e](flat.index_select(0, tok)) * weight[idx, None].to(flat.dtype)
-        out.index_add_(0, tok, y)
-    return out.view_as(x)
 
 
 # --- the model -------------------------------------------------------------------------------------------
@@ -341,6 +322,13 @@ class MoEDecodeState:
     next_pos: Tensor                # (B,) position id of the next token
     prompt_gates: list[Top2Gating]  # per MoE layer over the B*S prompt tokens
     step_gates: list[list[Top2Gating]] = field(default_factory=list)   # per decode step, per MoE layer (B tokens)
+
+
+@dataclass
+class StepGating:
+    """One decode step's routing at one MoE layer, as the engine records it (B tokens)."""
+    experts: Tensor
+    weights: Tensor
 
 
 @dataclass
@@ -513,9 +501,10 @@ class MoELlavaModel(OverBase):
 
     # --- one decoder layer, its FFN swapped where it is a MoE layer ---
     def layer(self, i: int, h: Tensor, mask: Tensor, pos_emb: tuple[Tensor, Tensor], cache: RoutedKVCache | None,
-              token_ok: Tensor, token_image: Tensor | None = None) -> tuple[Tensor, Top2Gating | None]:
+              token_ok: Tensor | None, token_image: Tensor | None = None) -> tuple[Tensor, Top2Gating | None]:
         """h (B, S, d) through decoder layer i: the base's attention, then its FFN or the MoE.
-        token_image (B, S) bool: image tokens, for MoE FFNs that route by modality."""
+        token_ok (B, S) bool: real tokens (None: all); token_image (B, S) bool: image tokens, for MoE FFNs
+        that route by modality."""
         layer = self.layers[i]
         a, _ = layer.self_attn(hidden_states=layer.input_layernorm(h), position_embeddings=pos_emb,
                                attention_mask=mask, past_key_values=cache)
@@ -554,9 +543,10 @@ class MoELlavaModel(OverBase):
         return MoEOutput(self.final_logits(h), l_aux, gates)
 
     # --- inference: prefill, decode, generate ---
-    def prefill(self, x: DecoderInputs, max_new_tokens: int = 0) -> tuple[Tensor, MoEDecodeState]:
+    def prefill(self, x: DecoderInputs, max_new_tokens: int = 0, cache=None) -> tuple[Tensor, MoEDecodeState]:
         """Runs the prompt, filling the KV cache. Returns (logits of the last token (B, V), state)."""
-        cache = RoutedKVCache(self.num_layers, capacity=x.embeds.shape[1] + max_new_tokens)
+        if cache is None:
+            cache = RoutedKVCache(self.num_layers, capacity=x.embeds.shape[1] + max_new_tokens)
         h, gates = self.decoder(x, cache)
         state = MoEDecodeState(cache, x.key_ok, x.position_ids[:, -1] + 1, gates)
         return self.final_logits(h[:, -1]), state
@@ -567,10 +557,10 @@ class MoELlavaModel(OverBase):
         state.key_ok = torch.cat([state.key_ok, torch.ones_like(state.key_ok[:, :1])], dim=1)
         mask = additive_mask(state.key_ok[:, None, :], h.dtype)                 # (B, 1, 1, K)
         pos_emb = self.lm.rotary_emb(h, position_ids=state.next_pos[:, None])
-        token_ok = torch.ones_like(token, dtype=torch.bool)[:, None]
+        no_image = torch.zeros_like(token, dtype=torch.bool)[:, None]
         gates = []
-        for i in range(self.num_layers):
-            h, g = self.layer(i, h, mask, pos_emb, state.cache, token_ok, torch.zeros_like(token_ok))
+        for i in range(self.num_layers):   # token_ok None: every new token is real, and gating syncs on no count
+            h, g = self.layer(i, h, mask, pos_emb, state.cache, None, no_image)
             if g is not None:
                 gates.append(g)
         state.step_gates.append(gates)
@@ -579,21 +569,43 @@ class MoELlavaModel(OverBase):
 
     @torch.inference_mode()
     def generate(self, batch: Batch, max_new_tokens: int = 32, stop_ids: set[int] | None = None,
-                 callback=None) -> MoEGeneration:
+                 callback=None, engine: DecodeEngine | None = None) -> MoEGeneration:
         """Greedy decoding of a collated batch (eval capacity, no Gumbel noise, whatever the module's
-        mode). callback(step, tokens (B,)) streams each new token."""
+        mode). callback(step, tokens (B,)) streams each new token. engine: decode through the
+        static-shape engine (runtime.engine); the same tokens and expert choices."""
         was_training = self.training
         self.eval()
         try:
-            return self._generate(batch, max_new_tokens, stop_ids, callback)
+            return self._generate(batch, max_new_tokens, stop_ids, callback, engine)
         finally:
             self.train(was_training)
 
-    def _generate(self, batch: Batch, max_new_tokens: int, stop_ids, callback) -> MoEGeneration:
-        b = batch.to(next(self.parameters()).device)
-        tokens, timing, state = greedy(
-            lambda: self.prefill(self.layout(b.input_ids, b.token_ok, b.pixel_values, b.turn_ids), max_new_tokens),
-            self.decode_one_token, max_new_tokens, stop_ids, b.input_ids.device, callback)
+    def layer_program(self) -> LayerProgram:
+        """For the decode engine: every layer on every row; an MoE layer's block also returns its
+        tokens' experts and weights, recorded per step (no host sync: the dispatch is grouped on CUDA)."""
+        def block(i, h, mask, pos_emb, cache):
+            h, g = self.layer(i, h, mask, pos_emb, cache, None, None)
+            return h if g is None else (h, (g.experts, g.weights))
+        return LayerProgram(self.num_layers, self.base.model.get_input_embeddings(),
+                            lambda h, pos: self.lm.rotary_emb(h, position_ids=pos), block, lambda i: None,
+                            self.final_logits, owner=self)
+
+    def _generate(self, batch: Batch, max_new_tokens: int, stop_ids, callback, engine=None) -> MoEGeneration:
+        p = next(self.parameters())
+        b = batch.to(p.device)
+        layout = lambda: self.layout(b.input_ids, b.token_ok, b.pixel_values, b.turn_ids)   # noqa: E731
+        if engine is not None:
+            def pre(cache_for):
+                x = layout()
+                logits, st = self.prefill(x, max_new_tokens, cache=cache_for(x.embeds.shape[1]))
+                return Prefilled(logits, x.key_ok, x.position_ids[:, -1] + 1, None, st)
+            tokens, timing, state, records = engine.generate(
+                self.layer_program(), pre, b.input_ids.shape[0], self.base.dtype, p.device,
+                self.base.config.text_config, max_new_tokens, stop_ids, callback)
+            state.step_gates = [[StepGating(*rec[i]) for i in self.moe_layers] for rec in records]
+        else:
+            tokens, timing, state = greedy(lambda: self.prefill(layout(), max_new_tokens), self.decode_one_token,
+                                           max_new_tokens, stop_ids, b.input_ids.device, callback)
         traces = self.traces(b, state.prompt_gates, state.step_gates, tokens)
         for t, ids in zip(traces, tokens):
             t.timing, t.new_tokens = timing, len(ids)
@@ -665,7 +677,7 @@ class MoELlavaPipeline(Pipeline):
         return pipe
 
     def generate(self, batch, max_new_tokens: int, callback=None):
-        gen = self.model.generate(batch, max_new_tokens, self.encoder.stop_ids, callback)
+        gen = self.model.generate(batch, max_new_tokens, self.encoder.stop_ids, callback, self.engine)
         return gen.tokens, gen.traces, gen.timing
 
     def parameter_counts(self, layers_executed: float | None = None) -> ParamCounts:

@@ -23,6 +23,7 @@ from PIL import Image
 from torch import nn
 
 from ..runtime.conversation import ConversationEncoder, InputError
+from ..runtime.engine import MODES as ENGINE_MODES, DecodeEngine
 from ..runtime.generation import Timing
 from ..runtime.images import load_image
 from ..runtime.loading import ModelLoadError
@@ -119,6 +120,25 @@ class Pipeline:
         self.info.setdefault("dtype", str(next(model.parameters()).dtype).replace("torch.", ""))
         self.info.setdefault("num_layers", model.base.config.text_config.num_hidden_layers
                              if hasattr(model, "base") else None)
+        self.engine: DecodeEngine | None = None
+        self.use_engine("auto")
+
+    def use_engine(self, mode: str | None = "auto") -> "Pipeline":
+        """How decoding runs: "graphs" (the static-shape engine with CUDA graphs, runtime.engine), "eager"
+        (the same engine uncaptured), "off" / None (the eager loop with a growing cache), "auto" (graphs
+        on CUDA, off on the CPU, where the eager loop is as fast). Tokens are the same in every mode."""
+        mode = "off" if mode is None else mode
+        if mode == "auto":
+            mode = "graphs" if self.device.type == "cuda" else "off"
+        if mode == "off":
+            self.engine = None
+        elif mode in ENGINE_MODES:
+            if self.engine is None or self.engine.mode != mode:
+                self.engine = DecodeEngine(mode)
+        else:
+            raise ValueError(f"engine mode must be auto, off or one of {ENGINE_MODES}, not {mode!r}")
+        self.info["engine"] = mode
+        return self
 
     @property
     def spec(self) -> registry.SystemSpec:

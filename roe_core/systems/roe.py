@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from ..runtime.conversation import Batch, InputError
 from ..runtime.decoder import DecoderInputs, OverBase, RoutedKVCache, additive_mask, embed_inputs, parts_config
+from ..runtime.engine import DecodeEngine, LayerProgram, Prefilled
 from ..runtime.generation import Timing, greedy
 from ..runtime.weights import load_tensors, save_tensors
 from .trace import LayerRoute
@@ -345,14 +346,16 @@ def layer_l1(h_out: Tensor, h_in: Tensor, token_ok: Tensor, R: int) -> Tensor:
 
 def prefill(model: RoEModel, x: DecoderInputs, route: Route = "auto", threshold: float | None = None,
             trace_l1: bool = False, max_new_tokens: int = 0,
-            between_layers: Callable[[], object] | None = None) -> tuple[Tensor, DecodeState]:
+            between_layers: Callable[[], object] | None = None, cache=None) -> tuple[Tensor, DecodeState]:
     """Runs the prompt, deciding each example's route layer by layer. Returns (last logits (B, V), state).
-    between_layers() is called after every layer (a server's checkpoint: a prefill is the longest step)."""
+    between_layers() is called after every layer (a server's checkpoint: a prefill is the longest step).
+    cache: where keys go (default a RoutedKVCache; the decode engine passes its arena's)."""
     h = x.embeds
     B, L, R = h.shape[0], model.num_layers, x.num_routing
     threshold = model.threshold_or(threshold)
     forced = forced_route(route, B, L, h.device)
-    cache = RoutedKVCache(L, capacity=h.shape[1] + max_new_tokens)
+    if cache is None:
+        cache = RoutedKVCache(L, capacity=h.shape[1] + max_new_tokens)
     pos_emb = model.rotary(h, x.position_ids)
     runs, probs, plans, l1s = [], [], [], []
     for i in range(L):
@@ -430,18 +433,37 @@ def layout_batch(model: RoEModel, batch: Batch) -> DecoderInputs:
     return model.layout(b.input_ids, b.token_ok, b.turn_ids, b.image_keys, b.question_keys, b.pixel_values)
 
 
+def layer_program(model: RoEModel) -> LayerProgram:
+    """RoE for the decode engine: layer i on the rows routed through it, its adapter on the others."""
+    return LayerProgram(model.num_layers, model.base.model.get_input_embeddings(), model.rotary,
+                        model.run_layer, lambda i: model.adapters[i], model.final_logits, owner=model)
+
+
 @torch.inference_mode()
 def generate(model: RoEModel, batch: Batch, route: Route = "auto", max_new_tokens: int = 32,
              stop_ids: set[int] | None = None, threshold: float | None = None, trace_l1: bool = False,
-             callback=None, between_layers: Callable[[], object] | None = None) -> Generation:
+             callback=None, between_layers: Callable[[], object] | None = None,
+             engine: DecodeEngine | None = None) -> Generation:
     """Greedy decoding of a batch under RoE. callback(step, tokens (B,)) streams each new token;
-    between_layers() runs after each layer of the prefill."""
+    between_layers() runs after each layer of the prefill. engine: decode through the static-shape
+    engine (runtime.engine) instead of the eager loop; the same tokens."""
     threshold = model.threshold_or(threshold)
-    tokens, timing, state = greedy(
-        lambda: prefill(model, layout_batch(model, batch), route, threshold, trace_l1, max_new_tokens,
-                        between_layers),
-        lambda token, st: decode_one_token(model, token, st),
-        max_new_tokens, stop_ids, next(model.parameters()).device, callback)
+    p = next(model.parameters())
+    if engine is not None:
+        def pre(cache_for):
+            x = layout_batch(model, batch)
+            logits, st = prefill(model, x, route, threshold, trace_l1, max_new_tokens, between_layers,
+                                 cache=cache_for(x.embeds.shape[1]))
+            return Prefilled(logits, x.key_ok, x.position_ids[:, -1] + 1, st.run, st)
+        tokens, timing, state, _ = engine.generate(
+            layer_program(model), pre, batch.input_ids.shape[0], p.dtype, p.device, model.base.config.text_config,
+            max_new_tokens, stop_ids, callback)
+    else:
+        tokens, timing, state = greedy(
+            lambda: prefill(model, layout_batch(model, batch), route, threshold, trace_l1, max_new_tokens,
+                            between_layers),
+            lambda token, st: decode_one_token(model, token, st),
+            max_new_tokens, stop_ids, p.device, callback)
     mode = route if isinstance(route, str) else "forced"
     B = len(tokens)
     run, p_run = state.run.tolist(), state.p_run.float().tolist()
@@ -473,7 +495,8 @@ def all_logits(model: RoEModel, batch: Batch, route: Route = "dense") -> Tensor:
 
 
 def timed_generate(model: RoEModel, batch: Batch, route: Route, max_new_tokens: int, stop_ids: set[int] | None,
-                   threshold: float | None = None, checkpoint: Callable[[], bool] | None = None) -> float:
+                   threshold: float | None = None, checkpoint: Callable[[], bool] | None = None,
+                   engine: DecodeEngine | None = None) -> float:
     """Seconds of one greedy generation. checkpoint() runs after every prefill layer and token (a server
     lets other work run there) and returns True when it paused: such a run is run again, at most twice,
     so the time is this generation's own."""
@@ -484,7 +507,8 @@ def timed_generate(model: RoEModel, batch: Batch, route: Route, max_new_tokens: 
             paused[0] |= bool(checkpoint())
         t0 = time.perf_counter()
         generate(model, batch, route, max_new_tokens, stop_ids, threshold,
-                 callback=None if checkpoint is None else watch, between_layers=None if checkpoint is None else watch)
+                 callback=None if checkpoint is None else watch, between_layers=None if checkpoint is None else watch,
+                 engine=engine)
         secs = time.perf_counter() - t0
         if not paused[0]:
             break
@@ -535,7 +559,7 @@ class RoEPipeline(Pipeline):
     def generate(self, batch, max_new_tokens: int, callback=None, route: Route = "auto",
                  threshold: float | None = None, trace_l1: bool = False, between_layers=None):
         gen = generate(self.model, batch, route, max_new_tokens, self.encoder.stop_ids, threshold,
-                       trace_l1=trace_l1, callback=callback, between_layers=between_layers)
+                       trace_l1=trace_l1, callback=callback, between_layers=between_layers, engine=self.engine)
         return gen.tokens, gen.traces, gen.timing
 
     def parameter_counts(self, layers_executed: float | None = None) -> ParamCounts:
@@ -603,7 +627,7 @@ class RoEPipeline(Pipeline):
         for _ in range(max(1, repeats)):
             for r, out in ((route, roe_t), ("dense", dense_t)):
                 out.append(timed_generate(self.model, batch, r, max_new_tokens, self.encoder.stop_ids, threshold,
-                                          checkpoint))
+                                          checkpoint, self.engine))
         dense.trace.l1_dense = dense.trace.l1
         return SpeedComparison(roe, dense, statistics.median(roe_t), statistics.median(dense_t),
                                repeats, roe_t, dense_t)

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ..runtime.conversation import Batch
 from ..runtime.decoder import DecoderInputs, OverBase, RoutedKVCache, additive_mask, causal_layout, parts_config
+from ..runtime.engine import DecodeEngine, LayerProgram, Prefilled
 from ..runtime.generation import Timing, greedy
 from .trace import LayerRoute
 from .pipeline import LoadedBase, ParamCounts, Pipeline, numel
@@ -211,8 +212,9 @@ class StaticModel(OverBase):
         return self.final_logits(h[logits_at] if logits_at is not None else h)
 
     # --- inference ---
-    def prefill(self, x: DecoderInputs, max_new_tokens: int = 0) -> tuple[Tensor, StaticState]:
-        cache = RoutedKVCache(self.num_layers, capacity=x.embeds.shape[1] + max_new_tokens)
+    def prefill(self, x: DecoderInputs, max_new_tokens: int = 0, cache=None) -> tuple[Tensor, StaticState]:
+        if cache is None:
+            cache = RoutedKVCache(self.num_layers, capacity=x.embeds.shape[1] + max_new_tokens)
         h = self.decoder(x, cache)
         return self.final_logits(h[:, -1]), StaticState(cache, x.key_ok, x.position_ids[:, -1] + 1)
 
@@ -226,13 +228,34 @@ class StaticModel(OverBase):
         state.next_pos = state.next_pos + 1
         return self.final_logits(h[:, -1])
 
+    def layer_program(self) -> LayerProgram:
+        """For the decode engine: the kept layers on every row, the skipped ones' adapters instead."""
+        def block(i, h, mask, pos_emb, cache):
+            return self.layers[i](h, attention_mask=mask, position_embeddings=pos_emb, past_key_values=cache)
+        return LayerProgram(self.num_layers, self.base.model.get_input_embeddings(),
+                            lambda h, pos: self.lm.rotary_emb(h, position_ids=pos), block,
+                            lambda i: self.adapters[str(i)] if str(i) in self.adapters else None, self.final_logits,
+                            owner=self)
+
     @torch.inference_mode()
     def generate(self, batch: Batch, max_new_tokens: int = 32, stop_ids: set[int] | None = None,
-                 callback=None) -> tuple[list[list[int]], list[StaticTrace], Timing]:
-        b = batch.to(next(self.parameters()).device)
-        tokens, timing, _ = greedy(
-            lambda: self.prefill(self.layout(b.input_ids, b.token_ok, b.pixel_values, b.turn_ids), max_new_tokens),
-            self.decode_one_token, max_new_tokens, stop_ids, b.input_ids.device, callback)
+                 callback=None, engine: DecodeEngine | None = None) -> tuple[list[list[int]], list[StaticTrace], Timing]:
+        p = next(self.parameters())
+        b = batch.to(p.device)
+        layout = lambda: self.layout(b.input_ids, b.token_ok, b.pixel_values, b.turn_ids)   # noqa: E731
+        if engine is not None:
+            B = b.input_ids.shape[0]
+            run = torch.tensor(self.route, dtype=torch.bool, device=p.device)[None].expand(B, -1)
+
+            def pre(cache_for):
+                x = layout()
+                logits, st = self.prefill(x, max_new_tokens, cache=cache_for(x.embeds.shape[1]))
+                return Prefilled(logits, x.key_ok, x.position_ids[:, -1] + 1, run, st)
+            tokens, timing, _, _ = engine.generate(self.layer_program(), pre, B, p.dtype, p.device,
+                                                   self.base.config.text_config, max_new_tokens, stop_ids, callback)
+        else:
+            tokens, timing, _ = greedy(lambda: self.prefill(layout(), max_new_tokens), self.decode_one_token,
+                                       max_new_tokens, stop_ids, b.input_ids.device, callback)
         route = self.route
         return tokens, [StaticTrace(list(route), timing, len(t)) for t in tokens], timing
 
@@ -267,7 +290,7 @@ class StaticPipeline(Pipeline):
                               "untrained (no layer skipped: the dense model)")
 
     def generate(self, batch, max_new_tokens: int, callback=None):
-        return self.model.generate(batch, max_new_tokens, self.encoder.stop_ids, callback)
+        return self.model.generate(batch, max_new_tokens, self.encoder.stop_ids, callback, self.engine)
 
     def parameter_counts(self, layers_executed: float | None = None) -> ParamCounts:
         """Total: the base + the adapters. Active per token: the layers run plus the adapters of the others."""

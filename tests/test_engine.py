@@ -1,0 +1,168 @@
+"""The static-shape decode engine (roe_core/runtime/engine.py) gives, for every system, the tokens (and
+traces) of the eager loop: at batch 1, for batches whose examples take different routes, with stops
+inside the batch and with streaming; its graph count stays within its bound over many routes. The CUDA
+graph mode itself is covered by tests/test_core_gpu.py (a `gpu` test)."""
+import pytest
+import torch
+
+from conftest import QUESTIONS
+from roe_core.runtime.engine import ArenaCache, DecodeEngine, bucket
+from roe_core.systems import SYSTEMS, load_base, registry
+from test_systems import differentiate, items_of
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+N_NEW = 10
+MOE_SYSTEMS = registry.moe_systems()
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return load_base("tiny", device="cpu")
+
+
+def answers(pipe, items, mode, **options):
+    pipe.use_engine(mode)
+    try:
+        return pipe.answer_batch(items, max_new_tokens=N_NEW, **options)
+    finally:
+        pipe.use_engine("off")
+
+
+def same(a, b, system):
+    assert [x.text for x in a] == [x.text for x in b]
+    assert [x.trace.new_tokens for x in a] == [x.trace.new_tokens for x in b]
+    assert [x.trace.layers_executed for x in a] == [x.trace.layers_executed for x in b]
+    if system == "roe":
+        assert [x.trace.route for x in a] == [x.trace.route for x in b]
+    if system in MOE_SYSTEMS:
+        for x, y in zip(a, b):
+            assert torch.equal(x.trace.token_ids, y.trace.token_ids)
+            assert torch.equal(x.trace.experts, y.trace.experts)
+            torch.testing.assert_close(x.trace.weights, y.trace.weights)
+
+
+@pytest.mark.parametrize("system", SYSTEMS)
+def test_engine_tokens_equal_the_eager_loop_at_batch_1_and_in_mixed_batches(loaded, images, diversify_routers,
+                                                                            system):
+    pipe = differentiate(loaded, system, images, diversify_routers)
+    items = items_of(images, [(), [("Is it big?", "Yes.")], ()])
+    for batch in (items[:1], items):
+        off = answers(pipe, batch, "off")
+        eng = answers(pipe, batch, "eager")
+        same(eng, off, system)
+    if system == "roe":
+        assert len({tuple(a.trace.route) for a in answers(pipe, items, "eager")}) > 1   # mixed routes
+
+
+def test_engine_stops_each_example_where_the_eager_loop_does(loaded, images, diversify_routers):
+    """Stop ids that some examples emit early: the batch goes on for the others, each answer ends at its
+    own stop, and the batch stops when all have."""
+    pipe = differentiate(loaded, "roe", images, diversify_routers)
+    items = items_of(images)
+    off = answers(pipe, items, "off")
+    ids = pipe.encoder.tokenizer([a.text for a in off], add_special_tokens=False).input_ids
+    stop = {row[2] for row in ids if len(row) > 3}                  # a token some answers emit mid-way
+    old = pipe.encoder.stop_ids
+    pipe.encoder.stop_ids = set(old or ()) | stop
+    try:
+        off2, eng2 = answers(pipe, items, "off"), answers(pipe, items, "eager")
+    finally:
+        pipe.encoder.stop_ids = old
+    same(eng2, off2, "roe")
+    assert any(a.trace.new_tokens < N_NEW for a in off2)
+
+
+def test_engine_streams_like_the_eager_loop(loaded, images, diversify_routers):
+    pipe = differentiate(loaded, "roe", images, diversify_routers)
+    item = items_of(images)[0]
+    streams = {}
+    for mode in ("off", "eager"):
+        seen = []
+        pipe.use_engine(mode)
+        ans = pipe.answer(*item, max_new_tokens=N_NEW, on_token=seen.append)
+        pipe.use_engine("off")
+        streams[mode] = (seen, ans.text)
+    assert streams["eager"] == streams["off"] and streams["off"][0][-1] == streams["off"][1]
+
+
+def test_forced_routes_and_the_graph_bound(loaded, images):
+    """Many different routes through one arena: answers equal the eager loop's, and the number of
+    (layer, row bucket) programs the engine keeps stays within graph_bound. In eager mode the count
+    is of the keys a graph run would capture (runs are keyed the same way)."""
+    pipe = differentiate(loaded, "roe", images, lambda *a: None)
+    L = pipe.num_layers
+    items = items_of(images) + [(images[3], "What is in it?", ())]
+    B = len(items)
+    g = torch.Generator().manual_seed(3)
+    engine = DecodeEngine("eager")
+    keys = set()
+    orig = engine.run
+
+    def spy(a, key, fn, layer=None):
+        keys.add(key)
+        orig(a, key, fn, layer)
+    engine.run = spy
+    for _ in range(6):
+        route = torch.rand(B, L, generator=g) > 0.5
+        pipe.use_engine("off")
+        off = pipe.answer_batch(items, max_new_tokens=4, route=route)
+        pipe.engine = engine
+        eng = pipe.answer_batch(items, max_new_tokens=4, route=route)
+        pipe.use_engine("off")
+        assert [a.text for a in eng] == [a.text for a in off]
+        assert [a.trace.route for a in eng] == route.tolist()
+    assert len(keys) <= DecodeEngine.graph_bound(L, B)
+    assert len(engine.arenas) == 1                              # one shape: one arena, reused
+
+
+def test_buckets_and_the_cache_write_slot():
+    assert [bucket(n, 16) for n in (1, 2, 3, 5, 9, 16)] == [1, 2, 4, 8, 16, 16]
+    assert bucket(7, 4) == 4
+    k = [torch.zeros(4, 1, 8, 2)]
+    cache = ArenaCache(k, [torch.zeros(4, 1, 8, 2)], torch.tensor([5]))
+    kp = torch.ones(2, 1, 3, 2)
+    out_k, _ = cache.update(kp, kp, 0)                         # prefill: slots 0..2 of the first 2 rows
+    assert out_k.shape == (2, 1, 3, 2) and k[0][:2, :, :3].eq(1).all() and k[0][2:].eq(0).all()
+    step = torch.full((3, 1, 1, 2), 7.0)
+    out_k, _ = cache.update(step, step, 0)                     # decode: slot 5 of the first 3 rows
+    assert out_k.shape == (3, 1, 8, 2) and k[0][:3, :, 5].eq(7).all() and k[0][:, :, 4].eq(0).all()
+
+
+def test_graph_mode_needs_cuda(loaded, images):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    pipe = differentiate(loaded, "dense", images, lambda *a: None)
+    pipe.engine = DecodeEngine("graphs")
+    with pytest.raises(ValueError, match="CUDA"):
+        pipe.answer(*items_of(images)[0], max_new_tokens=2)
+    pipe.use_engine("off")
+    with pytest.raises(ValueError, match="engine mode"):
+        pipe.use_engine("fast")
+
+
+def test_auto_engine_is_off_on_the_cpu(loaded):
+    from roe_core.systems import pipeline_class
+    pipe = pipeline_class("dense").from_base(loaded)
+    assert pipe.engine is None and pipe.info["engine"] == "off"
+
+
+def test_geometry_bench_quick_writes_every_key(tmp_path):
+    """`python -m roe_core.bench.geometry --quick` (tiny preset, CPU): every system, every variant, the
+    keys the GPU run fills (CUDA-only ones None), and the markdown table."""
+    import json
+    from roe_core.bench import geometry
+    res = geometry.main(["--quick", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "results_geometry.json").read_text())
+    assert saved["preset"] == "tiny" and saved["engine_mode"] == "eager"
+    for key in ("bandwidth_TBps", "graph_count", "graph_bound", "rows", "summary", "prompt_tokens", "new_tokens"):
+        assert key in saved
+    rows = saved["rows"]
+    assert {r["batch"] for r in rows} == {1, 4}
+    assert {r["system"] for r in rows} >= {"dense", "roe", "transformers", *registry.moe_systems()}
+    variants = {r["variant"].split(":")[0] for r in rows if r["system"] == "roe" and r["batch"] == 4}
+    assert variants == {"every layer", "fixed", "mixed", "union rule on the mixed routes"}
+    for r in rows:
+        assert r["prefill_ms"] > 0 and r["decode_ms_per_token"] > 0 and r["new_tokens"] == res["new_tokens"]
+        assert set(r) >= {"floor_ms", "floor_fraction", "peak_memory_GiB", "step_weight_GB", "layers_run"}
+    assert set(saved["summary"]["bs4"]) >= {"roe_fixed_vs_hf_static", "mixed_vs_every_layer", "engine_vs_eager_loop_dense"}
+    assert "| batch | system |" in (tmp_path / "results_geometry.md").read_text()
