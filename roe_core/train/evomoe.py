@@ -85,8 +85,8 @@ def main(argv=None) -> None:
     cfg = config_from_args(EvoTrainConfig, args)
 
     from ..systems.pipeline import Pipeline, load_base
-    from .loop import LlavaJsonDataset
-    loaded = load_base(args.model, "auto", "float32")
+    from .loop import LlavaJsonDataset, train_device
+    loaded = load_base(args.model, train_device(), "float32")
     if args.parts:
         model = EvoMoEModel.from_moe_folder(loaded.base, args.parts)   # experts frozen: deltas merged
     else:

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..runtime.weights import load_tensors
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ..runtime.conversation import ConversationEncoder
@@ -41,7 +41,8 @@ class PartsObjective(TrainableParts):
         ids = {id(p) for p in params}
         stored = set(model.moe_state_dict())
         # trained tensors the MoE checkpoint does not hold (full-weight dense FFNs of the base)
-        super().__init__(cfg, params, [n for n, p in model.named_parameters() if id(p) in ids and n not in stored])
+        super().__init__(cfg, model, params,
+                         [n for n, p in model.named_parameters() if id(p) in ids and n not in stored])
 
     def loss(self, model: MoELlavaModel, batch, step: int) -> dict[str, Tensor]:
         return moe_lm_loss(model, batch)
@@ -51,6 +52,27 @@ class PartsObjective(TrainableParts):
 
     def load_parts(self, model: MoELlavaModel, out: Path) -> None:
         model.load_state_dict(load_tensors(out / model.config.WEIGHTS), strict=False)
+
+    def part_names(self, model: MoELlavaModel) -> list[str]:
+        return list(model.moe_state_dict())
+
+    def fsdp_units(self, model: MoELlavaModel) -> list[list[nn.Module]]:
+        """One FSDP unit per decoder layer holding what MoELlavaModel.layer calls: the input norm, the
+        attention, the post-attention norm and the FFN that runs there (the MoE, a delta-stored dense FFN,
+        or the base's). A base FFN that no longer runs gets a unit of its own, never gathered."""
+        units = []
+        for i, layer in enumerate(model.layers):
+            ffn = model.moe[str(i)] if str(i) in model.moe else model.dense_ffn[str(i)] if str(i) in model.dense_ffn \
+                else layer.mlp
+            units.append([layer.input_layernorm, layer.self_attn, layer.post_attention_layernorm, ffn])
+            if ffn is not layer.mlp:
+                units.append([layer.mlp])
+        return units
+
+    def checkpointed(self, model: MoELlavaModel) -> list[nn.Module]:
+        """Activation checkpointing: the attention and the FFN of each layer (MoELlavaModel.layer calls
+        them one by one, never the decoder layer whole)."""
+        return [m for u in self.fsdp_units(model) if len(u) == 4 for m in (u[1], u[3])]
 
 
 class MoETuneObjective(PartsObjective):
@@ -91,8 +113,8 @@ def main(argv=None) -> None:
     cfg = config_from_args(MoETuneConfig, args)
 
     from ..systems.pipeline import Pipeline, load_base
-    from .loop import LlavaJsonDataset
-    loaded = load_base(args.model, "auto", "float32")
+    from .loop import LlavaJsonDataset, train_device
+    loaded = load_base(args.model, train_device(), "float32")
     layers = [int(x) for x in args.moe_layers.split(",")] if args.moe_layers else []
     model = MoELlavaModel(loaded.base, base_model=args.model, num_experts=args.num_experts, moe_layers=layers,
                           expert_delta_rank=args.expert_delta_rank, dense_delta_rank=args.dense_delta_rank)

@@ -2,7 +2,7 @@
 
     python -m roe_core.train --model embedded --data data/scenes/train.json --images data/scenes/images \
         --out runs/roe --steps 600 --batch-size 8 --bf16
-    accelerate launch -m roe_core.train ...       # the same script on several GPUs
+    accelerate launch --config_file configs/fsdp8.yaml -m roe_core.train ...   # 8 GPUs (docs/distributed.md)
 
 | stage | steps      | routing weights                                   | trained                      |
 | 0     | 0-30%      | random hard routes, P(skip) = rho                 | adapters                     |
@@ -33,7 +33,8 @@ from torch.utils.data import Dataset
 
 from ..runtime.conversation import ConversationEncoder
 from ..systems.roe import RoEModel, layout_batch
-from .loop import LlavaJsonDataset, LoopConfig, add_config_args, config_from_args, fit
+from .loop import (LlavaJsonDataset, LoopConfig, add_config_args, config_from_args, fit, layer_modules,
+                   named_params, train_device)
 
 
 @dataclass
@@ -191,22 +192,25 @@ def set_trainable(model: RoEModel, stage: int, backbone: list, routers_only: boo
 
 
 class RoEObjective:
-    """RoE's three stages (set_trainable) and loss (roe_loss) for the shared loop."""
+    """RoE's three stages (set_trainable) and loss (roe_loss) for the shared loop. Parameters are looked
+    up by name on the model given (under FSDP they are the sharded ones)."""
     desc = "RoE training"
 
     def __init__(self, model: RoEModel, cfg: TrainConfig):
         self.cfg = cfg
         self.schedule = RouteSchedule(cfg)
-        self.backbone = backbone_parameters(model, cfg.backbone) if cfg.backbone_lr > 0 else []
-        ids = {id(p) for p in self.backbone}
+        backbone = backbone_parameters(model, cfg.backbone) if cfg.backbone_lr > 0 else []
+        ids = {id(p) for p in backbone}
         self.backbone_names = [n for n, p in model.named_parameters() if id(p) in ids]
 
     def param_groups(self, model: RoEModel) -> list[dict]:
         return [{"params": model.roe_parameters(), "lr": self.cfg.lr},
-                {"params": self.backbone, "lr": self.cfg.backbone_lr}]
+                {"params": named_params(model, self.backbone_names), "lr": self.cfg.backbone_lr}]
 
     def set_trainable(self, model: RoEModel, step: int) -> None:
-        set_trainable(model, self.schedule.stage(step), self.backbone, self.cfg.routers_only)
+        stage = self.schedule.stage(step)
+        backbone = named_params(model, self.backbone_names) if stage >= 2 else []
+        set_trainable(model, stage, backbone, self.cfg.routers_only)
 
     def lr_factor(self, step: int) -> float:
         return 1.0
@@ -226,8 +230,17 @@ class RoEObjective:
     def load_parts(self, model: RoEModel, out: Path) -> None:
         model.load_state_dict(load_file(str(out / "roe.safetensors")), strict=False)
 
+    def part_names(self, model: RoEModel) -> list[str]:
+        return list(model.roe_state_dict())
+
     def base_tensors(self, model: RoEModel) -> list[str]:
         return self.backbone_names
+
+    def fsdp_units(self, model: RoEModel) -> list[list[torch.nn.Module]]:
+        """One FSDP unit per decoder layer: the layer's modules with its router and adapter. The router
+        reads the routing tokens through the layer's input norm before the layer runs (router_logits), so
+        the unit is the layer's modules, not the layer: any of them running gathers the unit."""
+        return [layer_modules(layer) + [model.routers[i], model.adapters[i]] for i, layer in enumerate(model.layers)]
 
 
 def train(model: RoEModel, encoder: ConversationEncoder, dataset: Dataset, cfg: TrainConfig,
@@ -256,7 +269,7 @@ def main(argv=None) -> None:
     cfg = config_from_args(TrainConfig, args)
 
     from ..systems.roe import RoEPipeline
-    pipe = RoEPipeline.load(args.model, roe=args.roe, device="auto", dtype="float32")
+    pipe = RoEPipeline.load(args.model, roe=args.roe, device=train_device(), dtype="float32")
     pipe.model.config.base_model = args.model
     pipe.model.config.extra.update(train_data=str(args.data), train_steps=cfg.steps, rho=cfg.rho)
     dataset = LlavaJsonDataset(args.data, args.images)

@@ -16,12 +16,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from safetensors.torch import load_file
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..runtime.conversation import ConversationEncoder
 from ..systems.static import METRICS, WEIGHTS_NAME, StaticModel, layer_scores, lowest, static_lm_loss
-from .loop import LlavaJsonDataset, LoopConfig, TrainableParts, add_config_args, config_from_args, fit, make_collate
+from .loop import (LlavaJsonDataset, LoopConfig, TrainableParts, add_config_args, config_from_args, fit, make_collate,
+                   train_device)
 
 
 @dataclass
@@ -36,7 +37,7 @@ class StaticObjective(TrainableParts):
     desc = "static-path adapters"
 
     def __init__(self, model: StaticModel, cfg: StaticTrainConfig):
-        super().__init__(cfg, model.adapter_parameters())
+        super().__init__(cfg, model, model.adapter_parameters())
 
     def loss(self, model: StaticModel, batch, step: int) -> dict[str, Tensor]:
         return static_lm_loss(model, batch, self.cfg.distill)
@@ -46,6 +47,13 @@ class StaticObjective(TrainableParts):
 
     def load_parts(self, model: StaticModel, out: Path) -> None:
         model.load_state_dict(load_file(str(out / WEIGHTS_NAME)), strict=False)
+
+    def part_names(self, model: StaticModel) -> list[str]:
+        return list(model.static_state_dict())
+
+    def fsdp_units(self, model: StaticModel) -> list[list[nn.Module]]:
+        """Each decoder layer (StaticModel.layer calls it whole), and each skipped layer's adapter."""
+        return [[layer] for layer in model.layers] + [[a] for a in model.adapters.values()]
 
 
 def choose_layers(base, encoder: ConversationEncoder, dataset: Dataset, k: int, metric: str = "l1", n: int = 256,
@@ -107,7 +115,7 @@ def main(argv=None) -> None:
 
     from ..runtime.sources import load_base
     from ..systems.pipeline import Pipeline
-    loaded = load_base(args.model, "auto", "float32")
+    loaded = load_base(args.model, train_device(), "float32")
     encoder = Pipeline.make_encoder(loaded)
     dataset = LlavaJsonDataset(args.data, args.images)
     if args.resume and (Path(args.out) / "static_config.json").is_file():
