@@ -6,6 +6,7 @@ import torch
 
 from roe_core.runtime.engine import DecodeEngine
 from roe_core.systems import SYSTEMS, load_base, registry
+from test_engine import answers as run, same as traces_equal
 from test_systems import differentiate, items_of
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]
@@ -23,24 +24,6 @@ def on_cuda(pipe, dtype):
     pipe.model.to("cuda", dtype)
     pipe.device = torch.device("cuda")
     return pipe
-
-
-def run(pipe, items, mode, **options):
-    pipe.use_engine(mode)
-    try:
-        return pipe.answer_batch(items, max_new_tokens=N_NEW, **options)
-    finally:
-        pipe.use_engine("off")
-
-
-def traces_equal(a, b, system):
-    assert [x.text for x in a] == [x.text for x in b]
-    assert [x.trace.new_tokens for x in a] == [x.trace.new_tokens for x in b]
-    if system == "roe":
-        assert [x.trace.route for x in a] == [x.trace.route for x in b]
-    if system in MOE_SYSTEMS:
-        for x, y in zip(a, b):
-            assert torch.equal(x.trace.experts, y.trace.experts)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
