@@ -166,3 +166,26 @@ def test_geometry_bench_quick_writes_every_key(tmp_path):
         assert set(r) >= {"floor_ms", "floor_fraction", "peak_memory_GiB", "step_weight_GB", "layers_run"}
     assert set(saved["summary"]["bs4"]) >= {"roe_fixed_vs_hf_static", "mixed_vs_every_layer", "engine_vs_eager_loop_dense"}
     assert "| batch | system |" in (tmp_path / "results_geometry.md").read_text()
+
+
+def test_concurrent_generations_through_one_engine_do_not_mix(loaded, images, diversify_routers):
+    """A server's threads may share a pipeline: the engine's arenas are shared, so generations take turns."""
+    import threading
+    pipe = differentiate(loaded, "roe", images, diversify_routers)
+    items = items_of(images)
+    want = [a.text for a in answers(pipe, items, "off")]
+    pipe.use_engine("eager")
+    got, errors = {}, []
+
+    def ask(k):
+        try:
+            got[k] = [a.text for a in pipe.answer_batch(items, max_new_tokens=N_NEW)]
+        except Exception as e:              # noqa: BLE001 - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=ask, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    pipe.use_engine("off")
+    assert not errors and all(v == want for v in got.values()) and len(got) == 4

@@ -31,6 +31,7 @@ compare the graphs against.
 """
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -180,6 +181,7 @@ class DecodeEngine:
         self.max_arenas = max_arenas
         self.arenas: OrderedDict[tuple, Arena] = OrderedDict()
         self.last_arena: Arena | None = None
+        self.lock = threading.Lock()        # one generation at a time: they share the arenas' buffers
 
     # --- bookkeeping ---
     @property
@@ -307,6 +309,11 @@ class DecodeEngine:
         dev = torch.device(device)
         if self.mode == "graphs" and dev.type != "cuda":
             raise ValueError("mode 'graphs' needs a CUDA device; use mode='eager' on the CPU")
+        with self.lock:
+            return self._generate(program, prefill, batch_size, dtype, dev, text_cfg, max_new_tokens, stop_ids,
+                                  callback)
+
+    def _generate(self, program, prefill, batch_size, dtype, dev, text_cfg, max_new_tokens, stop_ids, callback):
         B, L = batch_size, program.num_layers
         max_new = max(1, max_new_tokens)
         arenas: list[Arena] = []
