@@ -106,7 +106,16 @@ def plot_sweep(points) -> go.Figure:
             customdata=[[points[k].threshold, points[k].mean_layers_executed, points[k].speedup] for k in routed],
             hovertemplate=("threshold %{customdata[0]:.2f}<br>%{customdata[1]:.1f} layers, %{customdata[2]:.2f}×"
                            f"<br>{metric} %{{y:.3f}}<extra></extra>")), row=1, col=col)
-        dense = [k for k, p in enumerate(points) if p.threshold is None]
+        fixed = [k for k, p in enumerate(points) if p.fixed_k is not None]
+        if fixed:
+            fig.add_trace(go.Scatter(
+                x=[xs[k] for k in fixed], y=[y[k] for k in fixed], mode="lines+markers" if col == 1 else "markers",
+                name="fixed path (same adapters)", marker=dict(color=DENSE, size=7, symbol="diamond"),
+                line=dict(color=DENSE, dash="dash"), showlegend=col == 1,
+                customdata=[[points[k].fixed_k, points[k].speedup] for k in fixed],
+                hovertemplate=("fixed path, %{customdata[0]} layers skipped for every input<br>%{customdata[1]:.2f}×"
+                               f"<br>{metric} %{{y:.3f}}<extra></extra>")), row=1, col=col)
+        dense = [k for k, p in enumerate(points) if p.threshold is None and p.fixed_k is None]
         fig.add_trace(go.Scatter(x=[xs[k] for k in dense], y=[y[k] for k in dense], mode="markers", name="dense",
                                  marker=dict(color=DENSE, size=11, symbol="square"), showlegend=col == 1,
                                  hovertemplate=f"every layer<br>{metric} %{{y:.3f}}<extra></extra>"), row=1, col=col)

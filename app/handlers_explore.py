@@ -13,8 +13,9 @@ import gradio as gr
 import pandas as pd
 
 from roe_core import InputError
-from roe_core.analysis import adapter_fidelity, build_atlas, compare_batching, sweep_thresholds
+from roe_core.analysis import adapter_fidelity, build_atlas, compare_batching, sweep_fixed, sweep_thresholds
 from roe_core.scenes.questions import load_llava_questions, test_questions
+from roe_core.systems import registry
 
 from . import figures_explore as FX
 from . import texts as T
@@ -22,6 +23,13 @@ from .background import AppContext, background_task
 from .examples import load_examples
 from .inputs import parse_thresholds, problem, upload_path
 from .session import Conversation
+
+
+def _point_label(p) -> str:
+    """A sweep point's first table cell: its threshold, "dense", or "fixed k" for a fixed path."""
+    if p.fixed_k is not None:
+        return f"fixed k={p.fixed_k}"
+    return "dense" if p.threshold is None else str(round(p.threshold, 3))
 
 
 class ExploreHandlers:
@@ -141,11 +149,23 @@ class ExploreHandlers:
                 pipe, questions, thresholds, batch_size=8, max_new_tokens=self.ctx.max_new_tokens,
                 progress=lambda d, t: progress((d, t), desc="sweeping", unit="passes"), on_step=job.step,
                 clock=lambda: time.perf_counter() - job.paused_s, between_layers=job.checkpoint)
-        cal = next(p for p in points if p.calibrated)
-        md = (f"**{len(points) - 1} thresholds on {len(questions)} questions.** At the calibrated threshold "
+            cal = next(p for p in points if p.calibrated)
+            # a loaded fixed-path system (skip_order): its path at each k, RoE's adapters standing in
+            fixed_from = next(((name, o) for name, s in self.ctx.systems.items() if (o := s.skip_order())), None)
+            if fixed_from:
+                L = self.ctx.num_layers
+                ks = sorted({*range(3, L // 2 + 1, 3), round(L - cal.mean_layers_executed)})
+                points += sweep_fixed(
+                    pipe, questions, fixed_from[1], ks, batch_size=8, max_new_tokens=self.ctx.max_new_tokens,
+                    progress=lambda d, t: progress((d, t), desc="fixed paths", unit="passes"), on_step=job.step,
+                    clock=lambda: time.perf_counter() - job.paused_s, between_layers=job.checkpoint)[1:]
+        md = (f"**{sum(p.threshold is not None for p in points)} thresholds on {len(questions)} questions.** At the calibrated threshold "
               f"{cal.threshold:.2f}: {cal.mean_layers_executed:.1f} of {self.ctx.num_layers} layers, exact match "
               f"{cal.accuracy:.3f} (every layer: {points[0].accuracy:.3f}), **{cal.speedup:.2f}×** every layer's speed.")
-        table = pd.DataFrame([["dense" if p.threshold is None else round(p.threshold, 3), round(p.mean_layers_executed, 2),
+        if fixed_from:
+            md += (f" Fixed paths (the first k layers of {registry.label(fixed_from[0])}'s order skipped for every "
+                   "input, RoE's adapters standing in) are the grey-dashed curve.")
+        table = pd.DataFrame([[_point_label(p), round(p.mean_layers_executed, 2),
                                None if p.accuracy is None else round(p.accuracy, 3), round(p.agreement_with_dense, 3),
                                round(p.examples_per_s, 2), round(p.speedup, 2), "★" if p.calibrated else ""]
                               for p in points], columns=T.SWEEP_HEADERS)
@@ -159,6 +179,9 @@ class ExploreHandlers:
             return {}
         row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
         p = points[int(row)]
+        if p.fixed_k is not None:
+            return {"whatif_md": f"_That row is a fixed path (k = {p.fixed_k} layers skipped for every input): "
+                                 "pick a threshold's row._"}
         if p.threshold is None:
             return {"whatif_md": "_That row is every layer (dense): pick a threshold's row._"}
         return {"threshold": p.threshold, "how": "threshold", "tabs": gr.Tabs(selected="whatif"),

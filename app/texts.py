@@ -81,7 +81,9 @@ SWEEP_CAPTION = (
     "Every threshold answers the same questions in the same batches, and so does every layer (dense), in one run: "
     "speedup is the dense pass's time over the threshold's (pauses for other users' questions excluded). Accuracy is "
     "exact match with the scene generator's answers. The star is the model's calibrated threshold; click a row of "
-    "the table to re-answer the last question at that threshold in *What if*.")
+    "the table to re-answer the last question at that threshold in *What if*. Where a fixed-path system is loaded, "
+    "its path at several k (the same layers skipped for every input, RoE's adapters standing in) is drawn too: "
+    "where RoE's curve is not above it, per-example routing buys nothing on these questions.")
 BATCHING_HEADERS = ["question", "its route: layers run", "union: layers run", "answer (own route)",
                     "answer (union)", "answer (every layer)"]
 BATCHING_INTRO = ("_Pick a few questions: they are answered together, with their own routes, with the union of "

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import QUESTIONS
-from roe_core.analysis import adapter_fidelity, build_atlas, hamming_order, sweep_thresholds
+from roe_core.analysis import adapter_fidelity, build_atlas, hamming_order, sweep_fixed, sweep_thresholds
 from roe_core.runtime.conversation import InputError
 from roe_core.scenes.questions import Question, load_llava_questions
 from roe_core.systems.roe import all_logits
@@ -77,6 +77,30 @@ def test_the_sweep_is_monotone_in_layers_executed(routed, qs):
     assert all(p.seconds > 0 and p.examples_per_s > 0 for p in points)
     with pytest.raises(ValueError, match="between 0 and 1"):
         sweep_thresholds(routed, qs, [1.5])
+
+
+def test_the_fixed_sweep_skips_the_first_k_of_its_order_for_every_question(routed, qs):
+    L = routed.model.num_layers
+    order = list(reversed(range(L)))
+    points = sweep_fixed(routed, qs, order, [2, 0, 1], batch_size=4, max_new_tokens=4)
+    dense, *rest = points
+    assert dense.fixed_k is None and dense.mean_layers_executed == L and dense.agreement_with_dense == 1.0
+    assert [p.fixed_k for p in rest] == [0, 1, 2]
+    assert [p.mean_layers_executed for p in rest] == [L, L - 1, L - 2]
+    assert rest[0].agreement_with_dense == 1.0                                  # k = 0 is the dense path
+    # k = 2 is the forced route skipping the last two layers, for each question alike
+    forced = routed.answer_batch([(q.image, q.question, q.history) for q in qs], max_new_tokens=4,
+                                 route=[i < L - 2 for i in range(L)])
+    texts_alone = [a.text for a in forced]
+    assert all(a.trace.route == [i < L - 2 for i in range(L)] for a in forced)
+    again = sweep_fixed(routed, qs, order, [2], batch_size=4, max_new_tokens=4)[1]
+    dense_texts = [a.text for a in routed.answer_batch([(q.image, q.question, q.history) for q in qs],
+                                                       max_new_tokens=4, route="dense")]
+    assert again.agreement_with_dense == sum(a == b for a, b in zip(texts_alone, dense_texts)) / len(qs)
+    with pytest.raises(ValueError, match="each of the"):
+        sweep_fixed(routed, qs, [0] * L, [1])
+    with pytest.raises(ValueError, match="each k"):
+        sweep_fixed(routed, qs, order, [L])
 
 
 def test_adapter_fidelity(routed, images):

@@ -36,6 +36,9 @@ def server(free_port):
     from roe_core.systems import SYSTEMS, load_systems
     pipes = load_systems(SYSTEMS, model="tiny")     # one tiny base, wrapped by every system
     pipe = pipes["roe"]
+    L = pipe.info["num_layers"]
+    # the fixed path's layer scores, as a trained one has (it still skips none): the sweep draws its curve
+    pipes["static"].model.config.layer_scores = [float(L - i) for i in range(L)]
     demo = build_demo(pipe, max_new_tokens=6, speed_repeats=1, systems=pipes)
     _, url, _ = demo.launch(prevent_thread_lock=True, server_port=free_port(), quiet=True, **launch_options())
     yield url, pipe.info["num_layers"]
@@ -430,7 +433,10 @@ def test_the_sweep_is_monotone_in_layers_executed(url, L):
     md, fig, table, data = c.predict("0.2, 0.5, 0.8", 4, api_name="/sweep")
     points = data["points"]
     assert points[0]["threshold"] is None and points[0]["mean_layers_executed"] == L
-    routed = points[1:]
+    routed = [p for p in points[1:] if p["fixed_k"] is None]
+    fixed = [p for p in points[1:] if p["fixed_k"] is not None]        # the static order: last layer first
+    assert fixed and all(p["mean_layers_executed"] == L - p["fixed_k"] for p in fixed)
+    assert "Fixed paths" in md and len(table["data"]) == len(points)
     assert [p["threshold"] for p in routed] == sorted(p["threshold"] for p in routed)
     layers = [p["mean_layers_executed"] for p in routed]
     assert all(a >= b for a, b in zip(layers, layers[1:]))

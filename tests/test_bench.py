@@ -127,3 +127,21 @@ def test_calibrate_thresholds_flag_parses_and_rejects():
     for bad in ("x", "1", "-0.1"):
         with pytest.raises(argparse.ArgumentTypeError, match="--min-skip"):
             _fraction(bad)
+
+
+def test_the_fixed_curve_compares_routing_with_fixed_paths_on_the_same_adapters(tiny_roe, images):
+    from roe_core.bench.run import fixed_curve, fixed_curve_markdown
+    from roe_core.scenes.questions import Question
+    L = tiny_roe.num_layers
+    qs = [Question(images[k % 4], "How many objects are there?", [], "Two." if k % 2 else "One.", "count")
+          for k in range(6)]
+    order = list(reversed(range(L)))
+    c = fixed_curve(tiny_roe, qs, "static", order, None, 4, 2)
+    assert c["order"] == order and c["n_questions"] == 6 and c["threshold"] == tiny_roe.threshold
+    assert [p["fixed_k"] for p in c["fixed"][1:]] == sorted(p["fixed_k"] for p in c["fixed"][1:])
+    assert all(p["mean_layers_executed"] == L - p["fixed_k"] for p in c["fixed"][1:])
+    assert c["fixed"][0]["mean_layers_executed"] == L and c["roe"][0]["threshold"] is None
+    d = c["roe_minus_fixed_at_equal_layers"]
+    assert d is None or d == pytest.approx(c["roe_accuracy"] - c["fixed_accuracy_at_roe_layers"])
+    md = fixed_curve_markdown(c, "Static", L)
+    assert "fixed, k =" in md and "RoE, threshold" in md

@@ -9,7 +9,7 @@ from torch.testing import assert_close
 from conftest import QUESTIONS
 from roe_core import scenes
 from roe_core.systems import load_base, load_systems
-from roe_core.systems.static import StaticConfig, StaticModel, StaticPipeline, layer_scores, lowest
+from roe_core.systems.static import StaticConfig, StaticModel, StaticPipeline, layer_scores, lowest, lowest_order
 from roe_core.train.loop import LlavaJsonDataset
 from roe_core.train.static import StaticTrainConfig, choose_layers, init_from_roe, main, train_static
 
@@ -97,6 +97,7 @@ def test_the_layer_choice_matches_a_hand_computation(loaded, images):
     assert_close(torch.tensor(got_cos[:L - 1], dtype=torch.float64), by_hand_cos[:L - 1] / len(singles),
                  rtol=1e-4, atol=1e-6)
     assert lowest([0.3, 0.1, 0.2, 0.1], 2) == [1, 3] and lowest([0.3, 0.1, 0.2, 0.1], 0) == []
+    assert lowest_order([0.3, 0.1, 0.2, 0.1]) == [1, 3, 2, 0]          # the fixed sweep's order: lowest(., k) leads
     with pytest.raises(ValueError, match="k must be"):
         lowest([0.1, 0.2], 3)
 
@@ -116,6 +117,7 @@ def test_save_and_load_answer_alike(loaded, images, tmp_path):
     assert saved["skipped"] == [2, 3] and saved["metric"] == "cosine"
     back = load_systems(["static"], loaded=loaded, parts={"static": str(tmp_path)})["static"]
     assert back.model.config.skipped == [2, 3] and back.info["parts"] == str(tmp_path)
+    assert back.skip_order() == [0, 1, 2, 3, 4, 5]                            # equal scores: earlier first
     for k in back.model.adapters:
         for a, b in zip(back.model.adapters[k].parameters(), model.adapters[k].parameters()):
             assert_close(a, b.to(torch.bfloat16).float())                     # stored in bf16

@@ -10,6 +10,6 @@
 from .batching import Composition, compare_batching  # noqa: F401
 from .atlas import Atlas, AtlasEntry, build_atlas, hamming_order  # noqa: F401
 from .fidelity import Fidelity, adapter_fidelity  # noqa: F401
-from .sweep import SweepPoint, sweep_thresholds  # noqa: F401
+from .sweep import SweepPoint, sweep_fixed, sweep_thresholds  # noqa: F401
 from .evaluate import evaluate, teacher_forced  # noqa: F401
 from .experts import js_divergence, modality_shares, rigidity  # noqa: F401

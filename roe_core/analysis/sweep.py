@@ -3,6 +3,8 @@
     points = sweep_thresholds(pipe, test_questions(32), [0.3, 0.4, 0.5, 0.6, 0.7])
     [(p.threshold, p.mean_layers_executed, p.accuracy, p.speedup) for p in points]
 
+    points = sweep_fixed(pipe, questions, order, [4, 8, 12])   # a fixed path at each k, RoE's adapters
+
 Every threshold answers the same questions in the same batches (routes decided per example), and so
 does the dense path (every layer), all in one run; speed is examples per second of those passes and
 speedup is the dense pass's time over the threshold's. Accuracy is exact match against the reference
@@ -29,6 +31,7 @@ class SweepPoint:
     examples_per_s: float
     speedup: float                    # dense pass's seconds / this pass's
     calibrated: bool = False          # the model's own threshold
+    fixed_k: int | None = None        # sweep_fixed: the fixed path skipping the first k layers of its order
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,4 +85,47 @@ def sweep_thresholds(pipe: RoEPipeline, questions: Sequence[Question], threshold
         points.append(point(thr, texts, layers, secs, d_texts, d_secs))
         if progress is not None:
             progress(k + 2, total)
+    return points
+
+
+def sweep_fixed(pipe: RoEPipeline, questions: Sequence[Question], order: Sequence[int], ks: Sequence[int],
+                batch_size: int = 8, max_new_tokens: int = 24,
+                progress: Callable[[int, int], None] | None = None, on_step: Callable | None = None,
+                clock: Callable[[], float] = time.perf_counter,
+                between_layers: Callable | None = None) -> list[SweepPoint]:
+    """A fixed path (the same layers skipped for every input) at each k, through the RoE pipeline with its
+    adapters standing in: the first k layers of `order` (e.g. a static system's skip_order()) skipped.
+    With the adapters shared, the curve against sweep_thresholds' isolates what per-example routing
+    adds. The dense point first (as sweep_thresholds), then one point per k (ascending)."""
+    if not questions:
+        raise ValueError("the question set is empty")
+    L = pipe.num_layers
+    if sorted(order) != list(range(L)):
+        raise ValueError(f"order must list each of the {L} layers once")
+    ks = sorted({int(k) for k in ks})
+    if not ks or any(not 0 <= k < L for k in ks):
+        raise ValueError(f"each k must be in 0..{L - 1}")
+    golds = [q.gold for q in questions]
+    has_gold = all(g is not None for g in golds)
+    total = len(ks) + 1
+    d_texts, _, d_secs = _pass(pipe, questions, "dense", None, batch_size, max_new_tokens, on_step, clock, between_layers)
+    n = len(questions)
+
+    def point(k, texts, secs):
+        return SweepPoint(None, float(L - k),
+                          sum(answers_match(t, g) for t, g in zip(texts, golds)) / n if has_gold else None,
+                          sum(a == b for a, b in zip(texts, d_texts)) / n, secs, n / secs if secs > 0 else 0.0,
+                          d_secs / secs if secs > 0 else float("nan"), fixed_k=k)
+
+    points = [point(0, d_texts, d_secs)]
+    points[0].fixed_k = None
+    if progress is not None:
+        progress(1, total)
+    for j, k in enumerate(ks):
+        skip = set(order[:k])
+        route = [i not in skip for i in range(L)]
+        texts, _, secs = _pass(pipe, questions, route, None, batch_size, max_new_tokens, on_step, clock, between_layers)
+        points.append(point(k, texts, secs))
+        if progress is not None:
+            progress(j + 2, total)
     return points

@@ -129,12 +129,14 @@ def run(model: str = "embedded", roe: str | None = None, n: int = 1008, quick: b
         out: str | Path = "bench", device: str = "auto", max_new_tokens: int = 24, repeats: int = 5,
         timing_n: int = 48, batch_size: int = 16, threshold: float | None = None, shifted_n: int = 400,
         systems: list[str] | None = None, parts: dict[str, str] | None = None,
-        uniformity_n: int = 240, command: str | None = None) -> dict:
+        uniformity_n: int = 240, command: str | None = None, curve_n: int = 240) -> dict:
     """Every system on the test split (see the module's docstring). roe / parts: parts folders other than
     the shipped ones ({system: folder}; roe= is parts["roe"]). command: how this run was started,
-    recorded in the results (main() passes its own command line)."""
+    recorded in the results (main() passes its own command line). curve_n: test questions of the
+    fixed-path curve (fixed_curve; 0: none)."""
     if quick:
         n, repeats, timing_n, shifted_n, uniformity_n = min(n, 24), 2, 8, min(shifted_n, 16), min(uniformity_n, 8)
+        curve_n = min(curve_n, 16)
     systems = list(systems or shipped_systems(model))
     unknown = [s for s in systems if s not in registry.SYSTEMS]
     if unknown:
@@ -198,6 +200,10 @@ def run(model: str = "embedded", roe: str | None = None, n: int = 1008, quick: b
         results["systems"][name] = row
     if roe_pipe is not None:
         results.update(roe_results(roe_pipe, routed, qs, sq, ev, ev_shifted, eps, med, threshold, len(tq)))
+        fixed = next(((n, p.skip_order()) for n, p in pipes.items() if p.skip_order()), None)
+        if fixed and curve_n:
+            results["fixed_curve"] = fixed_curve(roe_pipe, qs[:curve_n], fixed[0], fixed[1], threshold,
+                                                 batch_size, max_new_tokens)
     sy = results["systems"]
     for a, b in paper_pairs(pipes):
             results[f"accuracy_{a}_minus_{b}"] = sy[a]["accuracy"] - sy[b]["accuracy"]
@@ -209,6 +215,38 @@ def run(model: str = "embedded", roe: str | None = None, n: int = 1008, quick: b
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(markdown(results))
     return results
+
+
+CURVE_THRESHOLDS = (0.4, 0.5, 0.6)
+
+
+def fixed_curve(pipe: Pipeline, qs: list[Question], name: str, order: list[int], threshold: float | None,
+                batch_size: int, max_new_tokens: int) -> dict:
+    """Per-example routing against fixed paths with the same adapters: RoE's threshold sweep and, through
+    RoE's pipeline, the path skipping the first k layers of `name`'s order (its skip_order()) for every
+    input, at every third k from a fifth to half the layers and at RoE's own mean. At equal mean layers (the fixed
+    curve interpolated at RoE's) the difference is what routing per example adds."""
+    from ..analysis.sweep import sweep_fixed, sweep_thresholds
+    L = pipe.num_layers
+    own = pipe.model.threshold_or(threshold)
+    routed = sweep_thresholds(pipe, qs, sorted({*CURVE_THRESHOLDS, own}), batch_size, max_new_tokens)
+    at = next(p for p in routed if p.threshold is not None and abs(p.threshold - own) < 1e-9)
+    k_roe = round(L - at.mean_layers_executed)
+    ks = sorted({*range(L // 5, L // 2 + 1, 3), max(0, min(L - 1, k_roe))})
+    fixed = sweep_fixed(pipe, qs, order, ks, batch_size, max_new_tokens)
+    pts = sorted((p.mean_layers_executed, p.accuracy) for p in fixed)
+
+    def interp(x):
+        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+            if x0 <= x <= x1:
+                return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+        return None
+    same = interp(at.mean_layers_executed)
+    return {"n_questions": len(qs), "order_from": name, "order": order, "threshold": own,
+            "roe": [p.to_dict() for p in routed], "fixed": [p.to_dict() for p in fixed],
+            "roe_layers": at.mean_layers_executed, "roe_accuracy": at.accuracy,
+            "fixed_accuracy_at_roe_layers": same,
+            "roe_minus_fixed_at_equal_layers": None if same is None or at.accuracy is None else at.accuracy - same}
 
 
 def paper_pairs(systems) -> list[tuple[str, str]]:
@@ -353,7 +391,29 @@ def markdown(r: dict) -> str:
                          f"| {m['expert_similarity_per_layer'][i]:.3f} | {m['l_aux_per_layer'][i]:.3f} |")
     if "roe" in r:
         lines += ["", roe_markdown(r)]
+    if "fixed_curve" in r:
+        lines += ["", fixed_curve_markdown(r["fixed_curve"], sy[r["fixed_curve"]["order_from"]]["label"], r["num_layers"])]
     return "\n".join(lines) + "\n"
+
+
+def fixed_curve_markdown(c: dict, label: str, L: int) -> str:
+    d = c["roe_minus_fixed_at_equal_layers"]
+    verdict = ("-" if d is None else f"**{100 * d:+.1f} points**"
+               + ("" if d >= 0.02 else " (per-example routing does not beat the fixed path by 2 points here)"))
+    lines = [f"## Per-example routes against fixed paths, the same adapters ({c['n_questions']} test questions)", "",
+             f"RoE's threshold swept, and the path that skips the first k layers of {label}'s order "
+             f"({', '.join(map(str, c['order'][:12]))}, ...) for every input, both with RoE's adapters standing in. "
+             f"At RoE's own threshold {c['threshold']:g} ({c['roe_layers']:.2f} layers): RoE {_f(c['roe_accuracy'])}, "
+             f"the fixed path interpolated at the same layers {_f(c['fixed_accuracy_at_roe_layers'])}: RoE minus fixed "
+             f"{verdict}.", "",
+             "| path | layers run (of %d) | accuracy | same answer as every layer |" % L, "|---|---|---|---|"]
+    for p in c["roe"][1:]:
+        lines.append(f"| RoE, threshold {p['threshold']:g} | {p['mean_layers_executed']:.2f} | {_f(p['accuracy'])} "
+                     f"| {p['agreement_with_dense']:.3f} |")
+    for p in c["fixed"][1:]:
+        lines.append(f"| fixed, k = {p['fixed_k']} | {p['mean_layers_executed']:.0f} | {_f(p['accuracy'])} "
+                     f"| {p['agreement_with_dense']:.3f} |")
+    return "\n".join(lines)
 
 
 def roe_markdown(r: dict) -> str:
@@ -417,13 +477,15 @@ def main(argv=None) -> None:
     ap.add_argument("--shifted-n", type=int, default=400, help="questions of the shifted split (0: none)")
     ap.add_argument("--threshold", type=float, default=None,
                     help="run a layer iff p_run > this (default: the RoE parts' own, roe_config.json)")
+    ap.add_argument("--curve-n", type=int, default=240,
+                    help="test questions of the fixed-path curve (RoE's thresholds vs a fixed path at each k; 0: none)")
     args = ap.parse_args(argv)
     parts = {n: getattr(args, f"parts_{n}") for n, s in registry.SYSTEMS.items()
              if s.has_parts and getattr(args, f"parts_{n}")}
     r = run(args.model, None, args.n, args.quick, args.out, args.device, args.max_new_tokens,
             args.repeats, args.timing_n, threshold=args.threshold, shifted_n=args.shifted_n,
             systems=[x.strip() for x in args.systems.split(",") if x.strip()] if args.systems else None,
-            parts=parts, uniformity_n=args.uniformity_n,
+            parts=parts, uniformity_n=args.uniformity_n, curve_n=args.curve_n,
             command=" ".join(["python -m roe_core.bench", *(argv if argv is not None else sys.argv[1:])]))
     print(markdown(r))
 

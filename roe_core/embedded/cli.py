@@ -27,6 +27,7 @@ assets/embedded/logs/<stage>.jsonl):
     python -m roe_core.embedded evomoe-evolve --steps 225   # EvoMoE: FFN_1 trains, experts 2..4 evolve along it
     python -m roe_core.embedded evomoe-router --steps 225   # EvoMoE: the DTRs alone, experts frozen
     python -m roe_core.embedded calibrate               # the router threshold, chosen on val
+    python -m roe_core.embedded guard --wide-n 240      # the route guard's tau (or none), chosen on val
     python -m roe_core.embedded eval     --n 200        # exact match on a split, dense route
     python -m roe_core.embedded skip-probe [--per-layer]    # what skipping layers costs
     (add --resume to continue a stage from its last checkpoint, or from the shipped weights)
@@ -75,7 +76,12 @@ def _routing(args) -> None:
 
 def _calibrate(args) -> None:
     from .calibrate import calibrate
-    print(json.dumps(calibrate(args.calibrate_n, args.thresholds, args.min_skip), indent=1))
+    print(json.dumps(calibrate(args.calibrate_n, args.thresholds, args.min_skip, args.wide_n), indent=1))
+
+
+def _guard(args) -> None:
+    from .calibrate import calibrate_guard
+    print(json.dumps(calibrate_guard(args.calibrate_n, args.wide_n, args.quantiles, min_skip=args.min_skip), indent=1))
 
 
 def _skip_probe(args) -> None:
@@ -97,7 +103,7 @@ def _eval(args) -> None:
 COMMANDS = {"convert": _convert, "vision": _vision, "align": _lm, "finetune": _lm, "roe": _routing,
             "refine": _routing, "moe-llava": _routing, "evomoe-evolve": _routing, "evomoe-router": _routing,
             "static": _routing,
-            "calibrate": _calibrate, "eval": _eval, "skip-probe": _skip_probe}
+            "calibrate": _calibrate, "guard": _guard, "eval": _eval, "skip-probe": _skip_probe}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -121,6 +127,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--roe-data-from", type=int, default=0,
                     help="refine: first train-split scene of its data (default 0: the scenes finetune "
                          "also trained on; 12000 or more: scenes the dense model never saw)")
+    ap.add_argument("--wide-data", action="store_true",
+                    help="routing stages: the same scenes with questions reworded and images restyled (scenes.grammar)")
     ap.add_argument("--rho", type=float, default=0.4, help="roe: target skip ratio of the hinge")
     ap.add_argument("--rho-max", type=float, default=-1.0,
                     help="roe/refine: > rho lets easy (low-CE) samples' hinge target rise towards it "
@@ -148,6 +156,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="convert: redo the conversion")
     ap.add_argument("--calibrate-n", type=int, default=240, help="calibrate: validation questions")
+    ap.add_argument("--quantiles", type=_thresholds, default=(0.9, 0.97, 0.99),
+                    help="guard: quantiles of the training distances to try as its tau")
+    ap.add_argument("--wide-n", type=int, default=0,
+                    help="calibrate: + this many val questions reworded and restyled (scenes.wide_questions)")
     ap.add_argument("--thresholds", type=_thresholds, default=CALIBRATE_THRESHOLDS,
                     help="calibrate: router thresholds to sweep, comma-separated (default %(default)s); "
                          "when none skips enough, the first is kept")

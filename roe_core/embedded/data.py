@@ -4,7 +4,7 @@ the LLaVA JSON the routing systems train on, and the datasets `train.loop.fit` r
     pixel_cache(n, split, augment)      (pixel_values, samples): scenes with their conversations
     vision_pixels(n, split, augment)    (pixel_values, scenes, aspects): scenes alone
     vision_targets(scenes, aspects)     the vision stage's per-cell / per-patch / count targets
-    roe_data(n, start)                  LLaVA JSON of train-split scenes (runs/data*/train.json)
+    roe_data(n, start, wide)            LLaVA JSON of train-split scenes (runs/data*/train*.json)
     PixelConversations, LMCollator      align / finetune batches: right-padded ids, answer mask, pixels
     PixelTargets, VisionCollator        vision batches: pixels + targets
 
@@ -152,16 +152,18 @@ def vision_targets(scenes, aspects=None) -> dict[str, Tensor]:
 # ----------------------------------------------------------------------------- LLaVA JSON (routing systems)
 
 
-def roe_data(n: int, start: int = 0) -> Path:
+def roe_data(n: int, start: int = 0, wide: bool = False) -> Path:
     """LLaVA JSON of train-split scenes start .. start+n-1 (runs/data/ for start 0, else
-    runs/data_from<start>/); start >= --n-train gives scenes the dense finetune never saw."""
+    runs/data_from<start>/); start >= --n-train gives scenes the dense finetune never saw. wide: the
+    same scenes and answers with questions reworded and images restyled (scenes.grammar; never the
+    shifted split's held-out words or styles), in runs/data_wide*/train_wide.json."""
     from ..scenes import SPLIT_SPAN, export_llava_json
     if not 0 <= start <= SPLIT_SPAN - n:
         raise ValueError(f"--roe-data-from must be in [0, {SPLIT_SPAN - n}], got {start}")
-    data = RUNS / ("data" if start == 0 else f"data_from{start}")
-    js = data / "train.json"
+    data = RUNS / (("data_wide" if wide else "data") + (f"_from{start}" if start else ""))
+    js = data / ("train_wide.json" if wide else "train.json")
     if not js.is_file() or len(json.loads(js.read_text())) != n:
-        export_llava_json("train", n, data, image_size=256, start=start)
+        export_llava_json("train", n, data, image_size=256, start=start, wide=wide)
     return js
 
 

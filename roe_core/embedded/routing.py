@@ -40,7 +40,8 @@ def _copy_curve(out: Path, name: str) -> None:
 
 
 def _data_record(args) -> str:
-    return f"roe_core.scenes train split, scenes {args.roe_data_from}..{args.roe_data_from + args.n_roe_data - 1}"
+    wide = ", reworded and restyled (scenes.grammar, --wide-data)" if args.wide_data else ""
+    return f"roe_core.scenes train split, scenes {args.roe_data_from}..{args.roe_data_from + args.n_roe_data - 1}{wide}"
 
 
 # ----------------------------------------------------------------------------- RoE
@@ -119,7 +120,7 @@ def stage_refine(args) -> None:
     decoder follows the routes as they spread out."""
     from ..systems.roe import RoEModel
     from ..train import LlavaJsonDataset, train
-    js = roe_data(args.n_roe_data, args.roe_data_from)
+    js = roe_data(args.n_roe_data, args.roe_data_from, args.wide_data)
     base, tok, lora = _routed_base(args)
     model = RoEModel.from_roe_folder(base, parts_dir("roe"))
     model.config.extra["refine_data"] = _data_record(args)
@@ -153,7 +154,7 @@ def stage_moe_llava(args) -> None:
     from ..train import LlavaJsonDataset
     from ..train.moe_llava import MoETuneConfig, train_moe_llava
     folder = registry.get("moe_llava").parts_folder
-    js = roe_data(args.n_roe_data, args.roe_data_from)
+    js = roe_data(args.n_roe_data, args.roe_data_from, args.wide_data)
     base, tok = build_base(None, merge_lora=True)
     torch.manual_seed(args.seed)
     model = MoELlavaModel(base, base_model="embedded", expert_delta_rank=args.delta_rank,
@@ -180,7 +181,7 @@ def stage_evomoe(stage: str, args) -> None:
     from ..train import LlavaJsonDataset
     from ..train.evomoe import EvoTrainConfig, train_evomoe
     folder = registry.get("evomoe").parts_folder
-    js = roe_data(args.n_roe_data, args.roe_data_from)
+    js = roe_data(args.n_roe_data, args.roe_data_from, args.wide_data)
     base, tok = build_base(None, merge_lora=True)
     torch.manual_seed(args.seed)
     which = stage.split("-")[1]
@@ -229,7 +230,7 @@ def stage_static(args) -> None:
     from ..train import LlavaJsonDataset
     from ..train.static import StaticTrainConfig, choose_layers, init_from_roe, train_static
     folder = registry.get("static").parts_folder
-    js = roe_data(args.n_roe_data, args.roe_data_from)
+    js = roe_data(args.n_roe_data, args.roe_data_from, args.wide_data)
     base, tok = build_base(None, merge_lora=True)
     encoder = make_encoder(base, tok)
     dataset = LlavaJsonDataset(js, js.parent / "images")

@@ -32,4 +32,4 @@ from .targets import *  # noqa: F401,F403
 from .export import *  # noqa: F401,F403
 from .cli import *  # noqa: F401,F403
 from .cli import main  # noqa: F401
-from .questions import Question, load_llava_questions, shifted_questions, test_questions  # noqa: F401,E402
+from .questions import Question, load_llava_questions, shifted_questions, test_questions, wide_questions  # noqa: F401,E402

@@ -2,6 +2,8 @@
 
     test_questions(n)               the first n questions of a fixed scene split (test by default)
     shifted_questions(n)            the shifted split: phrasings, sizes and tones never trained on
+    wide_questions(n, split)        a split's scenes reworded and restyled by scenes.grammar (its
+                                    training-side grammar: never the shifted split's held-out words)
     load_llava_questions(path)      a LLaVA JSON file (or a folder holding one) of your own images
 
 Each Question has an image, the question, the conversation before it, the reference answer (gold;
@@ -36,6 +38,23 @@ def test_questions(n: int, image_size: int = 256, split: str = "test") -> list[Q
             break
         s = make_sample(seed)
         img = render(s.scene, image_size)
+        hist = []
+        for qa in s.turns:
+            out.append(Question(img, qa.question, list(hist), qa.answer, qa.qtype))
+            hist.append((qa.question, qa.answer))
+    return out[:n]
+
+
+def wide_questions(n: int, split: str = "val") -> list[Question]:
+    """The first n questions of a split's scenes as grammar.make_wide_sample rewords and restyles them
+    (the distribution of `--wide-data` training, on val or test scenes), with the conversation so far."""
+    from .grammar import make_wide_sample
+    out = []
+    for seed in split_seeds(split, n):
+        if len(out) >= n:
+            break
+        s = make_wide_sample(seed)
+        img = s.image()
         hist = []
         for qa in s.turns:
             out.append(Question(img, qa.question, list(hist), qa.answer, qa.qtype))

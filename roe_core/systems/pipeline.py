@@ -205,6 +205,12 @@ class Pipeline:
         system that skips layers (the others ignore it)."""
         raise NotImplementedError
 
+    def skip_order(self) -> list[int] | None:
+        """For a system that skips a fixed set of layers chosen by a measured score: every layer, the one it
+        would skip first leading (so its path at k skips the first k). None for the others. The sweep uses
+        it to draw that fixed path at every k (analysis.sweep_fixed)."""
+        return None
+
     # --- answering ---
     def answer(self, image, question: str, history: History = (), *, max_new_tokens: int = 48,
                on_token: Callable[[str], None] | None = None, **options) -> Answer:

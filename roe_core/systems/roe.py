@@ -41,6 +41,7 @@ from ..runtime.decoder import DecoderInputs, OverBase, RoutedKVCache, additive_m
 from ..runtime.engine import DecodeEngine, LayerProgram, Prefilled
 from ..runtime.generation import Timing, greedy
 from ..runtime.weights import load_tensors, save_tensors
+from .route_guard import RouteGuard
 from .trace import LayerRoute
 from .pipeline import Answer, History, LoadedBase, ParamCounts, Pipeline, numel
 
@@ -133,6 +134,8 @@ class RoEModel(OverBase):
         self.routers = nn.ModuleList(Router(d) for _ in range(config.num_layers))
         self.adapters = nn.ModuleList(SkipAdapter(d, config.adapter_rank, eps) for _ in range(config.num_layers))
         self.routing_tokens = nn.Parameter(torch.randn(2, d) * config.routing_token_std)  # [image, text]
+        self.guard = None               # route_guard.RouteGuard: run a layer whose router input is unlike training
+        self.guard_recorder = None      # RouteGuard.fit: per layer, the router inputs seen
         p = next(base.parameters())
         self.to(device=p.device, dtype=p.dtype)
 
@@ -146,6 +149,8 @@ class RoEModel(OverBase):
         self.config.save(folder)
         # ship=False (checkpoints): fp32, lossless; ship=True (assets/): bf16 (runtime.weights)
         save_tensors(self.roe_state_dict(), folder / WEIGHTS_NAME, keep_fp32=lambda name: not ship)
+        if self.guard is not None:
+            self.guard.save(folder)
 
     @classmethod
     def from_roe_folder(cls, base: nn.Module, folder: str | Path) -> "RoEModel":
@@ -160,6 +165,7 @@ class RoEModel(OverBase):
             missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
             raise ValueError(f"{weights} does not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
         model.load_state_dict(state, strict=False)
+        model.guard = RouteGuard.load(folder)
         return model
 
     def roe_parameters(self):
@@ -236,7 +242,14 @@ class RoEModel(OverBase):
         p_run = self.router_logits(i, h, num_routing)[:, -1].float().softmax(-1)[:, 0]
         if forced is not None:
             return forced[:, i], p_run
-        return p_run > self.threshold_or(threshold), p_run
+        run = p_run > self.threshold_or(threshold)
+        if self.guard is not None or self.guard_recorder is not None:
+            x = RouteGuard.features(self, i, h, num_routing)
+            if self.guard_recorder is not None:
+                self.guard_recorder[i].append(x.cpu())
+            if self.guard is not None:
+                run = run | self.guard.trips(i, x)
+        return run, p_run
 
     def threshold_or(self, threshold: float | None) -> float:
         """The threshold to use: the one given, else the parts' calibrated default (roe_config.json)."""

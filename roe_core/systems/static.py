@@ -95,11 +95,16 @@ def layer_scores(base: nn.Module, batches, metric: str = "l1") -> list[float]:
     return (total / max(1, n)).tolist()
 
 
+def lowest_order(scores: list[float]) -> list[int]:
+    """Every layer, the one that changes its input least first (ties: the earlier layer)."""
+    return sorted(range(len(scores)), key=lambda i: (scores[i], i))
+
+
 def lowest(scores: list[float], k: int) -> list[int]:
     """The k layers that change their input least (ties: the earlier layer)."""
     if not 0 <= k <= len(scores):
         raise ValueError(f"k must be in 0..{len(scores)}, not {k}")
-    return sorted(sorted(range(len(scores)), key=lambda i: (scores[i], i))[:k])
+    return sorted(lowest_order(scores)[:k])
 
 
 # --- the model -----------------------------------------------------------------------------------------------
@@ -291,6 +296,11 @@ class StaticPipeline(Pipeline):
 
     def generate(self, batch, max_new_tokens: int, callback=None):
         return self.model.generate(batch, max_new_tokens, self.encoder.stop_ids, callback, self.engine)
+
+    def skip_order(self) -> list[int] | None:
+        """Every layer, least changing first (the order `lowest` picks from); None without measured scores."""
+        scores = self.model.config.layer_scores
+        return lowest_order(scores) if scores else None
 
     def parameter_counts(self, layers_executed: float | None = None) -> ParamCounts:
         """Total: the base + the adapters. Active per token: the layers run plus the adapters of the others."""
