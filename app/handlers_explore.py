@@ -14,6 +14,7 @@ import pandas as pd
 
 from roe_core import InputError
 from roe_core.analysis import adapter_fidelity, build_atlas, compare_batching, sweep_fixed, sweep_thresholds
+from roe_core.scenes.answers import answers_match
 from roe_core.scenes.questions import load_llava_questions, test_questions
 from roe_core.systems import registry
 
@@ -72,6 +73,7 @@ class ExploreHandlers:
             atlas = build_atlas(self.ctx.pipe, questions, batch_size=8, max_new_tokens=self.ctx.max_new_tokens,
                                 progress=lambda d, t: progress((d, t), desc="answering", unit="questions"),
                                 on_step=job.step, between_layers=job.checkpoint)
+            fixed = self.fixed_path_beside(atlas, questions, job, progress)
         rows = atlas.rows()
         csv_path = self.ctx.workdir / "exports" / f"roe-atlas-{time.strftime('%Y%m%d-%H%M%S')}.csv"
         csv_path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,13 +85,35 @@ class ExploreHandlers:
               f"routes occur once. Mean {statistics.mean(e.layers_executed for e in atlas.entries):.1f} of "
               f"{atlas.num_layers} layers run, standard deviation per example "
               f"{statistics.pstdev(e.layers_executed for e in atlas.entries):.2f}" + (f"; exact match {statistics.mean(e.correct for e in scored):.3f} "
-                                                 f"on the {len(scored)} with a reference" if scored else "") + ".")
+                                                 f"on the {len(scored)} with a reference" if scored else "") + "." + fixed)
         table = pd.DataFrame([[r["rank"], r["index"], r["qtype"], r["question"], r["answer"], r["gold"],
                                "" if r["correct"] is None else ("✓" if r["correct"] else "✗"), r["layers_executed"],
                                r["route"]] for r in rows], columns=T.ATLAS_HEADERS)
         return {"atlas_md": md, "atlas_plot": FX.plot_atlas(atlas), "atlas_types": FX.plot_skip_by_type(atlas),
                 "atlas_counts": FX.plot_route_counts(atlas), "atlas_table": table, "atlas_csv": str(csv_path),
                 "atlas_json": atlas.to_dict(), "atlas_state": (atlas, questions)}
+
+    def fixed_path_beside(self, atlas, questions, job, progress) -> str:
+        """A loaded fixed-path system (one with a skip_order) answers the same questions: a sentence comparing
+        it with the routes (empty when none is loaded)."""
+        name = next((n for n, s in self.ctx.systems.items() if s.skip_order()), None)
+        if name is None:
+            return ""
+        pipe = self.ctx.systems[name]
+        texts, layers = [], []
+        for start in range(0, len(questions), 8):
+            chunk = questions[start:start + 8]
+            answers = pipe.answer_batch([(q.image, q.question, q.history) for q in chunk],
+                                        max_new_tokens=self.ctx.max_new_tokens, on_step=job.step)
+            texts += [a.text for a in answers]
+            layers += [a.trace.layers_executed for a in answers]
+            progress((start + len(chunk), len(questions)), desc=f"{registry.label(name)} answering", unit="questions")
+        scored = [(t, e) for t, e in zip(texts, atlas.entries) if e.gold is not None]
+        acc = (f", exact match {statistics.mean(answers_match(t, e.gold) for t, e in scored):.3f} (RoE "
+               f"{statistics.mean(bool(e.correct) for _, e in scored):.3f})" if scored else "")
+        same = statistics.mean(t == e.answer for t, e in zip(texts, atlas.entries))
+        return (f" **{registry.label(name)}** (the same {statistics.mean(layers):.0f} layers for every input) on these "
+                f"questions{acc}; it answers as RoE on {same:.0%}.")
 
     def open_atlas_example(self, state, evt: gr.SelectData):
         """A row of the atlas table -> that example's image and question in the chat (a new conversation)."""

@@ -182,6 +182,9 @@ def route_note(trace: RouteTrace) -> dict:
     timing = trace.timing
     lines = [f"**Ran:** {spans(ran)}", f"**Skipped, adapter stood in:** {spans(skipped)}",
              f"Router threshold {trace.threshold:.2f}; route {trace.route_mode}."]
+    guarded = getattr(trace, "guarded", [])
+    if guarded:
+        lines.insert(2, f"**Run by the route guard** (this input is unlike training there): {spans(guarded)}")
     if timing is not None:
         lines.append(f"{timing.total_s:.3f} s for {trace.new_tokens} tokens (prefill {timing.prefill_s:.3f} s).")
     return {"role": "assistant", "content": "  \n".join(lines),

@@ -14,6 +14,7 @@ from PIL import Image
 
 import app  # noqa: F401  (environment before gradio)
 from roe_core import RoEPipeline
+from roe_core.systems import registry
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "assets" / "examples"
@@ -394,6 +395,7 @@ def test_the_atlas_endpoint_counts_add_up(url, L, tmp_path):
     c = new_client(url)
     md, atlas_fig, types_fig, counts_fig, table, csv_file, data = c.predict("scenes", 8, None, api_name="/atlas")
     assert "8 questions" in md
+    assert f"**{registry.label('static')}** (the same {L} layers for every input)" in md and "answers as RoE" in md
     entries = data["entries"]
     assert len(entries) == 8 and sorted(data["order"]) == list(range(8))
     assert sum(r["count"] for r in data["route_counts"]) == 8 == len(table["data"])

@@ -322,3 +322,25 @@ def test_lm_schedule_and_the_former_checkpoints(tmp_path):
     assert fitting.resume_point(old, "finetune") == (240, False)
     assert {p.name for p in old.iterdir()} == {"trainer_state.json", "backbone.safetensors", "optimizer.safetensors"}
     assert fitting.resume_point(old, "finetune") == (240, False)
+
+
+def test_ordinary_words_about_the_examples_are_answered_alike(loaded):
+    """Some of bench.own_words' ordinary questions about the shipped examples (yes/no, a total count, a
+    description): RoE gives the dense path's answer. (Its "How many shapes ...?" questions, in words the
+    shifted split holds out, RoE still answers with a shape: the README's table.)"""
+    base, tok, proc, extra = loaded
+    roe_dir = shipped_roe()
+    if roe_dir is None:
+        pytest.skip("the roe stage is not shipped yet (no assets/embedded/roe)")
+    from roe_core.bench.own_words import EXAMPLES, QUESTIONS
+    from roe_core.systems.roe import RoEModel, RoEPipeline
+    pipe = RoEPipeline(RoEModel.from_roe_folder(base, roe_dir), embedded.make_encoder(base, tok), extra)
+    picked = [(img, q) for img, q, _ in QUESTIONS if not q.lower().startswith(("how many shapes", "what shapes",
+                                                                                "which one"))]
+    assert len(picked) == 5
+    items = [(str(EXAMPLES / img), q, ()) for img, q in picked]
+    routed = pipe.answer_batch(items, route="auto", max_new_tokens=24)
+    dense = pipe.answer_batch(items, route="dense", max_new_tokens=24)
+    got = [(q, a.text, d.text, a.trace.layers_executed) for (_, q), a, d in zip(picked, routed, dense)]
+    assert all(a.trace.layers_executed < 30 for a in routed), got           # it does skip
+    assert all(a == d for _, a, d, _ in got), json.dumps(got, indent=1)

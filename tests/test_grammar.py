@@ -74,3 +74,23 @@ def test_wide_export_writes_restyled_images(tmp_path):
     assert len(sizes) > 1                                                             # not one fixed size
     assert [r["conversations"][1]["value"] for r in records] == \
         [s.turns[0].answer for s in scenes.make_split("train", 6)]
+
+
+def test_wide_questions_are_the_split_reworded_with_the_same_answers():
+    plain = scenes.test_questions(12, split="val")
+    wide = scenes.wide_questions(12, split="val")
+    assert [q.gold for q in wide] == [q.gold for q in plain] and [q.qtype for q in wide] == [q.qtype for q in plain]
+    assert sum(a.question != b.question for a, b in zip(wide, plain)) >= 6
+    assert [q.question for q in scenes.wide_questions(12, split="val")] == [q.question for q in wide]
+    held = held_out_words(800)
+    assert not any(words(q.question) & held for q in wide)
+    assert wide[1].history and wide[1].history[0][0] == wide[0].question           # earlier turns as asked
+
+
+def test_routing_stages_read_the_wide_data_when_asked(tmp_path, monkeypatch):
+    from roe_core.embedded import data
+    monkeypatch.setattr(data, "RUNS", tmp_path)
+    js = data.roe_data(4, 0, wide=True)
+    assert js == tmp_path / "data_wide" / "train_wide.json"
+    assert data.roe_data(4, 8, wide=True) == tmp_path / "data_wide_from8" / "train_wide.json"
+    assert data.roe_data(4) == tmp_path / "data" / "train.json"

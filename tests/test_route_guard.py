@@ -82,3 +82,16 @@ def test_it_saves_and_loads_with_the_parts(pipe, guard, images, tmp_path):
     assert RoEModel.from_roe_folder(pipe.model.base, tmp_path / "none").guard is None
     with pytest.raises(ValueError, match="q must be"):
         guard.quantile_tau(1.0)
+
+
+def test_the_trace_names_the_layers_the_guard_ran(pipe, guard, images):
+    its = items(images)
+    plain = pipe.answer_batch(its, max_new_tokens=2, threshold=0.9)
+    assert all(a.trace.guarded == [] for a in plain)
+    guard.tau = 0.0
+    pipe.model.guard = guard
+    guarded = pipe.answer_batch(its, max_new_tokens=2, threshold=0.9)
+    for a, b in zip(guarded, plain):
+        assert a.trace.guarded == [i for i, r in enumerate(b.trace.route) if not r]    # every skip overruled
+        assert a.trace.to_dict()["guarded"] == a.trace.guarded
+    assert pipe.answer_batch(its[:1], max_new_tokens=2, route="dense")[0].trace.guarded == []

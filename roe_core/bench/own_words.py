@@ -74,6 +74,10 @@ def markdown(rows: list[dict], num_layers: int) -> str:
     lines += ["", f"Right, of the {len(judged)} questions the scene answers: " + ", ".join(
         f"{registry.label(n)} {sum(r['answers'][n]['right'] for r in judged)}" for n in names)
         + f". In brackets: decoder layers run, of {num_layers}."]
+    if "dense" in names and len(names) > 1:
+        lines[-1] += " The same answer as Dense, of all " + str(len(rows)) + ": " + ", ".join(
+            f"{registry.label(n)} {sum(r['answers'][n]['text'] == r['answers']['dense']['text'] for r in rows)}"
+            for n in names if n != "dense") + "."
     return "\n".join(lines)
 
 

@@ -424,10 +424,17 @@ class RouteTrace(LayerRoute):
         return (f"{self.layers_executed} of {self.num_layers} layers ran, {n} adapter{'' if n == 1 else 's'} "
                 f"stood in")
 
+    @property
+    def guarded(self) -> list[int]:
+        """Layers that ran although their router said skip: the route guard found the input unlike training."""
+        if self.route_mode != "auto":
+            return []
+        return [i for i, (r, p) in enumerate(zip(self.route, self.p_run)) if r and p <= self.threshold]
+
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in ("route", "p_run", "route_mode", "threshold", "l1", "l1_dense",
                                           "new_tokens", "layers_executed", "num_layers", "adapters_used",
-                                          "skip_ratio", "active_params")}
+                                          "skip_ratio", "active_params", "guarded")}
         if self.timing is not None:
             d["timing"] = self.timing.to_dict()
         return d
