@@ -405,7 +405,9 @@ def fixed_curve_markdown(c: dict, label: str, L: int) -> str:
              f"({', '.join(map(str, c['order'][:12]))}, ...) for every input, both with RoE's adapters standing in. "
              f"At RoE's own threshold {c['threshold']:g} ({c['roe_layers']:.2f} layers): RoE {_f(c['roe_accuracy'])}, "
              f"the fixed path interpolated at the same layers {_f(c['fixed_accuracy_at_roe_layers'])}: RoE minus fixed "
-             f"{verdict}.", "",
+             f"{verdict}. RoE's adapters were trained on RoE's own routes: where the fixed path skips layers RoE "
+             f"rarely skips, they stand in untrained, so this curve is a lower bound for a fixed path. The fair "
+             f"comparison is {label}'s row in the first table (its own adapters, trained on the same data).", "",
              "| path | layers run (of %d) | accuracy | same answer as every layer |" % L, "|---|---|---|---|"]
     for p in c["roe"][1:]:
         lines.append(f"| RoE, threshold {p['threshold']:g} | {p['mean_layers_executed']:.2f} | {_f(p['accuracy'])} "
