@@ -85,6 +85,21 @@ def test_engine_streams_like_the_eager_loop(loaded, images, diversify_routers):
     assert streams["eager"] == streams["off"] and streams["off"][0][-1] == streams["off"][1]
 
 
+def random_routes_agree(pipe, items, engine, reference: str, rounds: int, seed: int = 3) -> None:
+    """rounds random forced routes (a route per example): `engine` answers as the pipeline does in the
+    `reference` engine mode, and every answer took its route. Leaves the pipeline on the eager loop."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(rounds):
+        route = torch.rand(len(items), pipe.num_layers, generator=g) > 0.5
+        pipe.use_engine(reference)
+        ref = pipe.answer_batch(items, max_new_tokens=4, route=route)
+        pipe.engine = engine
+        got = pipe.answer_batch(items, max_new_tokens=4, route=route)
+        pipe.use_engine("off")
+        assert [a.text for a in got] == [a.text for a in ref]
+        assert [a.trace.route for a in got] == route.tolist()
+
+
 def test_forced_routes_and_the_graph_bound(loaded, images):
     """Many different routes through one arena: answers equal the eager loop's, and the number of
     (layer, row bucket) programs the engine keeps stays within graph_bound. In eager mode the count
@@ -93,7 +108,6 @@ def test_forced_routes_and_the_graph_bound(loaded, images):
     L = pipe.num_layers
     items = items_of(images) + [(images[3], "What is in it?", ())]
     B = len(items)
-    g = torch.Generator().manual_seed(3)
     engine = DecodeEngine("eager")
     keys = set()
     orig = engine.run
@@ -102,15 +116,7 @@ def test_forced_routes_and_the_graph_bound(loaded, images):
         keys.add(key)
         orig(a, key, fn, layer)
     engine.run = spy
-    for _ in range(6):
-        route = torch.rand(B, L, generator=g) > 0.5
-        pipe.use_engine("off")
-        off = pipe.answer_batch(items, max_new_tokens=4, route=route)
-        pipe.engine = engine
-        eng = pipe.answer_batch(items, max_new_tokens=4, route=route)
-        pipe.use_engine("off")
-        assert [a.text for a in eng] == [a.text for a in off]
-        assert [a.trace.route for a in eng] == route.tolist()
+    random_routes_agree(pipe, items, engine, "off", 6)
     assert len(keys) <= DecodeEngine.graph_bound(L, B)
     assert len(engine.arenas) == 1                              # one shape: one arena, reused
 

@@ -6,7 +6,7 @@ import torch
 
 from roe_core.runtime.engine import DecodeEngine
 from roe_core.systems import SYSTEMS, load_base, registry
-from test_engine import answers as run, same as traces_equal
+from test_engine import answers as run, random_routes_agree, same as traces_equal
 from test_systems import differentiate, items_of
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]
@@ -45,16 +45,8 @@ def test_mixed_routes_replay_within_the_graph_bound(loaded, images):
     pipe = on_cuda(differentiate(loaded, "roe", images, lambda *a: None), torch.float32)
     items = items_of(images) + [(images[3], "What is in it?", ())]
     B, L = len(items), pipe.num_layers
-    g = torch.Generator().manual_seed(3)
     engine = DecodeEngine("graphs")
-    for _ in range(8):
-        route = torch.rand(B, L, generator=g) > 0.5
-        pipe.use_engine("eager")
-        ref = pipe.answer_batch(items, max_new_tokens=4, route=route)
-        pipe.engine = engine
-        got = pipe.answer_batch(items, max_new_tokens=4, route=route)
-        assert [a.text for a in got] == [a.text for a in ref]
-    pipe.use_engine("off")
+    random_routes_agree(pipe, items, engine, "eager", 8)
     assert 0 < engine.graph_count <= DecodeEngine.graph_bound(L, B)
 
 

@@ -111,14 +111,13 @@ def sweep_fixed(pipe: RoEPipeline, questions: Sequence[Question], order: Sequenc
     d_texts, _, d_secs = _pass(pipe, questions, "dense", None, batch_size, max_new_tokens, on_step, clock, between_layers)
     n = len(questions)
 
-    def point(k, texts, secs):
-        return SweepPoint(None, float(L - k),
+    def point(k, texts, secs):          # k None: the dense pass
+        return SweepPoint(None, float(L - (k or 0)),
                           sum(answers_match(t, g) for t, g in zip(texts, golds)) / n if has_gold else None,
                           sum(a == b for a, b in zip(texts, d_texts)) / n, secs, n / secs if secs > 0 else 0.0,
                           d_secs / secs if secs > 0 else float("nan"), fixed_k=k)
 
-    points = [point(0, d_texts, d_secs)]
-    points[0].fixed_k = None
+    points = [point(None, d_texts, d_secs)]
     if progress is not None:
         progress(1, total)
     for j, k in enumerate(ks):

@@ -243,11 +243,12 @@ class RoEModel(OverBase):
         if forced is not None:
             return forced[:, i], p_run
         run = p_run > self.threshold_or(threshold)
-        if self.guard is not None or self.guard_recorder is not None:
+        guarded = self.guard is not None and self.guard.tau is not None
+        if guarded or self.guard_recorder is not None:
             x = RouteGuard.features(self, i, h, num_routing)
             if self.guard_recorder is not None:
                 self.guard_recorder[i].append(x.cpu())
-            if self.guard is not None:
+            if guarded:
                 run = run | self.guard.trips(i, x)
         return run, p_run
 

@@ -37,7 +37,9 @@ class RouteGuard:
 
     def distance(self, i: int, x: Tensor) -> Tensor:
         """(B,) mean squared z-score of router i's inputs x (B, 2d)."""
-        return ((x - self.mean[i].to(x.device)) ** 2 / self.var[i].to(x.device)).mean(-1)
+        if self.mean.device != x.device:            # once: the statistics follow the model to its device
+            self.mean, self.var = self.mean.to(x.device), self.var.to(x.device)
+        return ((x - self.mean[i]) ** 2 / self.var[i]).mean(-1)
 
     def trips(self, i: int, x: Tensor) -> Tensor:
         """(B,) bool: layer i must run (the input is further than tau)."""
@@ -75,7 +77,8 @@ class RouteGuard:
         return guard
 
     def save(self, folder: str | Path) -> None:
-        save_file({"mean": self.mean.contiguous(), "var": self.var.contiguous(), "train_dist": self.train_dist.contiguous()},
+        save_file({"mean": self.mean.cpu().contiguous(), "var": self.var.cpu().contiguous(),
+                   "train_dist": self.train_dist.cpu().contiguous()},
                   str(Path(folder, GUARD_NAME)), metadata={"tau": json.dumps(self.tau)})
 
     @classmethod
