@@ -344,3 +344,11 @@ def test_ordinary_words_about_the_examples_are_answered_alike(loaded):
     got = [(q, a.text, d.text, a.trace.layers_executed) for (_, q), a, d in zip(picked, routed, dense)]
     assert all(a.trace.layers_executed < 30 for a in routed), got           # it does skip
     assert all(a == d for _, a, d, _ in got), json.dumps(got, indent=1)
+
+
+def test_own_words_can_ask_the_examples_own_questions():
+    from roe_core.bench.own_words import EXAMPLES, examples_own_questions
+    entries = json.loads((EXAMPLES / "examples.json").read_text())
+    got = examples_own_questions()
+    assert [(img, q) for img, q, _ in got] == [(e["image"], e["question"]) for e in entries]
+    assert [gold(None) for _, _, gold in got] == [e["answer"] for e in entries]

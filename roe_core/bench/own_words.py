@@ -4,6 +4,7 @@ the scene determines one.
 
     python -m roe_core.bench.own_words                       # the embedded model, every shipped system
     python -m roe_core.bench.own_words --systems dense,roe --json rows.json
+    python -m roe_core.bench.own_words --examples            # the examples' own suggested questions
 """
 from __future__ import annotations
 
@@ -41,12 +42,18 @@ QUESTIONS: tuple[tuple[str, str, Callable | None], ...] = (
 )
 
 
-def ask(pipes: dict, folder: Path = EXAMPLES, max_new_tokens: int = 32) -> list[dict]:
+def examples_own_questions(folder: Path = EXAMPLES) -> list[tuple[str, str, Callable]]:
+    """The shipped examples' own suggested questions (examples.json), with their answers."""
+    return [(e["image"], e["question"], lambda scene, a=e["answer"]: a)
+            for e in json.loads((folder / "examples.json").read_text())]
+
+
+def ask(pipes: dict, folder: Path = EXAMPLES, max_new_tokens: int = 32, questions=QUESTIONS) -> list[dict]:
     """One row per question: the question, the right answer (or None) and each system's answer, whether it
     is right, and the layers it ran."""
     entries = {e["image"]: e for e in json.loads((folder / "examples.json").read_text())}
     rows = []
-    for image, question, gold_of in QUESTIONS:
+    for image, question, gold_of in questions:
         e = entries[image]
         scene = make_sample(e["seed"], n_turns=1, qtypes=(e["qtype"],)).scene
         gold = gold_of(scene) if gold_of else None
@@ -87,10 +94,12 @@ def main(argv=None) -> None:
     ap.add_argument("--systems", default=None, help="comma-separated (default: every shipped system)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", default=None, help="also write the rows here")
+    ap.add_argument("--examples", action="store_true",
+                    help="ask the shipped examples' own suggested questions instead (examples.json)")
     args = ap.parse_args(argv)
     systems = [s.strip() for s in args.systems.split(",")] if args.systems else shipped_systems(args.model)
     pipes = load_systems(systems, loaded=load_base(args.model, args.device))
-    rows = ask(pipes)
+    rows = ask(pipes, questions=examples_own_questions() if args.examples else QUESTIONS)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     print(markdown(rows, next(iter(pipes.values())).num_layers))
