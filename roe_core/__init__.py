@@ -9,14 +9,14 @@ Hugging Face LLaVA models.
     bench/     the benchmark
 """
 from .runtime.conversation import ConversationEncoder, InputError
-from .runtime.loading import ModelLoadError
+from .runtime.loading import ModelLoadError, NotFittedError
 from .runtime import tiny as _tiny  # noqa: F401  (registers the model source "tiny")
 from .systems import SYSTEMS, load_system, load_systems
 from .systems.pipeline import Answer, Pipeline
 from .systems.roe import (RoEConfig, RoEModel, RoEPipeline, Router, RouteTrace, SkipAdapter, SpeedComparison, generate,
                           parse_route)
 
-__all__ = ["Answer", "ConversationEncoder", "InputError", "ModelLoadError", "Pipeline", "RoEConfig", "RoEModel",
+__all__ = ["Answer", "ConversationEncoder", "InputError", "ModelLoadError", "NotFittedError", "Pipeline", "RoEConfig", "RoEModel",
            "RoEPipeline", "RouteTrace", "Router", "SYSTEMS", "SkipAdapter", "SpeedComparison", "generate", "parse_route",
            "load_system", "load_systems"]
 

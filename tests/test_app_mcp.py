@@ -20,7 +20,7 @@ def url(free_port):
     from app.layout import build_demo, launch_options
     from roe_core.systems import load_systems
 
-    pipe = load_systems(["roe"], model="tiny")["roe"]
+    pipe = load_systems(["roe"], model="tiny", fresh=True)["roe"]
     demo = build_demo(pipe, max_new_tokens=4, speed_repeats=1, systems={"roe": pipe}, mcp=True)
     _, local_url, _ = demo.launch(prevent_thread_lock=True, server_port=free_port(), quiet=True, mcp_server=True,
                                   **launch_options())

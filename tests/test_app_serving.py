@@ -32,7 +32,7 @@ def served(free_port):
     from app.layout import build_demo, launch_options
 
     from roe_core.systems import load_systems
-    pipe = load_systems(["roe"], model="tiny")["roe"]
+    pipe = load_systems(["roe"], model="tiny", fresh=True)["roe"]
     server = Server(max_batch=8, window_s=0.2, limits=Limits(max_question_tokens=64, max_history_turns=2,
                                                              rate_per_minute=None))
     demo = build_demo(pipe, max_new_tokens=8, speed_repeats=200, systems={"roe": pipe}, server=server)

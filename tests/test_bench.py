@@ -10,7 +10,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_quick_bench_writes_every_key(tmp_path):
-    r = bench.run(model="tiny", quick=True, out=tmp_path, n=24, timing_n=4, max_new_tokens=4)
+    r = bench.run(model="tiny", quick=True, fresh=True, out=tmp_path, n=24, timing_n=4, max_new_tokens=4)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved == json.loads(json.dumps(r))
     for key in ("speedup_bs1", "speedup_bs16", "ideal_speedup", "by_type"):
@@ -74,17 +74,17 @@ def test_quick_bench_writes_every_key(tmp_path):
 
 
 def test_bench_runs_a_chosen_subset_of_systems(tmp_path):
-    r = bench.run(model="tiny", quick=True, out=tmp_path, n=4, timing_n=2, max_new_tokens=2, shifted_n=0,
+    r = bench.run(model="tiny", quick=True, fresh=True, out=tmp_path, n=4, timing_n=2, max_new_tokens=2, shifted_n=0,
                   systems=["dense", "moe_llava"])
     assert list(r["systems"]) == ["dense", "moe_llava"] and "roe" not in r and "speedup_roe_vs_moe_llava" not in r
     with pytest.raises(ValueError, match="unknown systems"):
-        bench.run(model="tiny", quick=True, out=tmp_path, n=2, systems=["gpt"])
+        bench.run(model="tiny", quick=True, fresh=True, out=tmp_path, n=2, systems=["gpt"])
 
 
 def test_bench_threshold_moves_the_routes(tmp_path):
     # p_run is a probability: a threshold of 1 skips every layer, 0 runs every one
-    hi = bench.run(model="tiny", quick=True, out=tmp_path / "hi", n=4, timing_n=1, max_new_tokens=2, threshold=1.0)
-    lo = bench.run(model="tiny", quick=True, out=tmp_path / "lo", n=4, timing_n=1, max_new_tokens=2, threshold=0.0)
+    hi = bench.run(model="tiny", quick=True, fresh=True, out=tmp_path / "hi", n=4, timing_n=1, max_new_tokens=2, threshold=1.0)
+    lo = bench.run(model="tiny", quick=True, fresh=True, out=tmp_path / "lo", n=4, timing_n=1, max_new_tokens=2, threshold=0.0)
     assert hi["threshold"] == 1.0 and hi["roe"]["skip_ratio"] == 1.0
     assert lo["roe"]["skip_ratio"] == 0.0 and lo["roe"]["accuracy"] == lo["dense"]["accuracy"]
 
@@ -92,7 +92,7 @@ def test_bench_threshold_moves_the_routes(tmp_path):
 def test_threshold_choice_needs_the_skip_target():
     from roe_core.embedded.calibrate import choose_threshold
     from roe_core.systems.roe import RoEPipeline
-    pipe = RoEPipeline.load("tiny", device="cpu")
+    pipe = RoEPipeline.load("tiny", device="cpu", fresh=True)
     qs = bench.test_questions(4, image_size=32, split="val")
     # threshold 1 skips every layer, 0 runs every one
     rows, best = choose_threshold(pipe, qs, (1.0, 0.0), min_skip=0.5)

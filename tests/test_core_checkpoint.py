@@ -133,8 +133,8 @@ def test_local_llava_folder_loads_and_answers(tmp_path):
     base, tok, proc = tiny_llava(seed=0)
     for part in (base, tok, proc):
         part.save_pretrained(tmp_path)
-    pipe = RoEPipeline.load(str(tmp_path), device="cpu", seed=0)
-    ref = RoEPipeline.load("tiny", device="cpu", seed=0)
+    pipe = RoEPipeline.load(str(tmp_path), device="cpu", seed=0, fresh=True)
+    ref = RoEPipeline.load("tiny", device="cpu", seed=0, fresh=True)
     assert pipe.model.config.base_model == str(tmp_path)
     assert pipe.encoder.num_image_tokens == ref.encoder.num_image_tokens == 16
     assert pipe.encoder.stop_ids == ref.encoder.stop_ids == {tok.eos_token_id}

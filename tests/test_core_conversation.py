@@ -107,7 +107,7 @@ def test_bad_conversations_raise_input_error(tiny, turns, message):
 
 
 def test_pipeline_input_errors(images):
-    pipe = RoEPipeline.load("tiny", device="cpu")
+    pipe = RoEPipeline.load("tiny", device="cpu", fresh=True)
     with pytest.raises(InputError, match="empty"):
         pipe.answer(images[0], "   ")
     with pytest.raises(InputError, match="no image"):

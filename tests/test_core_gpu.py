@@ -111,7 +111,7 @@ def test_cuda_mixed_route_batch_equals_one_by_one(make_tiny, images, dtype):
 
 
 def test_cuda_pipeline_answers_in_bf16():
-    pipe = RoEPipeline.load("tiny", device="cuda")
+    pipe = RoEPipeline.load("tiny", device="cuda", fresh=True)
     assert pipe.info["device"].startswith("cuda") and pipe.info["dtype"] == "bfloat16"
     img = Image.new("RGB", (20, 12), (200, 40, 40))
     ans = pipe.answer(img, "What colour is it?", max_new_tokens=6)

@@ -363,7 +363,7 @@ def test_trace_fields(tiny, images, diversify_routers):
 
 
 def test_pipeline_dense_trace_l1_equals_l1_dense():
-    pipe = RoEPipeline.load("tiny", device="cpu")
+    pipe = RoEPipeline.load("tiny", device="cpu", fresh=True)
     img = Image.new("RGB", (20, 12), (200, 40, 40))
     dense = pipe.answer(img, "What colour is it?", route="dense", max_new_tokens=4)
     assert dense.trace.l1_dense is not None and len(dense.trace.l1_dense) == pipe.model.num_layers

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_oracle_routes_keep_the_dense_answer(images):
     loaded = load_base("tiny", device="cpu")
-    pipe = pipeline_class("roe").from_base(loaded)
+    pipe = pipeline_class("roe").from_base(loaded, fresh=True)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in pipe.model.adapters.parameters():

@@ -40,7 +40,7 @@ def items(images):
 
 
 def test_k0_is_the_dense_model(loaded, images):
-    pipes = load_systems(["dense", "static"], loaded=loaded)
+    pipes = load_systems(["dense", "static"], loaded=loaded, fresh=True)
     assert pipes["static"].model.config.skipped == [] and "untrained" in pipes["static"].info["parts"]
     b = pipes["dense"].batch(items(images))
     with torch.no_grad():

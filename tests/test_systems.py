@@ -32,7 +32,7 @@ def loaded():
 @pytest.fixture(scope="module")
 def pipes(loaded):
     """Every system over the shared base, each with fresh (untrained) parts."""
-    return load_systems(SYSTEMS, loaded=loaded)
+    return load_systems(SYSTEMS, loaded=loaded, fresh=True)
 
 
 def items_of(images, histories=None):
@@ -42,13 +42,13 @@ def items_of(images, histories=None):
 
 def fresh(loaded, system):
     """A pipeline of its own over the shared base (its parts may be edited without touching `pipes`)."""
-    return load_systems([system], loaded=loaded)[system]
+    return load_systems([system], loaded=loaded, fresh=True)[system]
 
 
 # --- one call, the same kinds of results ----------------------------------------------------------------------
 
 def test_every_system_answers_through_the_same_call(images):
-    pipes = load_systems(SYSTEMS, model="tiny")
+    pipes = load_systems(SYSTEMS, model="tiny", fresh=True)
     assert list(pipes) == list(SYSTEMS) and {"dense", "roe", "moe_llava"} <= set(SYSTEMS)
     assert len({id(p.model.base) for p in pipes.values()}) == 1                 # one base, wrapped by each
     counts = {}

@@ -129,11 +129,12 @@ def run(model: str = "embedded", roe: str | None = None, n: int = 1008, quick: b
         out: str | Path = "bench", device: str = "auto", max_new_tokens: int = 24, repeats: int = 5,
         timing_n: int = 48, batch_size: int = 16, threshold: float | None = None, shifted_n: int = 400,
         systems: list[str] | None = None, parts: dict[str, str] | None = None,
-        uniformity_n: int = 240, command: str | None = None, curve_n: int = 240) -> dict:
+        uniformity_n: int = 240, command: str | None = None, curve_n: int = 240, fresh: bool = False) -> dict:
     """Every system on the test split (see the module's docstring). roe / parts: parts folders other than
     the shipped ones ({system: folder}; roe= is parts["roe"]). command: how this run was started,
     recorded in the results (main() passes its own command line). curve_n: test questions of the
-    fixed-path curve (fixed_curve; 0: none)."""
+    fixed-path curve (fixed_curve; 0: none). fresh: untrained parts for systems the model has none for
+    (asked for explicitly: smoke runs on the tiny model); without it such systems refuse (NotFittedError)."""
     if quick:
         n, repeats, timing_n, shifted_n, uniformity_n = min(n, 24), 2, 8, min(shifted_n, 16), min(uniformity_n, 8)
         curve_n = min(curve_n, 16)
@@ -143,7 +144,7 @@ def run(model: str = "embedded", roe: str | None = None, n: int = 1008, quick: b
         raise ValueError(f"unknown systems {unknown}: choose from {', '.join(registry.names())}")
     parts = {**(parts or {}), **({"roe": roe} if roe else {})}
     torch.manual_seed(0)
-    pipes = load_systems(systems, loaded=load_base(model, device), parts=parts)
+    pipes = load_systems(systems, loaded=load_base(model, device), parts=parts, fresh=fresh)
     any_pipe = next(iter(pipes.values()))
     qs = test_questions(n)
     sq = shifted_questions(shifted_n)

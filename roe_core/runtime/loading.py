@@ -12,6 +12,19 @@ class ModelLoadError(RuntimeError):
     """A model or RoE folder could not be loaded; the message says why and what to do."""
 
 
+class NotFittedError(RuntimeError):
+    """A routed answer was asked of a system whose parts were never fitted nor trained (a base that ships
+    none, loaded without a parts folder): its routers and adapters would be noise, so it refuses. Every
+    layer run (RoE's route "dense") is still answered. The message says how to get parts."""
+
+    def __init__(self, label: str, flag: str = "--roe"):
+        self.label = label
+        super().__init__(
+            f"{label} is not fitted for this model: it ships no {label} parts, and untrained ones would give "
+            f"noise. Fit them (the app's Fit tab, or python -m roe_core.fit) or load a parts folder "
+            f"({flag} <folder>)")
+
+
 def pick_device(device: str | None = "auto") -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

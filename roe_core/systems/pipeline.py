@@ -26,7 +26,7 @@ from ..runtime.conversation import ConversationEncoder, InputError
 from ..runtime.engine import MODES as ENGINE_MODES, DecodeEngine
 from ..runtime.generation import Timing
 from ..runtime.images import load_image
-from ..runtime.loading import ModelLoadError
+from ..runtime.loading import ModelLoadError, NotFittedError
 from ..runtime.sources import LoadedBase, load_base, parts_root
 from . import registry
 from .trace import Trace
@@ -94,9 +94,13 @@ def shipped_parts(loaded: LoadedBase, system: str) -> str | None:
     return str(folder) if (folder / spec.parts_config).is_file() else None
 
 
+# info["parts"] of a system that refuses untrained parts and was loaded without any (Pipeline.needs_fit)
+NOT_FITTED = "not fitted"
+
+
 def shipped_systems(model: str = "embedded") -> list[str]:
     """Every system a model has parts for: a source's shipped ones (systems without parts always); any
-    other model all of them (fresh parts, untrained, unless given)."""
+    other model all of them (RoE and the fixed path then load "not fitted", unless given parts)."""
     root = parts_root(model)
     if root is None:
         return list(registry.names())
@@ -107,8 +111,14 @@ def shipped_systems(model: str = "embedded") -> list[str]:
 class Pipeline:
     """One system over a LLaVA base: answers, batches, streams. Subclasses set `system` (its registry
     name) and implement `generate(batch, max_new_tokens, callback, **options) -> (token ids per example,
-    traces, Timing)` and `parameter_counts()`; `from_base(loaded, parts)` builds one over a loaded base."""
+    traces, Timing)` and `parameter_counts()`; `from_base(loaded, parts)` builds one over a loaded base.
+
+    A system whose untrained parts would change its answers (RoE, the fixed path: `refuses_untrained`)
+    loaded over a base without parts for it is "not fitted" (`needs_fit`): it refuses routed answers
+    (NotFittedError) unless built with fresh=True, which asks for untrained parts explicitly (training
+    starts from them; tests use them)."""
     system = "?"
+    refuses_untrained = False
 
     def __init__(self, model: nn.Module, encoder: ConversationEncoder, info: dict | None = None):
         self.model = model.eval()
@@ -121,6 +131,7 @@ class Pipeline:
         self.info.setdefault("num_layers", model.base.config.text_config.num_hidden_layers
                              if hasattr(model, "base") else None)
         self.engine: DecodeEngine | None = None
+        self.loaded: LoadedBase | None = None       # the base it wraps, where built by from_base
         self.use_engine("auto")
 
     def use_engine(self, mode: str | None = "auto") -> "Pipeline":
@@ -152,19 +163,43 @@ class Pipeline:
     def num_layers(self) -> int:
         return self.info["num_layers"]
 
+    @property
+    def fitted(self) -> bool:
+        """Its parts came from somewhere (shipped, a folder, a fit, training); False for fresh ones."""
+        return bool(self.info.get("fitted", True))
+
+    @property
+    def needs_fit(self) -> bool:
+        """It refuses routed answers: its parts are fresh and nobody asked for untrained ones."""
+        return self.refuses_untrained and not self.fitted and not self.info.get("untrained_ok", False)
+
+    def require_fitted(self, every_layer: bool = False) -> None:
+        """NotFittedError when this answer would come from untrained parts (every_layer: nothing but the
+        base runs, which is always allowed)."""
+        if self.needs_fit and not every_layer:
+            raise NotFittedError(self.label, f"--{self.system.replace('_', '-')}")
+
     # --- building ---
     @classmethod
     def from_base(cls, loaded: LoadedBase, parts: str | None = None, seed: int = 0) -> "Pipeline":
         raise NotImplementedError
 
     @classmethod
+    def build(cls, loaded: LoadedBase, parts: str | None = None, seed: int = 0, fresh: bool = False) -> "Pipeline":
+        """from_base, with fresh=True passed to the systems that refuse untrained parts (the others make
+        fresh parts as before, or need none)."""
+        if fresh and cls.refuses_untrained:
+            return cls.from_base(loaded, parts, seed, fresh=True)
+        return cls.from_base(loaded, parts, seed)
+
+    @classmethod
     def load(cls, model: str = "embedded", parts: str | None = None, device: str | None = "auto",
-             dtype: str | torch.dtype | None = None, seed: int = 0) -> "Pipeline":
+             dtype: str | torch.dtype | None = None, seed: int = 0, fresh: bool = False) -> "Pipeline":
         """model: "embedded", "tiny", a local folder or a hub id. parts: the system's folder (None: the
-        model's shipped parts, or fresh untrained ones for any other model)."""
+        model's shipped parts; for any other model "not fitted", or fresh untrained parts with fresh=True)."""
         if parts is not None and not Path(parts).is_dir():
             raise ModelLoadError(f"{registry.label(cls.system)} folder {parts!r} does not exist")
-        return cls.from_base(load_base(model, device, dtype, seed), parts, seed)
+        return cls.build(load_base(model, device, dtype, seed), parts, seed, fresh)
 
     @staticmethod
     def make_encoder(loaded: LoadedBase) -> ConversationEncoder:
@@ -177,10 +212,12 @@ class Pipeline:
 
     @classmethod
     def with_parts(cls, loaded: LoadedBase, parts: str | None, seed: int, load: Callable, fresh: Callable,
-                   untrained: str) -> "Pipeline":
+                   untrained: str, asked_fresh: bool = False) -> "Pipeline":
         """A system whose parts wrap the base: load(base, folder) from `parts` (None: the source's shipped
         ones), else fresh(base) seeded. info["parts"] says which: the folder's name for shipped parts
-        (never a server path), the path given for others, or `untrained`."""
+        (never a server path), the path given for others, `untrained` for fresh parts, or NOT_FITTED for
+        fresh parts of a system that refuses them (unless asked_fresh). info["fitted"]: parts came from a
+        folder. The pipeline keeps `loaded` (a fit builds its successor over the same base)."""
         info = cls.base_info(loaded)
         shipped = parts is None and shipped_parts(loaded, cls.system) is not None
         parts = parts or shipped_parts(loaded, cls.system)
@@ -193,8 +230,12 @@ class Pipeline:
         else:
             torch.manual_seed(seed)
             model = fresh(loaded.base)
-            info["parts"] = untrained
-        return cls(model.to(device=loaded.base.device, dtype=loaded.base.dtype), cls.make_encoder(loaded), info)
+            info["parts"] = NOT_FITTED if cls.refuses_untrained and not asked_fresh else untrained
+            info["untrained_ok"] = asked_fresh
+        info["fitted"] = parts is not None
+        pipe = cls(model.to(device=loaded.base.device, dtype=loaded.base.dtype), cls.make_encoder(loaded), info)
+        pipe.loaded = loaded
+        return pipe
 
     # --- what each system implements ---
     def generate(self, batch, max_new_tokens: int, callback=None, **options) -> tuple[list[list[int]], list, Timing]:

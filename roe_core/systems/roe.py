@@ -556,8 +556,10 @@ class SpeedComparison:
 
 class RoEPipeline(Pipeline):
     """RoE over a LLaVA base. Options of generate/answer: route ("auto", "dense" or booleans per layer),
-    threshold (run a layer iff p_run > it; default the parts' config), trace_l1."""
+    threshold (run a layer iff p_run > it; default the parts' config), trace_l1. Over a base without
+    RoE parts it is "not fitted" (needs_fit): only the every-layer route is answered."""
     system = "roe"
+    refuses_untrained = True
 
     @property
     def threshold(self) -> float:
@@ -565,22 +567,30 @@ class RoEPipeline(Pipeline):
         return self.model.config.threshold
 
     @classmethod
-    def from_base(cls, loaded: LoadedBase, parts: str | None = None, seed: int = 0) -> "RoEPipeline":
+    def from_base(cls, loaded: LoadedBase, parts: str | None = None, seed: int = 0,
+                  fresh: bool = False) -> "RoEPipeline":
+        """parts None and no shipped ones: "not fitted", or fresh untrained parts with fresh=True."""
         return cls.with_parts(loaded, parts, seed, RoEModel.from_roe_folder, RoEModel,
-                              "untrained (fresh routers and adapters)")
+                              "untrained (fresh routers and adapters)", asked_fresh=fresh)
 
     @classmethod
     def load(cls, model: str = "embedded", roe: str | None = None, device: str | None = "auto",
-             dtype: str | torch.dtype | None = None, seed: int = 0) -> "RoEPipeline":
+             dtype: str | torch.dtype | None = None, seed: int = 0, fresh: bool = False) -> "RoEPipeline":
         """model: "embedded" (shipped), "tiny" (random, for tests), a local folder or a hub id.
         roe: an RoE folder (roe_config.json + roe.safetensors); None = the embedded model's own
-        parts, or fresh untrained ones for any other model."""
-        return super().load(model, roe, device, dtype, seed)
+        parts; for any other model "not fitted" (only every layer answers), or fresh untrained parts
+        with fresh=True (to train from)."""
+        return super().load(model, roe, device, dtype, seed, fresh)
 
     def generate(self, batch, max_new_tokens: int, callback=None, route: Route = "auto",
                  threshold: float | None = None, trace_l1: bool = False, between_layers=None):
+        every_layer = route == "dense" if isinstance(route, str) else bool(torch.as_tensor(route).all())
+        self.require_fitted(every_layer)
         gen = generate(self.model, batch, route, max_new_tokens, self.encoder.stop_ids, threshold,
                        trace_l1=trace_l1, callback=callback, between_layers=between_layers, engine=self.engine)
+        if self.needs_fit:          # no router was fitted: its probabilities mean nothing
+            for t in gen.traces:
+                t.p_run = [None] * len(t.p_run)
         return gen.tokens, gen.traces, gen.timing
 
     def parameter_counts(self, layers_executed: float | None = None) -> ParamCounts:

@@ -287,14 +287,18 @@ def static_lm_loss(model: StaticModel, batch: Batch, distill: float = 0.0) -> di
 # --- the pipeline ----------------------------------------------------------------------------------------------
 
 class StaticPipeline(Pipeline):
+    """The fixed path. Over a base without its parts it is "not fitted" (needs_fit) and answers nothing."""
     system = "static"
+    refuses_untrained = True
 
     @classmethod
-    def from_base(cls, loaded: LoadedBase, parts: str | None = None, seed: int = 0) -> "StaticPipeline":
+    def from_base(cls, loaded: LoadedBase, parts: str | None = None, seed: int = 0,
+                  fresh: bool = False) -> "StaticPipeline":
         return cls.with_parts(loaded, parts, seed, StaticModel.from_static_folder, lambda base: StaticModel(base),
-                              "untrained (no layer skipped: the dense model)")
+                              "untrained (no layer skipped: the dense model)", asked_fresh=fresh)
 
     def generate(self, batch, max_new_tokens: int, callback=None):
+        self.require_fitted()
         return self.model.generate(batch, max_new_tokens, self.encoder.stop_ids, callback, self.engine)
 
     def skip_order(self) -> list[int] | None:

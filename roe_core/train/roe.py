@@ -269,7 +269,7 @@ def main(argv=None) -> None:
     cfg = config_from_args(TrainConfig, args)
 
     from ..systems.roe import RoEPipeline
-    pipe = RoEPipeline.load(args.model, roe=args.roe, device=train_device(), dtype="float32")
+    pipe = RoEPipeline.load(args.model, roe=args.roe, device=train_device(), dtype="float32", fresh=True)
     pipe.model.config.base_model = args.model
     pipe.model.config.extra.update(train_data=str(args.data), train_steps=cfg.steps, rho=cfg.rho)
     dataset = LlavaJsonDataset(args.data, args.images)
