@@ -152,9 +152,9 @@ def base_logits(base, b):
 
 @pytest.fixture(scope="module")
 def tiny_roe():
-    """The tiny random model behind RoE's pipeline (fresh parts), one per test module."""
+    """The tiny random model behind RoE's pipeline (fresh parts, asked for), one per test module."""
     from roe_core.systems import load_system
-    return load_system("roe", model="tiny", device="cpu")
+    return load_system("roe", model="tiny", device="cpu", fresh=True)
 
 
 @pytest.fixture
