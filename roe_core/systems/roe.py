@@ -58,6 +58,7 @@ class RoEConfig:
     rho: float = 0.3                 # target skip ratio of the sparsity hinge
     routing_token_std: float = 0.1   # routing tokens ~ N(0, std)
     threshold: float = 0.5           # inference: run a layer iff p_run > threshold (0.5: logit_run > logit_skip)
+    router_bias: bool = False        # routers with a bias (fitted parts, roe_core.fit: an offset per layer); trained: none
     extra: dict = field(default_factory=dict)  # free-form provenance (training data, steps, ...)
 
     def __post_init__(self):
@@ -76,11 +77,12 @@ class RoEConfig:
 
 
 class Router(nn.Module):
-    """Linear(2d -> 2) on concat(image routing token, text routing token). Logit 0 = run, 1 = skip."""
+    """Linear(2d -> 2) on concat(image routing token, text routing token). Logit 0 = run, 1 = skip.
+    bias: fitted routers (roe_core.fit) carry a per-layer offset; the method's trained routers have none."""
 
-    def __init__(self, d: int):
+    def __init__(self, d: int, bias: bool = False):
         super().__init__()
-        self.proj = nn.Linear(2 * d, 2, bias=False)
+        self.proj = nn.Linear(2 * d, 2, bias=bias)
 
     def forward(self, h_img: Tensor, h_txt: Tensor) -> Tensor:
         return self.proj(torch.cat([h_img, h_txt], dim=-1))  # (..., 2)
@@ -131,7 +133,7 @@ class RoEModel(OverBase):
         self.base = base
         self.config = config
         d, eps = config.hidden_size, getattr(text_cfg, "rms_norm_eps", 1e-6)
-        self.routers = nn.ModuleList(Router(d) for _ in range(config.num_layers))
+        self.routers = nn.ModuleList(Router(d, config.router_bias) for _ in range(config.num_layers))
         self.adapters = nn.ModuleList(SkipAdapter(d, config.adapter_rank, eps) for _ in range(config.num_layers))
         self.routing_tokens = nn.Parameter(torch.randn(2, d) * config.routing_token_std)  # [image, text]
         self.guard = None               # route_guard.RouteGuard: run a layer whose router input is unlike training

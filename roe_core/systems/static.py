@@ -50,7 +50,7 @@ class StaticConfig:
     def __post_init__(self):
         if self.adapter_rank == 0 and self.hidden_size:
             self.adapter_rank = max(1, self.hidden_size // 4)
-        if self.metric not in METRICS:
+        if self.metric not in METRICS and not self.metric.startswith("fit:"):   # fit:<evidence>: roe_core.fit
             raise ValueError(f"metric must be one of {METRICS}, not {self.metric!r}")
         self.skipped = sorted(int(i) for i in self.skipped)
 
