@@ -15,13 +15,20 @@ One worker thread runs the batches. Requests with the same pipe and options that
 `window_s` of the first (at most `max_batch`) are answered by one `answer_batch` call: RoE routes each
 example on its own, so one forward serves users whose routes differ, and each answer equals the one the
 request gets alone. Every request streams its own text (on_token) and can be cancelled on its own; if
-a batch's model call raises, its requests are answered one by one so that only the faulty one fails.
+a batch's model call raises, its requests are answered one by one so that only the faulty one fails;
+if it runs out of GPU memory it is split in half and retried (down to one request, which then gets a
+clear message). A request's fate is its own: a Future cancelled by its caller stops only that request's
+stream and never fails its batch-mates.
 
 The model itself is a `Gate`, a lock with two priorities. Batches of plain questions take it first.
 Background work (a `Job`) holds it only between prefill layers and tokens: `job.checkpoint()` hands it
 over whenever a plain batch is waiting (and `job.turn()` between model calls hands it to other
 background work too), so a question asked during someone's speed measurement waits for one layer or
-token, not for the measurement.
+token, not for the measurement. Nothing that can wait on the gate is called with a lock held: the decode
+engine checks an arena out per generation (runtime.engine), so a plain batch answered at a background
+generation's checkpoint decodes in its own arena. A job that waits for a plain answer itself
+(`server.answer` inside `server.background`) lends the model while it waits, and a job opened inside a
+job of the same thread is that job.
 
 Why not gradio's own `batch=True`: it batches the calls of one event only (a chat turn and an /answer
 call never meet), cannot stream each user's answer, cannot cancel one user's part, and has no wait
@@ -35,10 +42,12 @@ import logging
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Iterator
+
+import torch
 
 from .runtime.conversation import InputError
 from .systems.pipeline import Answer, History, Pipeline, Prepared
@@ -53,6 +62,10 @@ class Cancelled(Exception):
 class LimitError(InputError):
     """A request refused by a limit (question length, history turns, rate): the message says which
     limit and what to do. Raised before any model work."""
+
+
+class OutOfMemory(RuntimeError):
+    """Even this request alone ran out of GPU memory (its batch was split down to it first)."""
 
 
 # ----------------------------------------------------------------------------------------------- the gate
@@ -234,7 +247,8 @@ class Server:
             raise ValueError("max_batch must be at least 1")
         self.max_batch = max_batch
         self.window_s = max(0.0, window_s)
-        self.limits = limits or Limits(None, None, None)
+        self.limits = limits if limits is not None else Limits()    # the defaults; Limits(None, None, None): none
+        self._local = threading.local()                  # the job this thread holds the model for, if any
         self.gate = Gate()
         self._cv = threading.Condition()
         self._pending: deque[Request] = deque()
@@ -249,10 +263,12 @@ class Server:
         """Queues one question; returns a Future of its Answer. Bad input and limits raise here
         (InputError, LimitError), before any model work. Options go to pipe.answer_batch."""
         self.limits.check_question(pipe, question, history)
+        prepared = pipe.prepare(image, question, history)      # bad input is refused before the rate counts it
         self.limits.check_rate(owner)
-        prepared = pipe.prepare(image, question, history)
         options = dict(options, max_new_tokens=max_new_tokens)
         req = Request(pipe, prepared, options, (id(pipe), _freeze(options)), owner, on_token)
+        # the caller cancelling its Future stops this request (its stream, its part of the batch) only
+        req.future.add_done_callback(lambda f: f.cancelled() and req.cancelled.set())
         with self._cv:
             self._pending.append(req)
             self._start_worker()
@@ -260,8 +276,17 @@ class Server:
         return req.future
 
     def answer(self, pipe: Pipeline, image, question: str, history: History = (), **kw) -> Answer:
-        """submit(...).result(): blocks until this question is answered (or raises its own error)."""
-        return self.submit(pipe, image, question, history, **kw).result()
+        """submit(...).result(): blocks until this question is answered (or raises its own error). Called
+        by background work holding the model (in this thread), it lends the model while it waits."""
+        future = self.submit(pipe, image, question, history, **kw)
+        job = getattr(self._local, "job", None)
+        if job is None:
+            return future.result()
+        self.gate.release()
+        try:
+            return future.result()
+        finally:
+            self.gate.acquire(Gate.BACKGROUND)
 
     def cancel(self, owner: Hashable, questions: bool = True) -> int:
         """Stops the background jobs of `owner` (and its questions, unless questions=False) at their next
@@ -282,16 +307,24 @@ class Server:
     @contextmanager
     def background(self, owner: Hashable | None = None) -> Iterator[Job]:
         """Holds the model at background priority; the work inside calls job.checkpoint() between tokens
-        (or passes job.step as generate's callback) and job.turn() between model calls."""
+        (or passes job.step as generate's callback) and job.turn() between model calls. Inside a job held
+        by the same thread this is that job (the gate is not taken twice)."""
+        outer = getattr(self._local, "job", None)
+        if outer is not None:
+            outer._check()
+            yield outer
+            return
         job = Job(self, owner)
         with self._cv:
             self._jobs.add(job)
         try:
             self.gate.acquire(Gate.BACKGROUND)
+            self._local.job = job
             try:
                 job._check()
                 yield job
             finally:
+                self._local.job = None
                 self.gate.release()
         finally:
             with self._cv:
@@ -330,8 +363,7 @@ class Server:
             except BaseException as e:  # noqa: BLE001  (the worker never dies; each request gets an outcome)
                 log.exception("serving failed")
                 for r in batch:
-                    if not r.future.done():
-                        r.future.set_exception(e)
+                    _settle(r, error=e)
             finally:
                 with self._cv:
                     self._running = []
@@ -339,8 +371,8 @@ class Server:
     def _serve(self, batch: list[Request]) -> None:
         live = []
         for r in batch:
-            if r.cancelled.is_set():
-                r.future.set_exception(Cancelled("stopped before it started"))
+            if r.cancelled.is_set() or r.future.cancelled():
+                _settle(r, error=Cancelled("stopped before it started"))
             else:
                 live.append(r)
         if not live:
@@ -354,10 +386,23 @@ class Server:
                 answers = pipe.answer_batch([r.prepared for r in live], on_step=self._stepper(pipe, live), **options)
         except Cancelled as e:
             for r in live:
-                r.future.set_exception(e)
+                _settle(r, error=e)
+        except torch.OutOfMemoryError as e:
+            free_memory(pipe)
+            if len(live) == 1:
+                log.warning("one request ran out of GPU memory alone: %s", e)
+                _settle(live[0], error=OutOfMemory(
+                    "the model ran out of GPU memory answering this question, even on its own. Try again later "
+                    "(other users' work holds memory too), or ask a shorter question or start a new conversation"))
+                return
+            half = (len(live) + 1) // 2
+            log.warning("a batch of %d ran out of GPU memory; retrying it in halves of %d and %d", len(live), half,
+                        len(live) - half)
+            self._serve(live[:half])
+            self._serve(live[half:])
         except Exception as e:  # noqa: BLE001
             if len(live) == 1:
-                live[0].future.set_exception(e)
+                _settle(live[0], error=e)
                 return
             log.warning("a batch of %d failed (%s: %s); answering its requests one by one", len(live),
                         type(e).__name__, e)
@@ -366,9 +411,9 @@ class Server:
         else:
             for r, a in zip(live, answers):
                 if r.cancelled.is_set():
-                    r.future.set_exception(Cancelled("stopped"))
+                    _settle(r, error=Cancelled("stopped"))
                 else:
-                    r.future.set_result(a)
+                    _settle(r, result=a)
 
     @staticmethod
     def _stepper(pipe: Pipeline, live: list[Request]):
@@ -393,3 +438,60 @@ class Server:
             if all(r.cancelled.is_set() for r in live):
                 raise Cancelled("stopped")
         return step
+
+
+def _settle(r: Request, result: Any = None, error: BaseException | None = None) -> None:
+    """Gives a request its outcome unless it has one (its caller may have cancelled the Future): one
+    request's state never fails another's."""
+    if r.future.done():
+        return
+    try:
+        if error is not None:
+            r.future.set_exception(error)
+        else:
+            r.future.set_result(result)
+    except InvalidStateError:       # cancelled between the check and the set
+        pass
+
+
+def free_memory(pipe: Pipeline) -> None:
+    """After running out of GPU memory: the pipe's engine drops its idle arenas, torch its cached blocks."""
+    engine = getattr(pipe, "engine", None)
+    if engine is not None:
+        engine.release_idle()
+    elif torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@contextmanager
+def prefill_checkpoints(pipe: Pipeline, between_layers: Callable[[], object]) -> Iterator[None]:
+    """between_layers() after each decoder layer's attention during a prefill (more than one position),
+    for a system whose answer_batch takes no `between_layers` of its own (RoE's does). Only forwards of
+    the calling thread are hooked: the base's layers are shared by every system, and other users' batches
+    run on them at these very checkpoints. Decode steps (one position) are left alone, so nothing waits
+    inside a captured graph."""
+    me = threading.get_ident()
+
+    def hook(module, args, kwargs, output):
+        if threading.get_ident() != me:
+            return
+        h = output[0] if isinstance(output, tuple) else output
+        if h.dim() >= 2 and h.shape[-2] > 1:
+            between_layers()
+    layers = pipe.model.base.model.language_model.layers
+    handles = [layer.self_attn.register_forward_hook(hook, with_kwargs=True) for layer in layers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def answer_yielding(pipe: Pipeline, items, job: Job, on_step: Callable | None = None, **options) -> list[Answer]:
+    """pipe.answer_batch as background work: job's checkpoint at every token (on_step, default job.step)
+    and after every prefill layer, whatever the system (its own between_layers, else prefill_checkpoints)."""
+    on_step = job.step if on_step is None else on_step
+    if "between_layers" in pipe.spec.options:
+        return pipe.answer_batch(items, on_step=on_step, between_layers=job.checkpoint, **options)
+    with prefill_checkpoints(pipe, job.checkpoint):
+        return pipe.answer_batch(items, on_step=on_step, **options)

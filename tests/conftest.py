@@ -163,3 +163,46 @@ def routed(tiny_roe, images, diversify_routers):
     items = [(images[k], q, ()) for k, q in enumerate(QUESTIONS)]
     diversify_routers(Tiny(tiny_roe.model, tiny_roe.encoder), tiny_roe.batch(items))
     return tiny_roe
+
+
+# --- concurrency tests: both decoding paths, and a deadline so a hang fails in seconds ---
+
+DECODING_PATHS = ("eager", "off")      # the decode engine uncaptured (CUDA graphs' code) and the eager loop
+
+
+def run_within(seconds: float, fn, *args, **kwargs):
+    """fn(*args, **kwargs) in a daemon thread; the test fails if it has not returned within `seconds`
+    (every thread's stack is printed first, to show where it hung). Returns fn's value, raises its error.
+    pytest has no timeout plugin here: a hang must fail, not stall the run."""
+    import faulthandler
+    import sys
+    import threading
+
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001  (re-raised in the test's thread)
+            box["error"] = e
+    t = threading.Thread(target=run, daemon=True, name="run_within")
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        pytest.fail(f"did not finish within {seconds:g} s: a hang (stacks above)", pytrace=False)
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+@pytest.fixture
+def within():
+    """within(seconds, fn, *args) -> fn's value; fails the test when fn hangs (see run_within)."""
+    return run_within
+
+
+@pytest.fixture(params=DECODING_PATHS)
+def decoding(request):
+    """The decoding path of a concurrency test: "eager" (the decode engine, on CUDA the graphs' code) or "off"."""
+    return request.param

@@ -112,9 +112,9 @@ def test_forced_routes_and_the_graph_bound(loaded, images):
     keys = set()
     orig = engine.run
 
-    def spy(a, key, fn, layer=None):
+    def spy(a, key, fn, layer=None, **kw):
         keys.add(key)
-        orig(a, key, fn, layer)
+        orig(a, key, fn, layer, **kw)
     engine.run = spy
     random_routes_agree(pipe, items, engine, "off", 6)
     assert len(keys) <= DecodeEngine.graph_bound(L, B)
@@ -195,3 +195,131 @@ def test_concurrent_generations_through_one_engine_do_not_mix(loaded, images, di
         t.join()
     pipe.use_engine("off")
     assert not errors and all(v == want for v in got.values()) and len(got) == 4
+
+
+# --- under a server: arenas reused by shape bucket, one per generation in flight, the graphs' guard ---
+
+def test_batches_of_1_2_3_repeated_build_an_arena_only_for_the_first_of_each_bucket(loaded, images,
+                                                                                   diversify_routers):
+    """Rows are bucketed to powers of two (3 decodes in the arena of 4, one pad row) and keys to a grid:
+    a server's batches of 1, 2, 3, three times over, build 3 arenas, not 9; answers equal the eager loop's."""
+    pipe = differentiate(loaded, "roe", images, diversify_routers)
+    items = items_of(images, [(), [("Is it big?", "Yes.")], ()])
+    ref = {n: [a.text for a in answers(pipe, items[:n], "off")] for n in (1, 2, 3)}
+    pipe.use_engine("eager")
+    try:
+        for _ in range(3):
+            for n in (1, 2, 3):
+                assert [a.text for a in pipe.answer_batch(items[:n], max_new_tokens=N_NEW)] == ref[n]
+        stats = pipe.engine_stats()
+        assert stats["arenas_built"] == 3 and stats["arenas_reused"] == 6
+        assert sorted(a.B for a in pipe.engine.arenas.values()) == [1, 2, 4]
+    finally:
+        pipe.use_engine("off")
+
+
+def test_last_arena_does_not_keep_an_evicted_arena_alive(loaded, images, monkeypatch):
+    """An arena dropped to make room is freed before the next one is built (on a GPU: its KV buffers and
+    graphs are given back first), last_arena notwithstanding."""
+    import gc
+    import weakref
+
+    import roe_core.runtime.engine as E
+
+    pipe = differentiate(loaded, "roe", images, lambda *a: None)
+    items = items_of(images)
+    engine = pipe.engine = DecodeEngine("eager", max_arenas=1)
+    try:
+        pipe.answer_batch(items[:1], max_new_tokens=2)
+        first = weakref.ref(engine.last_arena)
+        alive_at_build = []
+        real = E.Arena.__init__
+
+        def build(self, *a, **kw):
+            gc.collect()
+            alive_at_build.append(first() is not None)
+            real(self, *a, **kw)
+        monkeypatch.setattr(E.Arena, "__init__", build)
+        pipe.answer_batch(items[:2], max_new_tokens=2)          # another bucket: the first arena is dropped
+        gc.collect()
+        assert alive_at_build == [False] and first() is None
+        assert engine.last_arena is not None and engine.last_arena.B == 2 and len(engine.arenas) == 1
+    finally:
+        pipe.use_engine("off")
+
+
+def test_a_generation_started_at_another_ones_checkpoint_decodes_in_its_own_arena(loaded, images, diversify_routers,
+                                                                                 within):
+    """What a server does when a background generation hands the model to a plain batch at a token: the
+    plain batch runs to its end on the same engine, then the first goes on. No lock is held across that
+    (it deadlocked), the two never share an arena, and both answers equal the eager loop's."""
+    pipe = differentiate(loaded, "roe", images, diversify_routers)
+    items = items_of(images)
+    ref_a = [a.text for a in answers(pipe, items[:1], "off")]
+    ref_b = [a.text for a in answers(pipe, [items[2]], "off")]
+    pipe.use_engine("eager")
+    inner = []
+
+    def checkpoint(step, tokens):
+        if step == 2 and not inner:
+            inner.append([a.text for a in pipe.answer_batch([items[2]], max_new_tokens=N_NEW)])
+
+    try:
+        outer = within(30, lambda: [a.text for a in pipe.answer_batch(items[:1], max_new_tokens=N_NEW,
+                                                                      on_step=checkpoint)])
+        assert outer == ref_a and inner == [ref_b]
+        assert pipe.engine_stats()["arenas_built"] == 2                # same shape bucket, two arenas in flight
+        assert not any(a.busy for a in pipe.engine.arenas.values())    # both given back
+    finally:
+        pipe.use_engine("off")
+
+
+def test_the_graphs_guard_falls_back_to_eager_on_a_mismatch_and_says_so_once(loaded, images, diversify_routers,
+                                                                             caplog):
+    """The guard's code path on the CPU: check_replays runs it in eager mode, replay_hook stands for a
+    replay whose tokens differ. The answers stay the eager loop's; the engine says so once (log, info)."""
+    import logging
+
+    pipe = differentiate(loaded, "roe", images, diversify_routers)
+    items = items_of(images)
+    ref = [a.text for a in answers(pipe, items, "off")]
+    pipe.use_engine("eager")
+    try:
+        engine = pipe.engine
+        engine.check_replays = True
+        assert [a.text for a in pipe.answer_batch(items, max_new_tokens=N_NEW)] == ref     # replays agree
+        assert engine.stats["steps_checked"] == 1 and engine.fallback is None and "engine_fallback" not in pipe.info
+        engine.replay_hook = lambda tokens: tokens + 1                                    # a replay gone wrong
+        engine.release_idle()                                                             # new arenas: checked again
+        with caplog.at_level(logging.WARNING, logger="roe_core.engine"):
+            for _ in range(2):
+                assert [a.text for a in pipe.answer_batch(items, max_new_tokens=N_NEW)] == ref
+                engine.release_idle()
+        assert engine.mode == "eager" and engine.fallback and "falls back to the eager engine" in engine.fallback
+        assert pipe.info["engine"] == "eager" and pipe.info["engine_fallback"] == engine.fallback
+        assert len([r for r in caplog.records if "falls back" in r.getMessage()]) == 1          # said once
+    finally:
+        pipe.use_engine("off")
+
+
+def test_an_arena_that_runs_out_of_memory_drops_the_idle_ones_and_retries(loaded, images, monkeypatch):
+    import roe_core.runtime.engine as E
+
+    pipe = differentiate(loaded, "roe", images, lambda *a: None)
+    items = items_of(images)
+    ref = [a.text for a in answers(pipe, items[:2], "off")]
+    pipe.use_engine("eager")
+    try:
+        pipe.answer_batch(items[:1], max_new_tokens=2)                   # an idle arena to drop
+        real, fails = E.Arena.__init__, [1]
+
+        def tight(self, *a, **kw):
+            if fails and len(pipe.engine.arenas) > 0:
+                fails.pop()
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+            real(self, *a, **kw)
+        monkeypatch.setattr(E.Arena, "__init__", tight)
+        assert [a.text for a in pipe.answer_batch(items[:2], max_new_tokens=N_NEW)] == ref
+        assert not fails and [a.B for a in pipe.engine.arenas.values()] == [2]
+    finally:
+        pipe.use_engine("off")

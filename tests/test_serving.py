@@ -13,11 +13,20 @@ from roe_core.serving import Cancelled, Gate, LimitError, Limits, Server
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 N_NEW = 8
+DEADLINE = 60          # seconds a concurrency test may take before it counts as a hang
 
 
 @pytest.fixture
-def pipe(tiny_roe):
-    return tiny_roe
+def on_path(tiny_roe, decoding):
+    """tiny_roe decoding on `decoding` ("eager": a fresh decode engine, "off": the eager loop)."""
+    tiny_roe.use_engine("off").use_engine(decoding)
+    yield tiny_roe
+    tiny_roe.use_engine("off")
+
+
+@pytest.fixture
+def pipe(on_path):
+    return on_path
 
 
 def calls_of(pipe, monkeypatch):
@@ -48,7 +57,8 @@ def submit_together(server, pipe, items, **kw):
     return futures
 
 
-def test_questions_that_arrive_together_share_one_batch_and_equal_their_lone_answers(routed, images, monkeypatch):
+def test_questions_that_arrive_together_share_one_batch_and_equal_their_lone_answers(on_path, routed, images,
+                                                                                     monkeypatch):
     items = [(images[0], QUESTIONS[0], ()), (images[1], QUESTIONS[1], [("Is it big?", "Yes.")]),
              (images[2], QUESTIONS[2], ())]
     alone = [routed.answer(*it, max_new_tokens=N_NEW, trace_l1=True, dense_l1=False) for it in items]
@@ -233,3 +243,163 @@ def test_background_prefills_yield_between_layers(pipe, images):
     pipe.answer_batch([(images[0], QUESTIONS[0], ())], max_new_tokens=2, dense_l1=True,
                       between_layers=lambda: calls.append(1))
     assert len(calls) == 2 * pipe.model.num_layers              # the dense L1 prefill too
+
+
+# --- under load, on both decoding paths: no hang, nobody's failure passed on ---
+
+def speed_run_in_background(server, pipe, image, question, repeats, outcome, started):
+    """A thread running another user's speed measurement (pipe.compare) as background work."""
+    def run():
+        try:
+            with server.background(owner="measurer") as job:
+                def checkpoint():
+                    started.set()
+                    return job.checkpoint()
+                outcome["cmp"] = pipe.compare(image, question, max_new_tokens=N_NEW, repeats=repeats,
+                                              checkpoint=checkpoint)
+                outcome["pauses"] = job.pauses
+        except BaseException as e:  # noqa: BLE001
+            outcome["error"] = e
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def eight_users(images):
+    return [(images[k % 4], QUESTIONS[k % 3] if k < 6 else f"Is there anything {k}?", ()) for k in range(8)]
+
+
+def test_eight_users_during_a_speed_run_get_their_lone_answers_and_the_run_finishes(pipe, images, within):
+    """The reported deadlock: with the decode engine, a speed run's checkpoint handed the model to a plain
+    batch that then waited on the engine's lock, held by the speed run. Both paths, within a deadline."""
+    items = eight_users(images)
+    alone = [pipe.answer(*it, max_new_tokens=N_NEW).text for it in items]
+
+    def scenario():
+        server = Server(max_batch=8, window_s=0.2)
+        outcome, started = {}, threading.Event()
+        t = speed_run_in_background(server, pipe, images[3], QUESTIONS[0], 8, outcome, started)
+        assert started.wait(30)
+        futures = submit_together(server, pipe, items)
+        texts = [f.result(timeout=DEADLINE) for f in futures]
+        t.join(DEADLINE)
+        return [a.text for a in texts], outcome
+    texts, outcome = within(DEADLINE, scenario)
+    assert "error" not in outcome, outcome.get("error")
+    assert texts == alone
+    assert outcome["pauses"] >= 1 and outcome["cmp"].roe.text                # answered during the run
+
+
+def test_eight_users_during_an_atlas_get_their_lone_answers_and_the_atlas_finishes(pipe, images, within):
+    from roe_core.analysis.atlas import build_atlas
+    from roe_core.scenes.questions import test_questions
+
+    items = eight_users(images)
+    alone = [pipe.answer(*it, max_new_tokens=N_NEW).text for it in items]
+    questions = test_questions(16, image_size=64)
+
+    def scenario():
+        server = Server(max_batch=8, window_s=0.2)
+        outcome, started = {}, threading.Event()
+
+        def atlas():
+            try:
+                with server.background(owner="atlas") as job:
+                    def between():
+                        started.set()
+                        job.checkpoint()
+                    outcome["atlas"] = build_atlas(pipe, questions, batch_size=4, max_new_tokens=N_NEW,
+                                                   on_step=job.step, between_layers=between)
+                    outcome["pauses"] = job.pauses
+            except BaseException as e:  # noqa: BLE001
+                outcome["error"] = e
+        t = threading.Thread(target=atlas, daemon=True)
+        t.start()
+        assert started.wait(30)
+        futures = submit_together(server, pipe, items)
+        texts = [f.result(timeout=DEADLINE).text for f in futures]
+        t.join(DEADLINE)
+        return texts, outcome
+    texts, outcome = within(DEADLINE, scenario)
+    assert "error" not in outcome, outcome.get("error")
+    assert texts == alone and outcome["pauses"] >= 1
+    assert len(outcome["atlas"].entries) == 16
+
+
+def test_a_cancelled_request_never_fails_its_batch_mates(pipe, images, within):
+    """Request 0 of a batch of three is cancelled (Future.cancel) while it waits: 1 and 2 get their answers."""
+    items = [(images[k], QUESTIONS[k], ()) for k in range(3)]
+    alone = [pipe.answer(*it, max_new_tokens=N_NEW).text for it in items]
+
+    def scenario():
+        server = Server(max_batch=8, window_s=0.5)
+        with server.background(owner="holder"):              # the batch forms and waits for the model
+            futures = [server.submit(pipe, *it, owner=f"u{k}", max_new_tokens=N_NEW) for k, it in enumerate(items)]
+            time.sleep(0.7)
+            assert futures[0].cancel()
+        return futures, [f.result(timeout=DEADLINE).text for f in futures[1:]], list(server.batch_sizes)
+    futures, texts, sizes = within(DEADLINE, scenario)
+    assert texts == alone[1:]
+    assert futures[0].cancelled()
+    assert sizes in ([3], [2])                                # one batch
+
+
+def test_a_server_without_limits_has_the_documented_defaults(pipe, images):
+    server = Server()
+    assert server.limits.max_question_tokens == Limits().max_question_tokens == 256
+    assert server.limits.max_history_turns == 16 and server.limits.rate_per_minute == 30.0
+    with pytest.raises(LimitError, match="too long"):
+        server.submit(pipe, images[0], "what " * 20_000)
+
+
+def test_a_request_refused_as_a_bad_image_spends_no_rate_token(pipe, images, tmp_path):
+    server = Server(limits=Limits(rate_per_minute=60, burst=2))
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    for _ in range(3):
+        with pytest.raises(ValueError):
+            server.submit(pipe, str(bad), QUESTIONS[0], owner="u")
+        with pytest.raises(ValueError, match="no image"):
+            server.submit(pipe, None, QUESTIONS[0], owner="u")
+    server.answer(pipe, images[0], QUESTIONS[0], owner="u", max_new_tokens=2)      # both tokens still there
+    server.answer(pipe, images[0], QUESTIONS[0], owner="u", max_new_tokens=2)
+    with pytest.raises(LimitError, match="too many questions"):
+        server.submit(pipe, images[0], QUESTIONS[0], owner="u")
+
+
+def test_a_batch_out_of_memory_is_split_in_half_and_every_user_gets_an_answer(pipe, images, monkeypatch, within):
+    """torch.cuda.OutOfMemoryError from a batch (injected: batches over 2 rows run out) is retried in halves;
+    a single request that runs out gets a clear message; the server keeps serving."""
+    items = eight_users(images)[:6]
+    alone = [pipe.answer(*it, max_new_tokens=N_NEW).text for it in items]
+    real = pipe.generate
+    limit = [2]
+
+    def tight(batch, *a, **kw):
+        if batch.input_ids.shape[0] > limit[0]:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return real(batch, *a, **kw)
+    monkeypatch.setattr(pipe, "generate", tight)
+    server = Server(max_batch=8, window_s=0.3)
+    texts = within(DEADLINE, lambda: [f.result(timeout=DEADLINE).text for f in submit_together(server, pipe, items)])
+    assert texts == alone
+    assert max(server.batch_sizes) == 6 and 2 in server.batch_sizes and 3 in server.batch_sizes
+    limit[0] = 0                                              # even one request does not fit
+    with pytest.raises(RuntimeError, match="out of (GPU )?memory.*(shorter|later)"):
+        server.answer(pipe, images[0], QUESTIONS[0], max_new_tokens=N_NEW)
+    limit[0] = 8
+    assert server.answer(pipe, images[0], QUESTIONS[0], max_new_tokens=N_NEW).text == alone[0]   # still serving
+
+
+def test_work_inside_a_background_job_that_asks_a_plain_question_does_not_hang(pipe, images, within):
+    """A job that asks the server a plain question (or opens another job) from its own thread: the job
+    lends the model while it waits, instead of waiting on itself."""
+    server = Server(window_s=0.0)
+    alone = pipe.answer(images[0], QUESTIONS[0], max_new_tokens=N_NEW).text
+
+    def scenario():
+        with server.background(owner="u") as job:
+            with server.background(owner="u") as inner:
+                assert inner is job
+            return server.answer(pipe, images[0], QUESTIONS[0], max_new_tokens=N_NEW).text
+    assert within(30, scenario) == alone

@@ -31,9 +31,11 @@ compare the graphs against.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from collections import OrderedDict
+import weakref
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -45,6 +47,8 @@ from .generation import Timing, sync
 
 MODES = ("graphs", "eager")
 MAX_STOP_IDS = 16            # stop ids an arena's buffer holds (a chat template has one or two)
+log = logging.getLogger("roe_core.engine")
+_CAPTURE = threading.Lock()  # one CUDA graph capture at a time in the process (nothing in it waits on a gate)
 
 
 def bucket(n: int, cap: int) -> int:
@@ -125,11 +129,17 @@ class ArenaCache:
 
 
 class Arena:
-    """The static buffers (and captured graphs) of one (batch size B, key capacity K)."""
+    """The static buffers (and captured graphs) of one (rows B, key capacity K). B is a power of two (a
+    row bucket): a generation of n <= B examples uses rows [0, n); rows [n, B) are pad rows, stopped from
+    the start, whose tokens nobody reads. An arena is used by one generation at a time (`busy`)."""
 
     def __init__(self, B: int, K: int, num_layers: int, d: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device, max_new: int):
         self.B, self.K, self.L = B, K, num_layers
+        self.n = B                                      # the current generation's examples
+        self.key: tuple = ()
+        self.busy = False
+        self.verified = False                           # its first replayed step was checked (graphs' guard)
         self.rows = bucket(B, 1 << 30)                  # a layer's buffer rows: B's bucket (pads included)
         z = dict(dtype=dtype, device=device)
         shape = (self.rows, kv_heads, K, head_dim)
@@ -155,38 +165,80 @@ class Arena:
         self.graph_records: dict[tuple, tuple | None] = {}
         self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
 
-    def reset(self) -> None:
+    def reset(self, n: int) -> None:
+        """Ready for a generation of n examples: pad rows [n, B) are stopped and read one slot."""
+        self.n = n
         self.cache.lengths = [0] * self.L
         self.records = {}
         self.key_ok.zero_()
+        self.key_ok[n:, 0] = True                       # pad rows and the scratch row: finite attention
+        self.pos.zero_()
+        self.token.zero_()
         self.done.zero_()
+        self.done[n:] = True
         self.out.fill_(-1)
         self.step_i.zero_()
         for idx in self.idx:
             idx.fill_(self.B)
+
+    def snapshot(self) -> dict[str, Tensor]:
+        """What a decode step changes besides buffers it rewrites whole (the guard's rerun)."""
+        return {k: getattr(self, k).clone() for k in ("token", "pos", "slot", "done", "out", "step_i")}
+
+    def restore(self, snap: dict[str, Tensor]) -> None:
+        for k, v in snap.items():
+            getattr(self, k).copy_(v)                   # in place: captured graphs read these buffers
 
 
 class DecodeEngine:
     """Greedy decoding through static buffers and captured graphs (see the module docstring).
     mode: "graphs" (CUDA only), "eager" (the same code uncaptured). lag: steps between queuing a token
     and reading its stop flags. key_multiple: key capacities are rounded up to it (one arena serves
-    prompts of similar length). max_arenas: arenas kept (least recently used dropped)."""
+    prompts of similar length). max_arenas: idle arenas kept (least recently used dropped). fuse: compile
+    each decode step's layer body (runtime.fused; True or a FuseOptions), off by default.
 
-    def __init__(self, mode: str = "graphs", lag: int = 2, key_multiple: int = 64, max_arenas: int = 2):
+    Shapes are bucketed so that a server's steady state reuses its arenas: rows to the next power of two
+    (a batch of 3 decodes in the arena of 4, its fourth row a stopped pad row) and keys to a grid of
+    `key_multiple`. Each generation checks an arena out for its whole run and gives it back at its end;
+    no lock is held while a generation runs. Two generations in flight at once (a server's plain batch
+    answered at a checkpoint of a background job's generation) never share an arena: the second builds
+    or takes another one of the same shape. So a generation may wait on anything (a server's gate) at
+    its checkpoints without blocking another one. `stats` counts arenas built and graphs captured.
+
+    The graphs' guard: the first step an arena replays its captured graphs is run again without them,
+    and the tokens compared. On a mismatch the engine falls back to eager for good, says so once (the log,
+    `fallback`, and `on_fallback(message)`, which a pipeline turns into its info), and keeps the eager
+    step's tokens: it never decodes on wrongly. `check_replays` and `replay_hook` exercise the guard on
+    the CPU: in eager mode the step is checked too, and replay_hook(tokens) stands for what a replay gave."""
+
+    def __init__(self, mode: str = "graphs", lag: int = 2, key_multiple: int = 256, max_arenas: int = 8,
+                 fuse=False, on_fallback: Callable[[str], None] | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         self.mode = mode
         self.lag = max(0, lag)
         self.key_multiple = key_multiple
         self.max_arenas = max_arenas
-        self.arenas: OrderedDict[tuple, Arena] = OrderedDict()
-        self.last_arena: Arena | None = None
-        self.lock = threading.Lock()        # one generation at a time: they share the arenas' buffers
+        self.arenas: OrderedDict[int, Arena] = OrderedDict()    # every arena (idle and busy), least recent first
+        self._last: weakref.ref | None = None
+        self._pool = threading.Lock()       # held only to check arenas out and in: never across model work
+        self._serial = 0
+        self.stats: Counter = Counter()     # arenas_built, graphs_captured, generations, examples, ...
+        self.fuse = fuse
+        self.on_fallback = on_fallback
+        self.fallback: str | None = None    # why the graphs were given up (the guard), once
+        self.check_replays = False          # test hook: run the guard in eager mode too
+        self.replay_hook: Callable[[Tensor], Tensor] | None = None   # test hook: what a replay's tokens were
 
     # --- bookkeeping ---
     @property
     def graph_count(self) -> int:
-        return sum(len(a.graphs) for a in self.arenas.values())
+        return sum(len(a.graphs) for a in list(self.arenas.values()))
+
+    @property
+    def last_arena(self) -> Arena | None:
+        """The arena of the last generation, while the engine keeps it (a weak reference)."""
+        return self._last() if self._last is not None else None
 
     @staticmethod
     def graph_bound(num_layers: int, batch: int) -> int:
@@ -195,51 +247,103 @@ class DecodeEngine:
         n_buckets = bucket(batch, 1 << 30).bit_length()
         return num_layers * (n_buckets + 2) + 2
 
-    def arena(self, B: int, prompt_len: int, max_new: int, dtype: torch.dtype, device: torch.device,
+    def shape_key(self, n: int, prompt_len: int, max_new: int, dtype: torch.dtype, device: torch.device,
+                  owner: Any = None) -> tuple:
+        """The arena a generation of n examples with prompts of prompt_len positions uses: rows to the next
+        power of two, keys to the grid."""
+        return (id(owner), bucket(n, 1 << 30), round_up(prompt_len + max_new, self.key_multiple), max_new,
+                dtype, str(device))
+
+    def arena(self, n: int, prompt_len: int, max_new: int, dtype: torch.dtype, device: torch.device,
               num_layers: int, text_cfg, owner: Any = None) -> Arena:
-        K = round_up(prompt_len + max_new, self.key_multiple)
-        key = (id(owner), B, K, max_new, dtype, str(device))
-        if key in self.arenas:
-            self.arenas.move_to_end(key)
-            return self.arenas[key]
-        while len(self.arenas) >= self.max_arenas:
-            self.arenas.popitem(last=False)
+        """Checks out an idle arena of this shape bucket (built when there is none): busy until `give_back`."""
+        key = self.shape_key(n, prompt_len, max_new, dtype, device, owner)
+        with self._pool:
+            serial = next((s for s, a in self.arenas.items() if a.key == key and not a.busy), None)
+            if serial is not None:
+                self.arenas.move_to_end(serial)
+                a = self.arenas[serial]
+                a.busy = True
+                self.stats["arenas_reused"] += 1
+                return a
+            self._trim(room=1)               # the arena dropped for this one is freed before it is built
+        _, B, K = key[:3]
         heads = text_cfg.num_attention_heads
         head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // heads
         kv = getattr(text_cfg, "num_key_value_heads", None) or heads
-        a = Arena(B, K, num_layers, text_cfg.hidden_size, kv, head_dim, dtype, device, max_new)
-        self.arenas[key] = a
+        build = lambda: Arena(B, K, num_layers, text_cfg.hidden_size, kv, head_dim, dtype, device, max_new)  # noqa: E731
+        try:
+            a = build()
+        except torch.OutOfMemoryError:
+            log.warning("out of memory building an arena of %d rows x %d keys: dropping idle arenas, retrying", B, K)
+            self.release_idle()
+            a = build()                      # a second failure is the caller's (a server splits the batch)
+        a.key, a.busy = key, True
+        with self._pool:
+            self._serial += 1
+            self.arenas[self._serial] = a
+            self.stats["arenas_built"] += 1
+            self._trim()
         return a
 
+    def give_back(self, a: Arena) -> None:
+        with self._pool:
+            a.busy = False
+            self._trim()
+
+    def _trim(self, room: int = 0) -> None:
+        """Drops least recently used idle arenas beyond max_arenas - room (busy ones are never dropped)."""
+        idle = [s for s, a in self.arenas.items() if not a.busy]
+        for serial in idle[:max(0, len(idle) - max(0, self.max_arenas - room))]:
+            del self.arenas[serial]
+            self.stats["arenas_dropped"] += 1
+
+    def release_idle(self) -> int:
+        """Drops every idle arena (their buffers and graphs), e.g. after running out of GPU memory."""
+        with self._pool:
+            idle = [s for s, a in self.arenas.items() if not a.busy]
+            for serial in idle:
+                del self.arenas[serial]
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return len(idle)
+
     # --- the graphs ---
-    def run(self, a: Arena, key: tuple, fn: Callable[[], None], layer: int | None = None) -> None:
+    def run(self, a: Arena, key: tuple, fn: Callable[[], None], layer: int | None = None,
+            eager: bool = False) -> None:
         """Runs fn through its captured graph. At first use fn runs once for real (the warm-up capture
-        needs) and is then captured, not replayed: a step's end advances positions and must run once."""
-        if self.mode == "eager":
+        needs) and is then captured, not replayed: a step's end advances positions and must run once.
+        eager: run fn itself whatever the mode (the guard's check)."""
+        if self.mode == "eager" or eager:
             fn()
             return
         g = a.graphs.get(key)
         if g is None:
-            # First use: the warm-up is this step's real run (on a side stream, as capture wants), then
-            # the capture, which records without executing: no replay now, so nothing runs twice.
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                fn()
-            torch.cuda.current_stream().wait_stream(stream)
-            ran = a.records.get(layer) if layer is not None else None
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=a.pool):
-                fn()
-            a.graphs[key] = g
-            if layer is not None:                            # the tensors replays write the records into
-                a.graph_records[key] = a.records.get(layer)
-                if ran is not None:
-                    a.records[layer] = ran                   # this step's records: the warm-up's
+            with _CAPTURE:
+                self.capture(a, key, fn, layer)
             return
         if layer is not None and a.graph_records.get(key) is not None:
             a.records[layer] = a.graph_records[key]
         g.replay()
+
+    def capture(self, a: Arena, key: tuple, fn: Callable[[], None], layer: int | None) -> None:
+        """First use of a graph: the warm-up is this step's real run (on a side stream, as capture wants),
+        then the capture, which records without executing: no replay now, so nothing runs twice."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        ran = a.records.get(layer) if layer is not None else None
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=a.pool):
+            fn()
+        a.graphs[key] = g
+        self.stats["graphs_captured"] += 1
+        if layer is not None:                            # the tensors replays write the records into
+            a.graph_records[key] = a.records.get(layer)
+            if ran is not None:
+                a.records[layer] = ran                   # this step's records: the warm-up's
 
     def step_start(self, a: Arena, p: LayerProgram) -> None:
         """Embedding of the current token, its rotary embedding and the key mask, into buffers; the
@@ -309,26 +413,40 @@ class DecodeEngine:
         dev = torch.device(device)
         if self.mode == "graphs" and dev.type != "cuda":
             raise ValueError("mode 'graphs' needs a CUDA device; use mode='eager' on the CPU")
-        with self.lock:
-            return self._generate(program, prefill, batch_size, dtype, dev, text_cfg, max_new_tokens, stop_ids,
-                                  callback)
+        return self._generate(program, prefill, batch_size, dtype, dev, text_cfg, max_new_tokens, stop_ids,
+                              callback)
 
     def _generate(self, program, prefill, batch_size, dtype, dev, text_cfg, max_new_tokens, stop_ids, callback):
-        B, L = batch_size, program.num_layers
+        if self.fuse:
+            from .fused import fuse_program
+            program = fuse_program(program, self.fuse)
+        n, L = batch_size, program.num_layers
         max_new = max(1, max_new_tokens)
         arenas: list[Arena] = []
 
         def cache_for(positions: int) -> ArenaCache:
-            a = self.arena(B, positions, max_new, dtype, dev, L, text_cfg, program.owner)
-            a.reset()
+            a = self.arena(n, positions, max_new, dtype, dev, L, text_cfg, program.owner)
             arenas.append(a)
+            a.reset(n)
             return a.cache
 
+        try:
+            return self._run(program, prefill, cache_for, arenas, n, L, dev, max_new_tokens, max_new, stop_ids,
+                             callback)
+        finally:
+            for a in arenas:
+                self.give_back(a)
+
+    def _run(self, program, prefill, cache_for, arenas, n, L, dev, max_new_tokens, max_new, stop_ids, callback):
         t0 = time.perf_counter()
         pre = prefill(cache_for)
         if not arenas:
             raise RuntimeError("the system's prefill never asked for the engine's cache")
-        a = self.last_arena = arenas[-1]
+        a = arenas[-1]
+        self._last = weakref.ref(a)
+        self.stats["generations"] += 1
+        self.stats["examples"] += n
+        B = a.B
         stops = sorted(stop_ids or ())
         if len(stops) > MAX_STOP_IDS:
             raise ValueError(f"at most {MAX_STOP_IDS} stop ids, not {len(stops)}")
@@ -336,15 +454,17 @@ class DecodeEngine:
         if stops:
             a.stop[:len(stops)].copy_(torch.tensor(stops, dtype=torch.long))
         P = pre.key_ok.shape[1]
-        a.key_ok[:B, :P].copy_(pre.key_ok)
-        a.key_ok[B, 0] = True                               # the scratch row reads one slot: finite
-        a.pos[:B].copy_(pre.next_pos)
+        a.key_ok[:n, :P].copy_(pre.key_ok)                 # pad and scratch rows read slot 0 (reset)
+        a.pos[:n].copy_(pre.next_pos)
         a.slot.fill_(P)
         if a.cos is None:
             cos, sin = program.rotary(a.h[0], a.pos[:, None])
             a.cos, a.sin = torch.zeros_like(cos), torch.zeros_like(sin)
         plan = self.plan(a, pre.run, L)                    # the one host read of the route
-        self.accept(a, pre.logits.argmax(-1), advance=False)
+        first = pre.logits.argmax(-1)
+        if n < B:
+            first = torch.cat([first, first.new_zeros(B - n)])
+        self.accept(a, first, advance=False)
         sync(dev)
         t1 = time.perf_counter()
 
@@ -364,7 +484,7 @@ class DecodeEngine:
             if bool(flags[s]):
                 return True
             if callback is not None:
-                callback(s, toks[s])
+                callback(s, toks[s][:n])
             return False
 
         for s in range(max_new_tokens):
@@ -377,7 +497,10 @@ class DecodeEngine:
                 ev.record()
             events.append(ev)
             if s + 1 < max_new_tokens:
-                self.decode_step(a, program, plan)
+                if not a.verified and (self.check_replays or self.replays(a, plan)):
+                    self.guarded_step(a, program, plan)
+                else:
+                    self.decode_step(a, program, plan)
                 records.append({i: tuple(t.clone() for t in r) for i, r in a.records.items()})
             while stop_at is None and delivered <= s - lag:          # read back `lag` steps behind
                 if publish(delivered):
@@ -392,12 +515,13 @@ class DecodeEngine:
         n_out = max_new_tokens if stop_at is None else stop_at
         sync(dev)
         timing = Timing(t1 - t0, time.perf_counter() - t1, n_out)
-        ids = a.out[:, :n_out].tolist() if n_out else [[] for _ in range(B)]
+        ids = a.out[:n, :n_out].tolist() if n_out else [[] for _ in range(n)]
         fed = min(n_out, max_new_tokens - 1)
         return [[t for t in row if t >= 0] for row in ids], timing, pre.state, records[:max(0, fed)]
 
     def plan(self, a: Arena, run: Tensor | None, L: int) -> list[int]:
-        """Per layer: -1 every row runs it, 0 none, else its row bucket (a.idx[i] filled)."""
+        """Per layer: -1 every row runs it (pad rows too), 0 none, else its row bucket (a.idx[i] filled
+        with the real rows that run it, then the scratch row)."""
         B = a.B
         if run is None:
             return [-1] * L
@@ -406,7 +530,7 @@ class DecodeEngine:
         for i in range(L):
             rows = run_cpu[:, i].nonzero().squeeze(1)
             n = rows.numel()
-            if n == B:
+            if n == a.n:
                 out.append(-1)
             elif n == 0:
                 out.append(0)
@@ -418,8 +542,50 @@ class DecodeEngine:
                 out.append(b)
         return out
 
-    def decode_step(self, a: Arena, p: LayerProgram, plan: list[int]) -> None:
-        self.run(a, ("start",), lambda: self.step_start(a, p))
+    @staticmethod
+    def step_keys(plan: list[int]) -> list[tuple]:
+        return [("start",), *(("layer", i, b) for i, b in enumerate(plan)), ("end", len(plan))]
+
+    def decode_step(self, a: Arena, p: LayerProgram, plan: list[int], eager: bool = False) -> None:
+        self.run(a, ("start",), lambda: self.step_start(a, p), eager=eager)
         for i, b in enumerate(plan):
-            self.run(a, ("layer", i, b), lambda i=i, b=b: self.layer(a, p, i, b), layer=i)
-        self.run(a, ("end", len(plan)), lambda: self.step_end(a, p, len(plan)))
+            self.run(a, ("layer", i, b), lambda i=i, b=b: self.layer(a, p, i, b), layer=i, eager=eager)
+        self.run(a, ("end", len(plan)), lambda: self.step_end(a, p, len(plan)), eager=eager)
+
+    # --- the graphs' guard ---
+    def replays(self, a: Arena, plan: list[int]) -> bool:
+        """Would this step replay captured graphs only (graphs mode, every graph of it captured)?"""
+        return self.mode == "graphs" and all(k in a.graphs for k in self.step_keys(plan))
+
+    def guarded_step(self, a: Arena, p: LayerProgram, plan: list[int]) -> None:
+        """The arena's first replayed step, checked: run as usual (replays), its tokens kept aside, the
+        arena's state put back, the step run again eagerly and the tokens compared. The eager step's
+        state stays either way; on a mismatch the engine falls back to eager (`fall_back`)."""
+        snap = a.snapshot()
+        self.decode_step(a, p, plan)
+        got = a.token[:a.n].clone()
+        if self.replay_hook is not None:
+            got = self.replay_hook(got)
+        a.restore(snap)
+        self.decode_step(a, p, plan, eager=True)
+        a.verified = True
+        want = a.token[:a.n]
+        self.stats["steps_checked"] += 1
+        if not torch.equal(got, want):
+            bad = int((got != want).sum())
+            self.fall_back(f"a replayed CUDA graph step gave {bad} of {a.n} tokens unlike the eager step "
+                           f"(arena of {a.B} rows x {a.K} keys); decoding falls back to the eager engine")
+
+    def fall_back(self, message: str) -> None:
+        """Gives the graphs up for good: eager from now on, said once (log, `fallback`, on_fallback)."""
+        self.mode = "eager"
+        with self._pool:
+            for a in self.arenas.values():
+                a.graphs.clear()
+                a.graph_records.clear()
+        self.stats["fallbacks"] += 1
+        if self.fallback is None:
+            self.fallback = message
+            log.warning("decode engine: %s", message)
+            if self.on_fallback is not None:
+                self.on_fallback(message)

@@ -137,7 +137,9 @@ class Pipeline:
     def use_engine(self, mode: str | None = "auto") -> "Pipeline":
         """How decoding runs: "graphs" (the static-shape engine with CUDA graphs, runtime.engine), "eager"
         (the same engine uncaptured), "off" / None (the eager loop with a growing cache), "auto" (graphs
-        on CUDA, off on the CPU, where the eager loop is as fast). Tokens are the same in every mode."""
+        on CUDA, off on the CPU, where the eager loop is as fast). Tokens are the same in every mode. If the
+        graphs' guard finds a replay unlike the eager step, the engine goes on eagerly and info says so
+        (info["engine"] "eager", info["engine_fallback"] why)."""
         mode = "off" if mode is None else mode
         if mode == "auto":
             mode = "graphs" if self.device.type == "cuda" else "off"
@@ -145,11 +147,21 @@ class Pipeline:
             self.engine = None
         elif mode in ENGINE_MODES:
             if self.engine is None or self.engine.mode != mode:
-                self.engine = DecodeEngine(mode)
+                self.engine = DecodeEngine(mode, on_fallback=self._engine_fell_back)
         else:
             raise ValueError(f"engine mode must be auto, off or one of {ENGINE_MODES}, not {mode!r}")
         self.info["engine"] = mode
+        self.info.pop("engine_fallback", None)
         return self
+
+    def _engine_fell_back(self, message: str) -> None:
+        self.info["engine"] = "eager"
+        self.info["engine_fallback"] = message
+
+    def engine_stats(self) -> dict:
+        """The decode engine's counts (arenas built and reused, graphs captured, generations, examples);
+        {} on the eager loop."""
+        return dict(self.engine.stats) if self.engine is not None else {}
 
     @property
     def spec(self) -> registry.SystemSpec:
