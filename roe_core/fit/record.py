@@ -130,7 +130,12 @@ def dense_pass(model: RoEModel, encoder, items, batch_size: int, max_new_tokens:
             if progress is not None:
                 progress(stage, start, len(items))
             if checkpoint is not None:
-                checkpoint()
+                try:
+                    checkpoint()
+                except BaseException:               # cancelled between batches: keep what is done
+                    if cache is not None:
+                        _save_dense(cache, res, moments, key)
+                    raise
             chunk = items[start:start + batch_size]
             convs = [encoder.encode([(q, None)], has_image=True) for _, q in chunk]
             batch = encoder.collate(convs, [im for im, _ in chunk], last_turn_only=True)
@@ -177,7 +182,12 @@ def evidence_pass(model: RoEModel, encoder, items, answers: list[str], batch_siz
             if progress is not None:
                 progress("evidence", start, len(items))
             if checkpoint is not None:
-                checkpoint()
+                try:
+                    checkpoint()
+                except BaseException:
+                    if path is not None:
+                        _save_evidence(cache, out, key)
+                    raise
             chunk = items[start:start + batch_size]
             convs = [encoder.encode([(q, a)], has_image=True) for (_, q), a in zip(chunk, answers[start:start + batch_size])]
             batch = encoder.collate(convs, [im for im, _ in chunk], last_turn_only=True)
