@@ -26,7 +26,7 @@ import json
 
 import gradio as gr
 
-from roe_core import InputError, parse_route
+from roe_core import InputError, NotFittedError, parse_route
 
 from .background import AppContext, owner_of
 from .inputs import message_of, parse_history, upload_path
@@ -55,12 +55,16 @@ class ApiHandlers:
             threshold: RoE's router threshold (empty: the model's calibrated one)
             system: which loaded system answers: "roe" (the default), "dense", or any other loaded system (see /systems)
         Returns:
-            JSON {"answer", "trace", "num_layers", "model", "system", "seconds"}, or {"error"} with what
-            was wrong (route and threshold are RoE's only)
+            JSON {"answer", "trace", "num_layers", "model", "system", "seconds", "engine" (the decode engine's
+            counts: arenas built, graphs captured...; {} on the eager loop)}, or {"error"} with what
+            was wrong (route and threshold are RoE's only; a system not fitted for this model answers
+            nothing: {"error": "... is not fitted ..."}, until the page's Fit)
         """
         ctx = self.ctx
         try:
             pipe = ctx.system(system)
+            if pipe.needs_fit:      # never an answer from untrained parts, whatever the route
+                raise NotFittedError(pipe.label, f"--{pipe.system.replace('_', '-')}")
             path = upload_path(image, ctx.workdir)
             if path is None:
                 raise InputError("there is no image")
@@ -76,7 +80,8 @@ class ApiHandlers:
                                     max_new_tokens=ctx.max_new_tokens, **options)
             return json.dumps({"answer": ans.text, "trace": ans.trace.to_dict(), "num_layers": ctx.num_layers,
                                "model": public_name(pipe.info.get("model")), "system": pipe.system,
-                               "seconds": ans.timing.total_s if ans.timing else None})
+                               "seconds": ans.timing.total_s if ans.timing else None,
+                               "engine": pipe.engine_stats()})
         except Exception as e:  # noqa: BLE001
             return json.dumps({"error": message_of(e)})
 

@@ -15,7 +15,8 @@ from .background import AppContext, background_task, owner_of, stream_ticket
 from .examples import scene_sample
 from .inputs import problem, upload_name, upload_path
 from .session import Conversation, Turn, file_key
-from .views import speed_views, turn_views
+from . import figures as F
+from .views import SPEED_HEIGHT, speed_views, turn_views
 
 
 class ChatHandlers:
@@ -62,19 +63,23 @@ class ChatHandlers:
             yield out
 
     def _answer(self, here: Conversation, question: str, user):
-        """Streams the answer to `question` after the turns of `here`."""
+        """Streams the answer to `question` after the turns of `here`. RoE not fitted (a base without parts,
+        before a fit): every layer runs, and the status says so (no untrained router or adapter is used)."""
         if user is not None:
             self.ctx.server.cancel(user, questions=False)     # this user's speed measurement, what-if...
+        pipe = self.ctx.pipe
+        options = {"route": "dense"} if pipe.needs_fit else {}
+        status = T.NOT_FITTED_CHAT if pipe.needs_fit else ""
         answer = None
         for item in stream_ticket(lambda on_token: self.ctx.server.submit(
-                self.ctx.pipe, here.image, question, here.history(), owner=user, on_token=on_token,
-                max_new_tokens=self.ctx.max_new_tokens, trace_l1=True, dense_l1=True)):
+                pipe, here.image, question, here.history(), owner=user, on_token=on_token,
+                max_new_tokens=self.ctx.max_new_tokens, trace_l1=True, dense_l1=True, **options)):
             if isinstance(item, str):
                 yield {"status": "", "chat": here.chat_messages(pending=(question, item))}
             else:
                 answer = item
         new = here.with_turn(Turn(question, answer.text, answer.trace))
-        yield {"conv": new, "status": "", **self.views(new), "question": ""}
+        yield {"conv": new, "status": status, **self.views(new), "question": ""}
 
     def retry(self, conv: Conversation, request: gr.Request = None):
         """The chat's retry: the last question asked again (its turn is replaced)."""
@@ -148,6 +153,9 @@ class ChatHandlers:
             return speed_views(last.speed)
         if not measure:
             return {"speed_md": T.SPEED_OFF}
+        if last.trace.route_mode == "dense":      # asked before RoE was fitted: every layer ran, no route to time
+            md = T.NOT_FITTED_SPEED if self.ctx.pipe.needs_fit else T.SPEED_DENSE_TURN
+            return {"speed_md": md, "speed_fig": F.empty_figure(md.strip("_"), SPEED_HEIGHT)}
         with self.ctx.job(request) as job:
             cmp = self.ctx.pipe.compare(conv.image, last.question, conv.history(-1), route="auto",
                                         threshold=last.trace.threshold, max_new_tokens=self.ctx.max_new_tokens,

@@ -16,6 +16,7 @@ from roe_core import InputError
 from roe_core.analysis import adapter_fidelity, build_atlas, compare_batching, sweep_fixed, sweep_thresholds
 from roe_core.scenes.answers import answers_match
 from roe_core.scenes.questions import load_llava_questions, test_questions
+from roe_core.serving import answer_yielding
 from roe_core.systems import registry
 
 from . import figures_explore as FX
@@ -24,6 +25,23 @@ from .background import AppContext, background_task
 from .examples import load_examples
 from .inputs import parse_thresholds, problem, upload_path
 from .session import Conversation
+
+
+def uploaded_json(files, workdir: Path) -> Path:
+    """An uploaded LLaVA JSON file and the images it names, copied into one folder (the JSON finds its
+    images beside it); returns the JSON's path there."""
+    paths = [Path(x) for x in (upload_path(f, workdir) for f in (files or [])) if x]
+    if not any(x.suffix.lower() == ".json" for x in paths):
+        raise InputError("upload a LLaVA JSON file (with the images it names), or pick the generated scenes")
+    folder = Path(tempfile.mkdtemp(prefix="set-", dir=workdir))
+    for x in paths:     # the uploaded names; the JSON as questions.json
+        shutil.copy(x, folder / (x.name if x.suffix.lower() != ".json" else "questions.json"))
+    return folder / "questions.json"
+
+
+def uploaded_questions(files, workdir: Path, n: int) -> list:
+    """The questions of an uploaded LLaVA JSON file, with the images it names uploaded beside it."""
+    return load_llava_questions(uploaded_json(files, workdir), limit=n)
 
 
 def _point_label(p) -> str:
@@ -37,18 +55,13 @@ class ExploreHandlers:
     def __init__(self, ctx: AppContext):
         self.ctx = ctx
 
-    def question_set(self, source: str, n: int, files) -> list:
-        """The scene test split's first-turn questions, or the uploaded LLaVA JSON's (with its images)."""
+    def question_set(self, source: str, n: int, files, split: str = "test") -> list:
+        """The scene split's first-turn questions (test by default), or the uploaded LLaVA JSON's (with its
+        images)."""
         n = max(1, int(n))
         if source == "upload":
-            paths = [Path(x) for x in (upload_path(f, self.ctx.workdir) for f in (files or [])) if x]
-            if not any(x.suffix.lower() == ".json" for x in paths):
-                raise InputError("upload a LLaVA JSON file (with the images it names), or pick the scene test split")
-            folder = Path(tempfile.mkdtemp(prefix="set-", dir=self.ctx.workdir))
-            for x in paths:     # one folder, the uploaded names: the JSON finds its images beside it
-                shutil.copy(x, folder / (x.name if x.suffix.lower() != ".json" else "questions.json"))
-            return load_llava_questions(folder, limit=n)
-        return [q for q in test_questions(3 * n) if not q.history][:n]
+            return uploaded_questions(files, self.ctx.workdir, n)
+        return [q for q in test_questions(3 * n, split=split) if not q.history][:n]
 
     # ---- the route atlas ----
     @background_task("atlas_md", stopped="_The atlas run was stopped._", failed="Could not build the atlas")
@@ -67,6 +80,7 @@ class ExploreHandlers:
             a summary, the atlas, skip-rate and route-count figures, the examples in atlas order, a CSV
             file and the atlas as JSON (entries with question, answer, route; route_counts; skip_rate_by_type)
         """
+        self.ctx.pipe.require_fitted()          # routes only: RoE not fitted says so, before any work
         questions = self.question_set(source, n, files)
         with self.ctx.job(request) as job:
             progress((0, len(questions)), desc="answering", unit="questions")
@@ -96,15 +110,15 @@ class ExploreHandlers:
     def fixed_path_beside(self, atlas, questions, job, progress) -> str:
         """A loaded fixed-path system (one with a skip_order) answers the same questions: a sentence comparing
         it with the routes (empty when none is loaded)."""
-        name = next((n for n, s in self.ctx.systems.items() if s.skip_order()), None)
+        name = next((n for n, s in self.ctx.systems.items() if not s.needs_fit and s.skip_order()), None)
         if name is None:
             return ""
         pipe = self.ctx.systems[name]
         texts, layers = [], []
         for start in range(0, len(questions), 8):
             chunk = questions[start:start + 8]
-            answers = pipe.answer_batch([(q.image, q.question, q.history) for q in chunk],
-                                        max_new_tokens=self.ctx.max_new_tokens, on_step=job.step)
+            answers = answer_yielding(pipe, [(q.image, q.question, q.history) for q in chunk], job,
+                                      max_new_tokens=self.ctx.max_new_tokens)
             texts += [a.text for a in answers]
             layers += [a.trace.layers_executed for a in answers]
             progress((start + len(chunk), len(questions)), desc=f"{registry.label(name)} answering", unit="questions")
@@ -135,8 +149,11 @@ class ExploreHandlers:
     def fidelity(self, conv: Conversation, request: gr.Request = None):
         """How good each adapter of the last turn was, and how far the route drifted from its dense twin."""
         last, pipe = conv.last, self.ctx.pipe
+        pipe.require_fitted()
         if last is None:
             return {"fid_md": problem("Nothing to measure", "ask a question first")}
+        if last.trace.route_mode == "dense":
+            raise InputError("that turn ran every layer (asked before RoE was fitted): no adapter stood in; ask again")
         with self.ctx.job(request) as job:
             fid = adapter_fidelity(pipe, conv.image, last.question, conv.history(-1), route=last.trace.route,
                                    between_layers=job.checkpoint)
@@ -165,6 +182,7 @@ class ExploreHandlers:
     def sweep(self, thresholds_text: str, n: int, request: gr.Request = None, progress=gr.Progress()):
         """Accuracy against layers executed and measured speed over router thresholds."""
         pipe = self.ctx.pipe
+        pipe.require_fitted()
         thresholds = parse_thresholds(thresholds_text) + [pipe.threshold]
         questions = self.question_set("scenes", n, None)
         with self.ctx.job(request) as job:
@@ -175,7 +193,8 @@ class ExploreHandlers:
                 clock=lambda: time.perf_counter() - job.paused_s, between_layers=job.checkpoint)
             cal = next(p for p in points if p.calibrated)
             # a loaded fixed-path system (skip_order): its path at each k, RoE's adapters standing in
-            fixed_from = next(((name, o) for name, s in self.ctx.systems.items() if (o := s.skip_order())), None)
+            fixed_from = next(((name, o) for name, s in self.ctx.systems.items()
+                               if not s.needs_fit and (o := s.skip_order())), None)
             if fixed_from:
                 L = self.ctx.num_layers
                 ks = sorted({*range(3, L // 2 + 1, 3), round(L - cal.mean_layers_executed)})
@@ -216,6 +235,7 @@ class ExploreHandlers:
     @background_task("batch_md", stopped="_The batch run was stopped._", failed="Could not run the batch")
     def batching(self, chosen: list[int], request: gr.Request = None):
         """The chosen examples in one batch: own routes, the union rule and every layer, timed live."""
+        self.ctx.pipe.require_fitted()
         examples = load_examples()
         picked = [examples[int(k)] for k in (chosen or []) if 0 <= int(k) < len(examples)]
         if len(picked) < 2:
@@ -246,6 +266,7 @@ class ExploreHandlers:
     def edited(self, conv: Conversation, editor, request: gr.Request = None):
         """The last question again, on the edited image (same earlier turns): route and answer before and after."""
         last, pipe = conv.last, self.ctx.pipe
+        pipe.require_fitted()
         if last is None:
             raise InputError("ask a question about the image first")
         image = editor.get("composite") if isinstance(editor, dict) else editor

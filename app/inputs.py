@@ -11,7 +11,7 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-from roe_core import InputError
+from roe_core import InputError, NotFittedError
 
 from .texts import HISTORY_EXAMPLE, without_paths
 
@@ -85,7 +85,7 @@ def parse_thresholds(text: str) -> list[float]:
 
 
 def message_of(e: BaseException) -> str:
-    if isinstance(e, (InputError, json.JSONDecodeError)):
+    if isinstance(e, (InputError, NotFittedError, json.JSONDecodeError)):
         return str(e)
     if isinstance(e, Image.DecompressionBombError):   # raised by PIL while opening, before load_image's own check
         return f"the image is too large to open safely (a decompression bomb?): {e}"

@@ -1,7 +1,8 @@
 """The RoE Explorer page, in page order: a one-line header, then gradio tabs: **Chat** (the image and the
 conversation, beside them the route strip, Fig. 1 and the live speedup: the first screen), **Side by
-side** (every system on one question), **What if** (the last question on another route) and **Explore**
-(route atlas, adapter fidelity, trade-off curve, batch composition, image edits).
+side** (every system on one question), **What if** (the last question on another route), **Explore**
+(route atlas, adapter fidelity, trade-off curve, batch composition, image edits) and **Fit** (RoE and the
+fixed path fitted to the loaded model, live on the page once done; a base without parts starts "not fitted").
 
 Every component gets a name here; handlers (handlers_*.py, api.py) return {name: value} and `Page.on`
 wires them, so an event's outputs are listed once, by name, in the order its endpoint returns them.
@@ -26,6 +27,7 @@ from .examples import load_examples
 from .handlers_chat import ChatHandlers
 from .handlers_compare import CompareHandlers
 from .handlers_explore import ExploreHandlers
+from .handlers_fit import FitHandlers, header, systems_choices
 from .inputs import default_thresholds
 from .session import Conversation
 from .views import L1_HEIGHT, ROUTE_HEIGHT, SPEED_HEIGHT, TURN_VIEWS
@@ -62,8 +64,7 @@ def build_demo(pipe: Pipeline, max_new_tokens: int = 48, speed_repeats: int = 3,
     # uploads, scenes and exports older than a day leave gradio's cache (checked hourly)
     with gr.Blocks(title=T.TITLE, fill_width=True, delete_cache=(3600, 86400)) as demo:
         ui = {"conv": gr.State(Conversation())}
-        gr.Markdown(f"## {T.TITLE} · Routing Experts, layer by layer\n{T.header_markdown(pipe.info)}",
-                    elem_id="header")
+        ui["header"] = gr.Markdown(header(ctx), elem_id="header")
         if notice:
             gr.Markdown(f"> ⚠️ **{T.without_paths(notice)}**")
         with gr.Tabs(selected="chat", elem_id="tabs") as ui["tabs"]:
@@ -75,6 +76,8 @@ def build_demo(pipe: Pipeline, max_new_tokens: int = 48, speed_repeats: int = 3,
                 ui |= whatif_tab(ctx)
             with gr.Tab("Explore", id="explore", elem_id="explore-tab"):
                 ui |= explore_tab(ctx, examples)
+            with gr.Tab("Fit", id="fit", elem_id="fit-tab"):
+                ui |= fit_tab(ctx)
         ui |= api_components()
         wire(Page(ui), ctx, demo)
     if mcp:
@@ -151,8 +154,8 @@ def systems_tab(ctx: AppContext) -> dict:
     c = {}
     with gr.Row(equal_height=False):
         with gr.Column(scale=4):
-            c["systems_pick"] = gr.CheckboxGroup([(p.label, n) for n, p in ctx.systems.items()],
-                                                 value=list(ctx.systems), label="Systems to ask", elem_id="arena-systems")
+            c["systems_pick"] = gr.CheckboxGroup(**systems_choices(ctx), label="Systems to ask",
+                                                 elem_id="arena-systems")
             c["systems_q"] = gr.Textbox(label=T.SYSTEMS_QUESTION_LABEL, elem_id="arena-question")
             c["systems_btn"] = gr.Button("Ask every system", variant="primary", elem_id="arena-go")
             gr.Markdown(T.systems_caption([p.spec for p in ctx.systems.values()]), elem_classes="caption")
@@ -195,6 +198,27 @@ def whatif_tab(ctx: AppContext) -> dict:
                                             label="whatif_route_figure", show_label=False)
                 c["whatif_speed"] = gr.Plot(F.empty_figure("Its speed against every layer appears here", 220),
                                             label="whatif_speed_figure", show_label=False)
+    return c
+
+
+def fit_tab(ctx: AppContext) -> dict:
+    c = {}
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3, min_width=300):
+            c["fit_source"] = gr.Radio([("generated scenes (train split)", "scenes"),
+                                        ("my LLaVA JSON + its images (upload below)", "upload")],
+                                       value="scenes", label="Inputs")
+            c["fit_n"] = gr.Slider(2, 2000, value=256, step=1, label="Inputs (at most)")
+            c["fit_files"] = gr.File(label="LLaVA JSON file and its images", file_count="multiple",
+                                     file_types=[".json", "image"])
+            with gr.Row():
+                c["fit_btn"] = gr.Button("Fit", variant="primary", elem_id="fit-go")
+                c["fit_cancel"] = gr.Button("Cancel", variant="stop", elem_id="fit-cancel")
+            gr.Markdown(T.FIT_CAPTION, elem_classes="caption")
+        with gr.Column(scale=7):
+            c["fit_md"] = gr.Markdown(T.FIT_INTRO if ctx.pipe.needs_fit else T.FIT_INTRO_FITTED, elem_id="fit-summary")
+            c["fit_zip"] = gr.File(label="the fitted parts (zip: roe/, static/, fit.json)", elem_id="fit-zip")
+            c["fit_json"] = gr.JSON(label="fit summary", open=False)
     return c
 
 
@@ -330,6 +354,7 @@ class Page:
 
 def wire(p: Page, ctx: AppContext, demo: gr.Blocks) -> None:
     chat, cmp, ex, api = ChatHandlers(ctx), CompareHandlers(ctx), ExploreHandlers(ctx), ApiHandlers(ctx)
+    fit = FitHandlers(ctx)
     turn = ["conv", "status", *TURN_VIEWS]
     speed_out = ["conv", "speed_fig", "speed_table", "speed_md"]
 
@@ -387,6 +412,13 @@ def wire(p: Page, ctx: AppContext, demo: gr.Blocks) -> None:
     edit_evt = p.on([p["edit_btn"].click], ex.edited, ["conv", "editor"], ["edit_md", "edit_plot", "edit_table",
                                                                           "edit_json"], api_name="edit", **BACKGROUND)
 
+    # Fit: the parts live on this page once done, for every visitor (a page opened later gets them at load)
+    fitted = ["header", "systems_pick", "threshold", "sweep_thresholds"]
+    fit_evt = p.on([p["fit_btn"].click], fit.fit, ["fit_source", "fit_n", "fit_files"],
+                   ["fit_md", "fit_json", "fit_zip", *fitted], api_name="fit", **BACKGROUND)
+    p.on([p["fit_cancel"].click], fit.cancel, [], ["fit_md"], api_name="fit_cancel", queue=False)
+    p.on([demo.load], fit.page_views, [], fitted, api_visibility="private", queue=False)
+
     # for programs
     gr.on([p["api_btn"].click], api.answer_json, [p[n] for n in ("api_image", "api_question", "api_history",
                                                                  "api_route", "api_threshold", "api_system")],
@@ -395,5 +427,5 @@ def wire(p: Page, ctx: AppContext, demo: gr.Blocks) -> None:
     # Stop: this user's work ends at its next token (the page's events and the model's work alike)
     p.on([p["stop_btn"].click], chat.stop, ["conv"], ["status", "chat"], api_name="stop", queue=False,
          cancels=[asked, speed_evt, speed_now_evt, whatif_evt, systems_evt, atlas_evt, fid_evt, sweep_evt, batch_evt,
-                  edit_evt])
+                  edit_evt, fit_evt])
     demo.unload(chat.closed)

@@ -180,6 +180,12 @@ def route_note(trace: RouteTrace) -> dict:
     ran = [i for i, r in enumerate(trace.route) if r]
     skipped = trace.adapters_used
     timing = trace.timing
+    if trace.route_mode == "dense":     # RoE not fitted when this was asked: the base alone answered
+        lines = ["**Ran:** every layer. RoE was not fitted: no router decided and no adapter stood in."]
+        if timing is not None:
+            lines.append(f"{timing.total_s:.3f} s for {trace.new_tokens} tokens (prefill {timing.prefill_s:.3f} s).")
+        return {"role": "assistant", "content": "  \n".join(lines),
+                "metadata": {"title": f"Every layer · {trace.summary()}", "status": "done"}}
     lines = [f"**Ran:** {spans(ran)}", f"**Skipped, adapter stood in:** {spans(skipped)}",
              f"Router threshold {trace.threshold:.2f}; route {trace.route_mode}."]
     guarded = getattr(trace, "guarded", [])

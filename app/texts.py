@@ -96,6 +96,28 @@ BATCHING_CAPTION = (
 EDIT_HEADERS = ["image", "layers run", "answer"]
 EDIT_INTRO = "_Load the image, edit it, and re-answer: the route and the answer before and after, side by side._"
 
+# ---- Fit -----------------------------------------------------------------------------------------
+NOT_FITTED = "not fitted"         # info["parts"] of a system loaded without parts (roe_core.systems.NOT_FITTED)
+NOT_FITTED_CHAT = (
+    "_RoE is **not fitted** for this model: this answer ran **every layer** (the dense model's own). No router or "
+    "adapter has been fitted, so no layer is skipped: fit them in the **Fit** tab (a few minutes), then ask again._")
+NOT_FITTED_SPEED = "_No route to time: RoE is not fitted for this model (see the **Fit** tab)._"
+SPEED_DENSE_TURN = "_This turn ran every layer (asked before RoE was fitted): ask again to time its route._"
+FIT_INTRO = ("_Fit RoE's routers and adapters, and the fixed path, to this model: the model's own answers on the "
+             "inputs are the targets, no answers needed._")
+FIT_CAPTION = (
+    "The fit records what each decoder layer does on the inputs and fits, for every layer, a small adapter that "
+    "stands in for it and a router that learns from the model's own evidence which layers each example needs; the "
+    "threshold is chosen on held-out inputs. The fixed path (the same layers skipped for every input) is fitted on "
+    "the same inputs. Background work: anyone's plain question goes first, and **Cancel** (or Stop) ends it. Once "
+    "fitted, the routes are live on this page (every tab), and the parts can be downloaded as a zip: start the app "
+    "again with `--roe <folder>/roe --static <folder>/static` to load them. Inputs: generated scenes of the train "
+    "split, or your LLaVA JSON (`[{\"image\": \"a.png\", \"conversations\": [{\"from\": \"human\", "
+    "\"value\": \"<image>\\nQ\"}, ...]}]`) uploaded with its images (answers in it are not used).")
+FIT_INTRO_FITTED = ("_This model's RoE is fitted already; a new fit replaces its parts on this page (for everyone) "
+                    "until the app restarts._")
+FIT_RUNNING = "a fit is already running on this model: wait for it, or cancel it"
+
 HISTORY_EXAMPLE = '[["How many circles are there?", "2"], ["What colour is the big one?", "red"]]'
 
 
@@ -115,13 +137,24 @@ def without_paths(text: str) -> str:
     return re.sub(r"(?<![\w.:/~])/(?:[^\s'\"():,/]+/)*([^\s'\"():,/]+)/?", r"\1", str(text))
 
 
-def header_markdown(info: dict) -> str:
-    """One compact line about what is loaded, from the routed pipe's info (a whitelist: nothing else leaks)."""
+def parts_words(info: dict) -> str:
+    """Where a system's parts come from, for visitors: shipped (folder), a folder's name, "fitted here on N
+    inputs", or not fitted."""
+    parts = info.get("parts", "—")
+    if parts == NOT_FITTED:
+        return "**not fitted** (see the *Fit* tab)"
+    return public_name(parts)
+
+
+def header_markdown(info: dict, others=()) -> str:
+    """One compact line about what is loaded, from the routed pipe's info (a whitelist: nothing else leaks);
+    others: (label, info) of the other systems with parts that must be fitted (the fixed path)."""
     parts = [f"**Model** `{public_name(info.get('model'))}`"]
     if info.get("decoder"):
         parts.append(str(info["decoder"]).split(" (")[0])
     parts += [f"{info.get('num_layers')} decoder layers", f"{info.get('device')} ({info.get('dtype')})",
-              f"**RoE parts** {public_name(info.get('parts', '—'))}"]
+              f"**RoE parts** {parts_words(info)}"]
+    parts += [f"**{label} parts** {parts_words(other)}" for label, other in others]
     if info.get("trained_on"):
         parts.append(f"trained on {str(info['trained_on']).split(' — ')[0]}")
     return " · ".join(parts)

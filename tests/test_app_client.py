@@ -30,16 +30,29 @@ pytestmark = [pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
 handle_file = gradio_client.handle_file
 
 
+def parts_folders(loaded, folder: Path) -> dict[str, str]:
+    """RoE and fixed-path parts of the tiny base written to folders, as a user's --roe / --static would be
+    (fresh parts, asked for explicitly: the app never makes untrained ones itself). The fixed path gets
+    layer scores, as a trained one has (it still skips none): the sweep draws its curve."""
+    from roe_core.systems import load_systems
+    fresh = load_systems(["roe", "static"], loaded=loaded, fresh=True)
+    L = fresh["roe"].num_layers
+    fresh["static"].model.config.layer_scores = [float(L - i) for i in range(L)]
+    fresh["roe"].model.save_roe(folder / "roe")
+    fresh["static"].model.save_static(folder / "static")
+    return {"roe": str(folder / "roe"), "static": str(folder / "static")}
+
+
 @pytest.fixture(scope="module")
-def server(free_port):
+def server(free_port, tmp_path_factory):
     from app.layout import build_demo, launch_options
 
-    from roe_core.systems import SYSTEMS, load_systems
-    pipes = load_systems(SYSTEMS, model="tiny")     # one tiny base, wrapped by every system
+    from roe_core.systems import SYSTEMS, load_base, load_systems
+    loaded = load_base("tiny", device="cpu")
+    parts = parts_folders(loaded, tmp_path_factory.mktemp("parts"))
+    pipes = load_systems(SYSTEMS, loaded=loaded, parts=parts)     # one tiny base, wrapped by every system
     pipe = pipes["roe"]
-    L = pipe.info["num_layers"]
-    # the fixed path's layer scores, as a trained one has (it still skips none): the sweep draws its curve
-    pipes["static"].model.config.layer_scores = [float(L - i) for i in range(L)]
+    assert not any(p.needs_fit for p in pipes.values())
     demo = build_demo(pipe, max_new_tokens=6, speed_repeats=1, systems=pipes)
     _, url, _ = demo.launch(prevent_thread_lock=True, server_port=free_port(), quiet=True, **launch_options())
     yield url, pipe.info["num_layers"]
@@ -169,7 +182,7 @@ def test_bad_input_shows_a_message_and_keeps_the_conversation(url, files):
     cases = [
         (IMAGE, "   ", "question is empty"),
         (None, "Is there a circle?", "no image"),
-        (IMAGE, "x" * 700, "reads at most"),
+        (IMAGE, "x" * 700, "takes at most 256 tokens per question"),      # the server's limit, before the model
         (files["not_an_image"], "q?", "not an image"),
         (files["truncated"], "q?", "corrupt or truncated"),
         (files["huge"], "q?", "12000x12000"),
