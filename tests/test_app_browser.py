@@ -27,14 +27,18 @@ pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning") 
 
 
 @pytest.fixture(scope="module")
-def url(free_port):
+def url(free_port, tmp_path_factory):
     if not Path(CHROMIUM).exists():
         pytest.skip("install Chromium: apt-get install -y chromium")
     from app.layout import build_demo, launch_options
 
     model = os.environ.get("ROE_APP_TEST_MODEL", "tiny")
+    roe = None
+    if model == "tiny":     # RoE parts from a folder, as --roe gives them (the app never makes untrained ones)
+        roe = str(tmp_path_factory.mktemp("roe"))
+        RoEPipeline.load("tiny", fresh=True).model.save_roe(roe)
     # the README screenshot (embedded) shows a median of 3 interleaved timings, not one noisy run
-    demo = build_demo(RoEPipeline.load(model), max_new_tokens=12 if model == "tiny" else 24,
+    demo = build_demo(RoEPipeline.load(model, roe=roe), max_new_tokens=12 if model == "tiny" else 24,
                       speed_repeats=1 if model == "tiny" else 3)
     _, local_url, _ = demo.launch(prevent_thread_lock=True, server_port=free_port(), quiet=True,
                                   **launch_options())
