@@ -1,8 +1,9 @@
 """The Fit tab's events: RoE's routers and adapters, and the fixed path, fitted to the loaded base on the
 generated scenes or an uploaded LLaVA JSON (roe_core.fit does the work), then made live on this page for
 everyone: the systems built over the fitted parts replace the "not fitted" ones (or the earlier fit) in the
-app's context, and the parts are offered as a zip. Background work with a progress bar; Stop or Cancel ends
-it at its next checkpoint."""
+app's context, and the parts are offered as a zip. Background work with a progress bar; between its batches
+anyone waiting (a plain question, another user's speed measurement) goes first, since a fit takes minutes;
+Stop or Cancel ends it at its next batch."""
 from __future__ import annotations
 
 import threading
@@ -91,7 +92,7 @@ class FitHandlers:
                 summary = fit_parts(loaded, inputs, out, cfg=fit_config(len(inputs), ctx.max_new_tokens),
                                     progress=lambda stage, done, total: progress((done, total), desc=str(stage),
                                                                                  unit="steps"),
-                                    checkpoint=job.checkpoint)
+                                    checkpoint=job.turn)   # between batches: anyone waiting goes first
             seconds = time.perf_counter() - t0
             folders = fitted_folders(out)
             live = self.go_live(loaded, folders, len(inputs))

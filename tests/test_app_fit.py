@@ -192,6 +192,15 @@ def test_a_fit_can_be_cancelled_and_changes_nothing(free_port):
     try:
         c = gradio_client.Client(url, verbose=False)
         job = c.submit("scenes", 400, [], api_name="/fit")
+        deadline = time.time() + 120
+        while not (job.status().progress_data or job.done()) and time.time() < deadline:
+            time.sleep(0.1)
+        assert job.status().progress_data, "the fit showed no progress"
+        # a plain question during the fit: the fit lends the model between its batches
+        other = gradio_client.Client(url, verbose=False)
+        dense = json.loads(other.predict(handle_file(str(IMAGE)), QUESTION, "[]", "auto", None, "dense",
+                                         api_name="/answer"))
+        assert "error" not in dense and not job.done(), "the plain question waited for the whole fit"
         said = ""
         deadline = time.time() + 120
         while "Cancelling" not in said and not job.done() and time.time() < deadline:
