@@ -74,8 +74,8 @@ def load_pipelines(args):
             raise
         reason = f"{type(e).__name__}: {e}"
     return _load(args, "tiny"), (f"The embedded model could not be loaded ({reason}). Running the tiny random "
-                                 "model instead: its answers are noise, but every panel works. Start with --model "
-                                 "to load another model.")
+                                 "model instead: its answers are noise, and it ships no RoE parts (fit them in the Fit "
+                                 "tab). Start with --model to load another model.")
 
 
 def routed_system() -> str:
