@@ -137,12 +137,12 @@ def without_paths(text: str) -> str:
     return re.sub(r"(?<![\w.:/~])/(?:[^\s'\"():,/]+/)*([^\s'\"():,/]+)/?", r"\1", str(text))
 
 
-def parts_words(info: dict) -> str:
+def parts_words(info: dict, hint: bool = True) -> str:
     """Where a system's parts come from, for visitors: shipped (folder), a folder's name, "fitted here on N
-    inputs", or not fitted."""
+    inputs", or not fitted (hint: pointing at the Fit tab)."""
     parts = info.get("parts", "—")
     if parts == NOT_FITTED:
-        return "**not fitted** (see the *Fit* tab)"
+        return "**not fitted**" + (" (see the *Fit* tab)" if hint else "")
     return public_name(parts)
 
 
@@ -154,7 +154,7 @@ def header_markdown(info: dict, others=()) -> str:
         parts.append(str(info["decoder"]).split(" (")[0])
     parts += [f"{info.get('num_layers')} decoder layers", f"{info.get('device')} ({info.get('dtype')})",
               f"**RoE parts** {parts_words(info)}"]
-    parts += [f"**{label} parts** {parts_words(other)}" for label, other in others]
+    parts += [f"**{label} parts** {parts_words(other, hint=False)}" for label, other in others]
     if info.get("trained_on"):
         parts.append(f"trained on {str(info['trained_on']).split(' — ')[0]}")
     return " · ".join(parts)
