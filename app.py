@@ -9,7 +9,8 @@ question of the dense model and MoE-LLaVA side by side.
 It listens on 127.0.0.1 (this machine only) unless --host says otherwise; binding to another address
 without --auth prints a warning. Questions that arrive together are answered in one batch (--max-batch,
 --batch-window-ms); --max-question-tokens, --max-history-turns and --rate-limit refuse what would hold the
-model, before any model work (0 turns a limit off).
+model, before any model work (0 turns a limit off). --engine picks how every system decodes (auto: the
+CUDA-graph engine on a GPU, the eager loop on a CPU; eager: the engine's own code uncaptured, on any device).
 """
 from __future__ import annotations
 
@@ -40,6 +41,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "model has parts for; the routed one, RoE, is always loaded)")
     p.add_argument("--device", default="auto", help='"auto" (GPU when there is one), "cpu", "cuda", "cuda:1"...')
     p.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--engine", default="auto", choices=["auto", "graphs", "eager", "off"],
+                   help='how every system decodes: "graphs" (the static-shape decode engine with CUDA graphs, CUDA '
+                        'only), "eager" (the same engine uncaptured: serve, load-test and benchmark its path on a '
+                        'CPU), "off" (the eager loop), "auto" (default: graphs on CUDA, off on the CPU)')
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=None, help="port (default: 7860 or the next free one)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
@@ -108,9 +113,18 @@ def main(argv=None) -> int:
     if notice:
         print(f"warning: {notice}", file=sys.stderr)
     pipe = pipes[routed_system()]
+    try:
+        for p in pipes.values():
+            p.use_engine(args.engine)
+        if args.engine == "graphs" and pipe.device.type != "cuda":
+            raise ValueError("--engine graphs needs a CUDA device; use --engine eager on the CPU")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     info = pipe.info
     print(f"RoE Explorer: model {info.get('model')} on {info.get('device')} ({info.get('dtype')}), "
-          f"{info.get('num_layers')} decoder layers; systems {', '.join(pipes)}", file=sys.stderr)
+          f"{info.get('num_layers')} decoder layers; systems {', '.join(pipes)}; decoding: {info.get('engine')}",
+          file=sys.stderr)
 
     from app.layout import build_demo, launch_options
     from roe_core.serving import Limits, Server

@@ -7,6 +7,7 @@ import gradio as gr
 import pandas as pd
 
 from roe_core import InputError
+from roe_core.serving import answer_yielding
 
 from . import figures as F
 from . import texts as T
@@ -77,8 +78,8 @@ class CompareHandlers:
             for name in chosen:
                 pipe = ctx.systems[name]
                 item = pipe.prepare(conv.image, question, history)
-                answers[name], seconds[name] = own_seconds(job, lambda on_step: pipe.answer_batch(
-                    [item], max_new_tokens=ctx.max_new_tokens, on_step=on_step)[0])
+                answers[name], seconds[name] = own_seconds(job, lambda on_step: answer_yielding(
+                    pipe, [item], job, on_step=on_step, max_new_tokens=ctx.max_new_tokens)[0])
                 job.turn()
         rows = [{"system": ctx.systems[n].label, "answer": answers[n].text, "seconds": seconds[n],
                  "tokens_per_s": F.tokens_per_s(answers[n].trace.new_tokens, seconds[n]),

@@ -16,6 +16,11 @@ check that every answer under load equals the answer the same request got alone 
 --probe-during speed|atlas: one client asks a question and measures its speed against every layer (or
 builds the route atlas of 48 questions), over and over (background work), while a probe client asks plain
 questions; the probe's latency is reported against its latency on an idle app.
+
+On an app decoding through the engine (`python app.py --engine eager`, or "graphs"/"auto" on a GPU) each
+run also reports the engine's arenas built and graphs captured per 100 requests, and whether arenas were
+built only for the first request of each shape bucket (`arenas_built == shape_buckets`): a server's
+steady state reuses its arenas.
 """
 from __future__ import annotations
 
@@ -98,12 +103,44 @@ def make_pool(n: int, folder: Path, first_seed: int = 30_000_000) -> list[tuple[
 
 
 def ask(client, item: tuple[str, str], system: str) -> tuple[str | None, list | None, str | None]:
+    return ask_json(client, item, system)[:3]
+
+
+def ask_json(client, item: tuple[str, str], system: str) -> tuple[str | None, list | None, str | None, dict]:
+    """(answer, route, error, the engine's counts) of one /answer call."""
     from gradio_client import handle_file
 
     out = json.loads(client.predict(handle_file(item[0]), item[1], "[]", "auto", None, system, api_name="/answer"))
     if "error" in out:
-        return None, None, out["error"]
-    return out["answer"], out["trace"].get("route"), None
+        return None, None, out["error"], {}
+    return out["answer"], out["trace"].get("route"), None, out.get("engine") or {}
+
+
+ENGINE_COUNTS = ("arenas_built", "graphs_captured", "generations", "examples")
+
+
+def engine_counts(url: str, item: tuple[str, str], system: str) -> dict:
+    """The engine's counts now, read from one /answer of a request whose shape is already warm."""
+    from gradio_client import Client
+
+    c = Client(url, verbose=False)
+    try:
+        return ask_json(c, item, system)[3]
+    finally:
+        c.close()
+
+
+def engine_summary(before: dict, after: dict, requests: int) -> dict:
+    """Arenas built and graphs captured per 100 requests over a run (the counts' difference; the read
+    after the run is one more request, of a warm shape)."""
+    if not after:
+        return {}
+    d = {k: after.get(k, 0) - before.get(k, 0) for k in ENGINE_COUNTS}
+    n = max(1, requests)
+    return {**d, "arenas_built_per_100": 100.0 * d["arenas_built"] / n,
+            "graphs_captured_per_100": 100.0 * d["graphs_captured"] / n,
+            "arenas_built_total": after.get("arenas_built", 0), "shape_buckets": after.get("shape_buckets", 0),
+            "one_arena_per_bucket": after.get("arenas_built", 0) == after.get("shape_buckets", 0)}
 
 
 def client_loop(client, pool, start: int, go: threading.Barrier, stop_at: list, outcomes: list,
@@ -198,9 +235,12 @@ def load_test(url: str, clients: list[int], duration: float, pool_size: int = 32
         say(json.dumps(base.summary()))
         for n in clients:
             say(f"{n} client(s) at once, {duration:.0f} s ...")
+            before = engine_counts(url, pool[0], system)
             run = run_clients(url, pool, n, duration, system)
+            after = engine_counts(url, pool[0], system)
             lone_answers(url, pool, [o.request for o in run.ok], system, lone)
             s = run.summary()
+            s["engine"] = engine_summary(before, after, len(run.outcomes))
             s["throughput_vs_one_by_one"] = s["answers_per_s"] / base_rate if base_rate else None
             bad = mismatches(run, lone)
             s["differ_from_alone"] = len(bad)
@@ -244,8 +284,12 @@ def probe_during(url: str, duration: float, what: str = "speed", system: str = "
         busy = run_clients(url, pool, 1, duration / 2, system)
         stop.set()
         bg.join(120)
+        lone = {o.request: (o.answer, o.route, o.error) for o in idle.outcomes}
+        lone_answers(url, pool, [o.request for o in busy.ok], system, lone)
+        bad = mismatches(busy, lone)
     i, b = idle.summary(), busy.summary()
     out = {"background": what, "idle": i, "during": b, "background_runs_finished": len(measured),
+           "differ_from_alone": len(bad), "differ_examples": bad[:3],
            "p50_ratio": b["latency_p50_s"] / i["latency_p50_s"] if i["latency_p50_s"] else None,
            "p95_ratio_to_idle_p50": b["latency_p95_s"] / i["latency_p50_s"] if i["latency_p50_s"] else None,
            "max_ratio_to_idle_p50": b["latency_max_s"] / i["latency_p50_s"] if i["latency_p50_s"] else None}
@@ -298,18 +342,26 @@ def main(argv=None) -> int:
     else:
         results = load_test(args.url, [int(x) for x in args.clients.split(",")], args.duration, args.pool,
                             args.system)
-        print("\n| clients | answers/s | vs one by one | p50 s | p95 s | max s | errors | differ from alone |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("\n| clients | answers/s | vs one by one | p50 s | p95 s | max s | errors | differ from alone | "
+              "arenas built /100 req | graphs captured /100 req |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         b = results["one_by_one"]
         print(f"| 1 (one by one) | {b['answers_per_s']:.2f} | 1.00 | {b['latency_p50_s']:.2f} | "
-              f"{b['latency_p95_s']:.2f} | {b['latency_max_s']:.2f} | {b['errors']} | - |")
+              f"{b['latency_p95_s']:.2f} | {b['latency_max_s']:.2f} | {b['errors']} | - | - | - |")
         for r in results["runs"]:
+            e = r.get("engine") or {}
+            per = (lambda k: f"{e[k]:.1f}" if k in e else "- (eager loop)")
             print(f"| {r['clients']} | {r['answers_per_s']:.2f} | {r['throughput_vs_one_by_one']:.2f} | "
                   f"{r['latency_p50_s']:.2f} | {r['latency_p95_s']:.2f} | {r['latency_max_s']:.2f} | {r['errors']} | "
-                  f"{r['differ_from_alone']} |")
+                  f"{r['differ_from_alone']} | {per('arenas_built_per_100')} | {per('graphs_captured_per_100')} |")
+        e = results["runs"][-1].get("engine") if results["runs"] else None
+        if e:
+            print(f"\nengine: {e['arenas_built_total']} arenas built in all for {e['shape_buckets']} shape buckets"
+                  f" ({'one per bucket: no churn' if e['one_arena_per_bucket'] else 'some rebuilt'})")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
-    failed = results.get("runs", []) and any(r["errors"] or r["differ_from_alone"] for r in results["runs"])
+    failed = (results.get("runs", []) and any(r["errors"] or r["differ_from_alone"] for r in results["runs"])
+              or results.get("differ_from_alone"))
     return 1 if failed else 0
 
 

@@ -6,11 +6,12 @@
 What a decode step costs with transformers' dynamic cache and an eager loop is mostly Python and kernel
 launches (a 7B step at batch 16 costs what it costs at batch 1). Here, as in gpt-fast:
 
-- **Static buffers.** An *arena* per (batch size, key capacity) holds, allocated once and reused by every
-  later call of that shape: each layer's keys/values for (the rows that may run it, prompt + new tokens),
-  written at an explicit slot (a device tensor); the hidden states (two, ping-pong); positions, the key
-  mask and the next token. A system's prefill writes its keys straight into the arena (`ArenaCache`
-  duck-types `Cache.update`).
+- **Static buffers.** An *arena* per shape bucket (rows rounded up to a power of two, key capacity to a
+  grid) holds, allocated once and reused by every later call of that bucket (a generation checks one out
+  and gives it back: two generations in flight never share one, and no lock is held while one runs):
+  each layer's keys/values for (the rows that may run it, prompt + new tokens), written at an explicit
+  slot (a device tensor); the hidden states (two, ping-pong); positions, the key mask and the next token.
+  A system's prefill writes its keys straight into the arena (`ArenaCache` duck-types `Cache.update`).
 - **One captured graph per (layer, row bucket).** Layer i runs on the rows routed through it, gathered
   into a bucket of 1, 2, 4, ... rows (pad rows read and write a scratch row that no example owns), and
   its stand-in (RoE's adapter) runs on the rest. Each (layer, bucket) is captured once as a CUDA graph
@@ -223,6 +224,7 @@ class DecodeEngine:
         self._last: weakref.ref | None = None
         self._pool = threading.Lock()       # held only to check arenas out and in: never across model work
         self._serial = 0
+        self._shapes: set[tuple] = set()     # every shape bucket an arena was built for
         self.stats: Counter = Counter()     # arenas_built, graphs_captured, generations, examples, ...
         self.fuse = fuse
         self.on_fallback = on_fallback
@@ -271,18 +273,20 @@ class DecodeEngine:
         heads = text_cfg.num_attention_heads
         head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // heads
         kv = getattr(text_cfg, "num_key_value_heads", None) or heads
-        build = lambda: Arena(B, K, num_layers, text_cfg.hidden_size, kv, head_dim, dtype, device, max_new)  # noqa: E731
+        shape = (B, K, num_layers, text_cfg.hidden_size, kv, head_dim, dtype, device, max_new)
         try:
-            a = build()
+            a = Arena(*shape)
         except torch.OutOfMemoryError:
             log.warning("out of memory building an arena of %d rows x %d keys: dropping idle arenas, retrying", B, K)
             self.release_idle()
-            a = build()                      # a second failure is the caller's (a server splits the batch)
+            a = Arena(*shape)                # a second failure is the caller's (a server splits the batch)
         a.key, a.busy = key, True
         with self._pool:
             self._serial += 1
             self.arenas[self._serial] = a
             self.stats["arenas_built"] += 1
+            self._shapes.add(key)
+            self.stats["shape_buckets"] = len(self._shapes)     # arenas_built == shape_buckets: no churn
             self._trim()
         return a
 
