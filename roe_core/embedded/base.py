@@ -179,13 +179,15 @@ def _save_half(tensors: dict[str, Tensor], path: Path) -> None:
     tmp.replace(path)
 
 
-def save_vision_parts(base_or_vit, projector: nn.Module | None = None) -> None:
+def save_vision_parts(base_or_vit, projector: nn.Module | None = None, folder: Path | None = None) -> None:
+    """The vision tower and projector in bf16 into assets/embedded (or `folder`)."""
+    folder = folder or ASSETS
     vit = base_or_vit.model.vision_tower if projector is None and hasattr(base_or_vit, "model") else base_or_vit
-    _save_half(vit.state_dict(), ASSETS / VISION_FILE)
+    _save_half(vit.state_dict(), folder / VISION_FILE)
     if projector is None and hasattr(base_or_vit, "model"):
         projector = base_or_vit.model.multi_modal_projector
     if projector is not None:
-        _save_half(projector.state_dict(), ASSETS / PROJECTOR_FILE)
+        _save_half(projector.state_dict(), folder / PROJECTOR_FILE)
 
 
 # ----------------------------------------------------------------------------- assembling the model
@@ -232,13 +234,14 @@ def build_base(stages: tuple[str, ...] | None = None, dtype: torch.dtype = torch
     return base.to(dtype).eval(), tok
 
 
-def save_lora(base) -> None:
-    """Ships the decoder's peft LoRA into assets/embedded/lora/ with its factors in bf16 (measured to change
-    no val answer: assets/embedded/README.md); peft merges them in fp32 at load."""
+def save_lora(base, folder: Path | None = None) -> None:
+    """Ships the decoder's peft LoRA into assets/embedded/lora/ (or `folder`/lora/) with its factors in bf16
+    (measured to change no val answer: assets/embedded/README.md); peft merges them in fp32 at load."""
     from ..runtime.weights import load_tensors, save_tensors
-    base.model.language_model.save_pretrained(str(ASSETS / LORA_DIR))
-    (ASSETS / LORA_DIR / "README.md").unlink(missing_ok=True)   # peft's blank model card
-    weights = ASSETS / LORA_DIR / "adapter_model.safetensors"
+    out = (folder or ASSETS) / LORA_DIR
+    base.model.language_model.save_pretrained(str(out))
+    (out / "README.md").unlink(missing_ok=True)   # peft's blank model card
+    weights = out / "adapter_model.safetensors"
     save_tensors(load_tensors(weights), weights)
 
 

@@ -2,6 +2,7 @@
 the LLaVA JSON the routing systems train on, and the datasets `train.loop.fit` reads.
 
     pixel_cache(n, split, augment)      (pixel_values, samples): scenes with their conversations
+    wide_pixel_cache(n, start)          the same for train samples reworded and restyled (scenes.grammar)
     vision_pixels(n, split, augment)    (pixel_values, scenes, aspects): scenes alone
     vision_targets(scenes, aspects)     the vision stage's per-cell / per-patch / count targets
     roe_data(n, start, wide)            LLaVA JSON of train-split scenes (runs/data*/train*.json)
@@ -39,6 +40,24 @@ def pixel_cache(n: int, split: str = "train", augment: bool = False):
     return pv, samples
 
 
+def wide_pixel_cache(n: int, start: int = 0):
+    """(pixel_values fp16 (n, 3, S, S), samples): train-split samples start .. start+n-1 as
+    scenes.grammar.make_wide_sample rewords and restyles them (sizes 96-1024 px, aspect 1:2-2:1, JPEG,
+    outline widths; never the shifted split's held-out words or styles); cached in runs/."""
+    from ..scenes import SPLIT_BASE
+    from ..scenes.grammar import make_wide_sample
+    seeds = range(SPLIT_BASE["train"] + start, SPLIT_BASE["train"] + start + n)
+    samples = [make_wide_sample(s) for s in seeds]
+    pv = _cached_pixels(f"wide_train_{start}_{n}", list(seeds), False, "rendering wide train scenes",
+                        render=_wide_image)
+    return pv, samples
+
+
+def _wide_image(seed: int):
+    from ..scenes.grammar import make_wide_sample
+    return make_wide_sample(seed).image()
+
+
 def _cache_tag(augment: bool) -> str:
     """What a cached pixel tensor depends on: the scene world's version, the tower's input, augmenting."""
     from ..scenes import WORLD_VERSION
@@ -47,9 +66,9 @@ def _cache_tag(augment: bool) -> str:
             f"{'_aug' if augment else ''}")
 
 
-def _cached_pixels(name: str, jobs: list[tuple], augment: bool, desc: str) -> Tensor:
-    """_vision_image over (scene, seed, augment) jobs in ROE_THREADS processes, then the image
-    processor: (n, 3, S, S) fp16, cached in runs/cache/<name>_<tag>.safetensors."""
+def _cached_pixels(name: str, jobs: list, augment: bool, desc: str, render=None) -> Tensor:
+    """render (default _vision_image, over (scene, seed, augment) jobs) in ROE_THREADS processes, then the
+    image processor: (n, 3, S, S) fp16, cached in runs/cache/<name>_<tag>.safetensors."""
     from concurrent.futures import ProcessPoolExecutor
     path = RUNS / "cache" / f"{name}_{_cache_tag(augment)}.safetensors"
     if path.is_file():
@@ -60,7 +79,7 @@ def _cached_pixels(name: str, jobs: list[tuple], augment: bool, desc: str) -> Te
     chunks = []
     with ProcessPoolExecutor(max_workers=int(os.environ.get("ROE_THREADS", "2"))) as pool:
         for i in tqdm(range(0, len(jobs), 1000), desc=desc):
-            ims = list(pool.map(_vision_image, jobs[i:i + 1000], chunksize=50))
+            ims = list(pool.map(render or _vision_image, jobs[i:i + 1000], chunksize=50))
             chunks.append(proc(images=ims, return_tensors="pt")["pixel_values"].half())
     pv = torch.cat(chunks).contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -142,12 +142,39 @@ def evaluate(base, tok, n: int = 200, split: str = "val", batch_size: int = 25, 
         per.setdefault(q.qtype, []).append(int(good))
     examples = [(q.question, q.gold, p) for q, p in zip(qs[:12], preds)]
     return {"split": split, "n": len(ok), "exact_match": sum(ok) / max(1, len(ok)),
-            "per_qtype": {k: sum(v) / len(v) for k, v in sorted(per.items())}, "examples": examples}
+            "per_qtype": {k: sum(v) / len(v) for k, v in sorted(per.items())},
+            "n_per_qtype": {k: len(v) for k, v in sorted(per.items())}, "examples": examples}
+
+
+COUNTING = ("count", "relcount")
+
+
+def evaluate_wide(base, tok, n_plain: int, n_wide: int) -> dict:
+    """The finetune's choice on val: exact match on n_plain plain val questions and on the first question of
+    n_wide val samples reworded and restyled (grammar.make_wide_sample, the --wide-data distribution), each
+    alone and their mean
+    (`score`, what the best checkpoint is chosen by), with counting (count + relcount) reported apart."""
+    from ..scenes.grammar import make_wide_sample
+    from ..scenes.splits import split_seeds
+    plain = evaluate(base, tok, n_plain)
+    wide = evaluate(base, tok, n_wide, samples=[make_wide_sample(s) for s in split_seeds("val", n_wide)])
+
+    def counting(ev):
+        got = [(ev["per_qtype"][k], ev["n_per_qtype"][k]) for k in COUNTING if k in ev["per_qtype"]]
+        return sum(a * m for a, m in got) / max(1, sum(m for _, m in got))
+    return {"score": (plain["exact_match"] + wide["exact_match"]) / 2,
+            "plain": plain["exact_match"], "wide": wide["exact_match"],
+            "plain_counting": counting(plain), "wide_counting": counting(wide),
+            "plain_per_qtype": plain["per_qtype"], "wide_per_qtype": wide["per_qtype"],
+            "n_plain": plain["n"], "n_wide": wide["n"]}
 
 
 def stage_lm(stage: str, args) -> None:
     """align: projector (+ViT at a low LR) through the frozen decoder.
-    finetune: LoRA on the decoder + projector + ViT."""
+    finetune: LoRA on the decoder + projector + ViT; --wide-data adds --n-wide train samples reworded and
+    restyled (scenes.grammar) beside the plain ones and validates on plain and wide val (counting apart),
+    keeping the best checkpoint's weights in runs/embedded/finetune/best/; --count-boost K repeats the
+    samples with a counting turn K more times."""
     from tqdm.auto import tqdm
     torch.manual_seed(args.seed)
     # align --with-lora: the projector learns to feed the decoder with the LoRA in assets/ merged
@@ -158,6 +185,11 @@ def stage_lm(stage: str, args) -> None:
                            merge_lora=with_lora)
     encoder = make_encoder(base, tok)
     pv, samples = pixel_cache(args.n_train, augment=args.augment)
+    wide = stage == "finetune" and args.wide_data
+    if wide:   # the same kind of scenes reworded and restyled, beside the plain ones
+        from .data import wide_pixel_cache
+        wpv, wsamples = wide_pixel_cache(args.n_wide or args.n_train)
+        pv, samples = torch.cat([pv, wpv]), list(samples) + list(wsamples)
     base.requires_grad_(False)
     proj = list(base.model.multi_modal_projector.parameters())
     vit = list(base.model.vision_tower.parameters()) if args.vit_lr > 0 else []
@@ -182,13 +214,30 @@ def stage_lm(stage: str, args) -> None:
         write_state(stage, step=step, target_steps=args.steps, done=done, **info)
         curve.sync()
 
+    best = {"score": -1.0}
+
     def validate(step: int) -> dict:
+        if wide:   # plain and reworded/restyled val, counting apart; the best checkpoint kept in runs/
+            ev = evaluate_wide(base, tok, args.eval_n, args.eval_n)
+            tqdm.write(f"[{stage} {step}] val plain {ev['plain']:.3f} wide {ev['wide']:.3f} counting "
+                       f"{ev['plain_counting']:.3f} / {ev['wide_counting']:.3f}")
+            if ev["score"] > best["score"]:
+                best.update(ev, step=step)
+                save_vision_parts(base, folder=out / "best")
+                save_lora(base, folder=out / "best")
+                (out / "best" / "val.json").write_text(json.dumps(best, indent=1))
+            return {"val_exact_match": ev["score"], "val": {k: v for k, v in ev.items() if k != "score"}}
         ev = evaluate(base, tok, args.eval_n)
         tqdm.write(f"[{stage} {step}] val exact match {ev['exact_match']:.3f} {ev['per_qtype']}")
         return {"val_exact_match": ev["exact_match"], "val_n": ev["n"], "val_per_qtype": ev["per_qtype"]}
 
     objective = LMObjective(base, groups, cfg, stage, validate, ship)
-    fit(base, objective, LMCollator(encoder), PixelConversations(pv, samples), cfg, out, resume=args.resume)
+    data = PixelConversations(pv, samples)
+    if args.count_boost:   # more counting: samples with a counting turn appear 1 + count_boost times
+        from torch.utils.data import Subset
+        counting = [i for i, s in enumerate(samples) if any(t.qtype in COUNTING for t in s.turns)]
+        data = Subset(data, list(range(len(samples))) + counting * args.count_boost)
+    fit(base, objective, LMCollator(encoder), data, cfg, out, resume=args.resume)
     step = max(objective.done, start)
     ev = evaluate(base, tok, args.final_eval_n)
     ship(step, done=True, val_exact_match=ev["exact_match"], val_n=ev["n"], val_per_qtype=ev["per_qtype"])

@@ -597,7 +597,8 @@ def fit(model: nn.Module, objective: Objective, encoder: ConversationEncoder, da
             row = {k: float(accelerator.reduce(v.detach().float(), "mean")) if accelerator.num_processes > 1
                    else float(v.detach()) for k, v in stats.items()}
             row.update(step=step, lr_factor=f, **objective.row(step - 1))
-            bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k not in ("step",)}, refresh=False)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in row.items()
+                             if k != "step" and isinstance(v, (int, float))}, refresh=False)   # not eval dicts
             if step % cfg.log_every == 0 or step == cfg.steps:
                 row["s_per_step"] = (time.perf_counter() - t_last) / cfg.log_every
                 t_last = time.perf_counter()
