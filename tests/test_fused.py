@@ -1,0 +1,132 @@
+"""The decode engine with its layer body compiled (roe_core/runtime/fused.py, `DecodeEngine(fuse=...)`):
+off by default; when on, every system's tokens and traces equal the unfused engine's (the same
+arithmetic: on the CPU `aot_eager` traces and replays the very graphs Inductor would compile; one test
+runs Inductor's C++ kernels); compiled parts are kept per owner (a second answer compiles nothing);
+the KV write it compiles is the arena's own decode write; compile modes with their own CUDA graphs are
+refused. On CUDA (`gpu`): the engine's captured graphs of the compiled kernels equal the uncaptured
+unfused engine."""
+import shutil
+
+import pytest
+import torch
+
+from roe_core.runtime.engine import ArenaCache, DecodeEngine
+from roe_core.runtime.fused import DecodeKV, FuseOptions, fuse_program, options_of
+from roe_core.systems import SYSTEMS, load_base
+from test_engine import same
+from test_systems import differentiate, items_of
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+N_NEW = 6
+TRACE_ONLY = FuseOptions(backend="aot_eager", mode=None)
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return load_base("tiny", device="cpu")
+
+
+def answers_with(pipe, items, engine):
+    pipe.engine = engine
+    try:
+        return pipe.answer_batch(items, max_new_tokens=N_NEW)
+    finally:
+        pipe.use_engine("off")
+
+
+def test_fuse_is_off_by_default_and_changes_nothing(loaded):
+    from roe_core.systems import pipeline_class
+    assert DecodeEngine("eager").fuse is False
+    pipe = pipeline_class("roe").from_base(loaded)
+    pipe.use_engine("eager")
+    assert pipe.engine.fuse is False
+    program = object()
+    assert fuse_program(program, False) is program and options_of(None) is None
+    assert options_of(True) == FuseOptions()
+
+
+def test_compile_modes_with_their_own_cuda_graphs_are_refused():
+    for mode in ("reduce-overhead", "max-autotune"):
+        with pytest.raises(ValueError, match="CUDA graphs"):
+            FuseOptions(mode=mode)
+    with pytest.raises(ValueError, match="unknown fuse parts"):
+        FuseOptions(parts=("block", "everything"))
+    with pytest.raises(TypeError):
+        options_of("yes")
+    assert FuseOptions(mode="max-autotune-no-cudagraphs").mode == "max-autotune-no-cudagraphs"
+
+
+def test_the_compiled_kv_write_is_the_arenas_decode_write():
+    torch.manual_seed(0)
+    keys = [torch.randn(4, 2, 8, 3) for _ in range(2)]
+    values = [torch.randn(4, 2, 8, 3) for _ in range(2)]
+    slot = torch.tensor([5])
+    arena = ArenaCache([k.clone() for k in keys], [v.clone() for v in values], slot)
+    arena.lengths = [5, 5]                                   # after a prompt of 5 positions
+    fused = DecodeKV(ArenaCache([k.clone() for k in keys], [v.clone() for v in values], slot))
+    step_k, step_v = torch.randn(3, 2, 1, 3), torch.randn(3, 2, 1, 3)
+    for cache in (arena, fused):
+        k, v = cache.update(step_k, step_v, 1)
+        assert k.shape == (3, 2, 8, 3) and torch.equal(k[:, :, 5:6], step_k) and torch.equal(v[:, :, 5:6], step_v)
+    for a, b in zip(arena.keys + arena.values, fused.keys + fused.values):
+        assert torch.equal(a, b)
+    assert fused.batch_size(0) == 4
+
+
+@pytest.mark.parametrize("system", SYSTEMS)
+def test_fused_engine_answers_as_the_unfused_engine(loaded, images, diversify_routers, system):
+    pipe = differentiate(loaded, system, images, diversify_routers)
+    items = items_of(images, [(), [("Is it big?", "Yes.")], ()])
+    for batch in (items[:1], items):                         # batch 1, and examples on different routes
+        plain = answers_with(pipe, batch, DecodeEngine("eager"))
+        fused = answers_with(pipe, batch, DecodeEngine("eager", fuse=TRACE_ONLY))
+        same(fused, plain, system)
+
+
+def test_compiled_parts_are_kept_per_owner(loaded, images, diversify_routers):
+    """A second generation of the same owner and shapes reuses the compiled parts: nothing is traced again."""
+    from torch._dynamo.utils import counters
+    pipe = differentiate(loaded, "roe", images, diversify_routers)
+    items = items_of(images)
+    engine = DecodeEngine("eager", fuse=TRACE_ONLY)
+    first = answers_with(pipe, items, engine)
+    traced = counters["stats"]["unique_graphs"]
+    assert traced > 0
+    again = answers_with(pipe, items, engine)
+    other_engine = answers_with(pipe, items, DecodeEngine("eager", fuse=TRACE_ONLY))
+    assert counters["stats"]["unique_graphs"] == traced
+    assert [a.text for a in again] == [a.text for a in first] == [a.text for a in other_engine]
+    from roe_core.systems.roe import layer_program
+    assert fuse_program(layer_program(pipe.model), TRACE_ONLY) is fuse_program(layer_program(pipe.model), TRACE_ONLY)
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="Inductor's CPU kernels need a C++ compiler")
+def test_inductor_kernels_answer_as_the_unfused_engine(loaded, images, diversify_routers):
+    """Inductor's own generated kernels (C++ on the CPU), on the system with stand-ins and mixed routes."""
+    pipe = differentiate(loaded, "roe", images, diversify_routers)
+    items = items_of(images)
+    plain = answers_with(pipe, items, DecodeEngine("eager"))
+    fused = answers_with(pipe, items, DecodeEngine("eager", fuse=FuseOptions(mode="default")))
+    same(fused, plain, "roe")
+    assert len({tuple(a.trace.route) for a in plain}) > 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("system", SYSTEMS)
+def test_cuda_graphs_of_compiled_kernels_equal_the_unfused_engine(images, diversify_routers, system):
+    """On CUDA in fp32: the engine captures Inductor's Triton kernels in its graphs (compile's own CUDA
+    graphs off); the tokens and traces equal the uncaptured, unfused engine; graphs stay within the bound."""
+    pipe = differentiate(load_base("tiny", device="cpu"), system, images, diversify_routers)
+    pipe.model.to("cuda", torch.float32)
+    pipe.device = torch.device("cuda")
+    items = items_of(images, [(), [("Is it big?", "Yes.")], ()])
+    engine = DecodeEngine("graphs", fuse=FuseOptions(mode="default"))
+    for batch in (items[:1], items):
+        plain = answers_with(pipe, batch, DecodeEngine("eager"))
+        fused = answers_with(pipe, batch, engine)
+        replayed = answers_with(pipe, batch, engine)
+        same(fused, plain, system)
+        same(replayed, plain, system)
+    L = pipe.num_layers
+    assert 0 < engine.graph_count <= DecodeEngine.graph_bound(L, 1) + DecodeEngine.graph_bound(L, len(items))
