@@ -169,3 +169,33 @@ def test_bad_inputs_say_what_is_wrong(loaded, inputs, tmp_path):
         FitConfig(evidence="vibes")
     with pytest.raises(InputError, match="no images"):
         folder_inputs(tmp_path, ["Q?"])
+
+
+def test_bench_quick_includes_the_fitted_systems(tmp_path):
+    from roe_core import bench
+    r = bench.run(model="tiny", quick=True, fresh=True, out=tmp_path, n=8, timing_n=2, max_new_tokens=3, shifted_n=4,
+                  wide_n=4, curve_n=0, uniformity_n=2, fitted="auto")    # the CLI's default with --quick
+    fit_names = {"roe_fit", STATIC_DIR + "_fit"}
+    assert fit_names <= set(r["systems"])
+    assert r["systems"]["roe_fit"]["label"] == "RoE (fitted)"
+    table = r["fitted"]
+    assert fit_names <= set(table["systems"]) and {"roe", STATIC_DIR} <= set(table["systems"])
+    for v in table["systems"].values():
+        assert 0 <= v["test_accuracy"] <= 1 and v["reworded_val_accuracy"] is not None and v["std_layers"] >= 0
+    assert table["fit"]["n_inputs"] == 32 and (tmp_path / "fitted/roe/roe_config.json").is_file()
+    md = (tmp_path / "results.md").read_text()
+    assert "Fitted parts against trained ones" in md and "RoE (fitted)" in md
+
+
+def test_bench_cli_quick_fits_on_the_fly_unless_told(monkeypatch):
+    import importlib
+    bench_run = importlib.import_module("roe_core.bench.run")
+    seen = {}
+    monkeypatch.setattr(bench_run, "run", lambda *a, **kw: seen.update(kw) or {})
+    monkeypatch.setattr(bench_run, "markdown", lambda r: "")
+    bench_run.main(["--quick", "--model", "tiny"])
+    assert seen["fitted"] == "auto"
+    bench_run.main(["--model", "tiny", "--fitted", "runs/fit"])
+    assert seen["fitted"] == "runs/fit"
+    bench_run.main(["--model", "tiny"])
+    assert seen["fitted"] == "none"

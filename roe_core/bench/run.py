@@ -40,9 +40,11 @@ from .. import scenes
 from ..analysis.evaluate import batches as _batches
 from ..analysis.evaluate import evaluate as _evaluate
 from ..analysis.experts import expert_similarity, expert_stats, uniformity
-from ..scenes.questions import Question, shifted_questions, test_questions
+from ..scenes.questions import Question, shifted_questions, test_questions, wide_questions
 from ..systems import load_base, load_systems, registry, shipped_systems
 from ..systems.pipeline import Pipeline
+from .fitted import fitted_markdown, fitted_pipelines, fitted_table
+from .fitted import label as fitted_label
 
 def accuracy_by_type(qs: list[Question], d_ok, r_ok, r_tr) -> dict:
     rows = defaultdict(lambda: defaultdict(list))
@@ -129,28 +131,39 @@ def run(model: str = "embedded", roe: str | None = None, n: int = 1008, quick: b
         out: str | Path = "bench", device: str = "auto", max_new_tokens: int = 24, repeats: int = 5,
         timing_n: int = 48, batch_size: int = 16, threshold: float | None = None, shifted_n: int = 400,
         systems: list[str] | None = None, parts: dict[str, str] | None = None,
-        uniformity_n: int = 240, command: str | None = None, curve_n: int = 240, fresh: bool = False) -> dict:
+        uniformity_n: int = 240, command: str | None = None, curve_n: int = 240, fresh: bool = False,
+        fitted: str | None = None, wide_n: int | None = None, oracle: str | Path | None = "bench/oracle") -> dict:
     """Every system on the test split (see the module's docstring). roe / parts: parts folders other than
     the shipped ones ({system: folder}; roe= is parts["roe"]). command: how this run was started,
     recorded in the results (main() passes its own command line). curve_n: test questions of the
     fixed-path curve (fixed_curve; 0: none). fresh: untrained parts for systems the model has none for
-    (asked for explicitly: smoke runs on the tiny model); without it such systems refuse (NotFittedError)."""
+    (asked for explicitly: smoke runs on the tiny model); without it such systems refuse (NotFittedError).
+    fitted: a roe_core.fit folder, "auto" (fitted here on the fly; the CLI's default with --quick) or "none"
+    (None: the default): its systems run as `<system>_fit` beside the others (bench/fitted.py), in a table of
+    the systems that skip layers with reworded val (wide_n questions: default 240 with fitted systems, else
+    0; wide_n > 0 without them gives the table for the others alone)."""
     if quick:
         n, repeats, timing_n, shifted_n, uniformity_n = min(n, 24), 2, 8, min(shifted_n, 16), min(uniformity_n, 8)
-        curve_n = min(curve_n, 16)
+    fitted = fitted or "none"
+    wide_n = (240 if fitted != "none" else 0) if wide_n is None else wide_n
+    if quick:
+        curve_n, wide_n = min(curve_n, 16), min(wide_n, 16)
     systems = list(systems or shipped_systems(model))
     unknown = [s for s in systems if s not in registry.SYSTEMS]
     if unknown:
         raise ValueError(f"unknown systems {unknown}: choose from {', '.join(registry.names())}")
     parts = {**(parts or {}), **({"roe": roe} if roe else {})}
     torch.manual_seed(0)
-    pipes = load_systems(systems, loaded=load_base(model, device), parts=parts, fresh=fresh)
+    loaded = load_base(model, device)
+    pipes = load_systems(systems, loaded=loaded, parts=parts, fresh=fresh)
+    fit_pipes, fit_summary = fitted_pipelines(loaded, fitted, quick, Path(out))
+    evaluated = {**pipes, **fit_pipes}           # the registered systems, then the fitted ones (<system>_fit)
     any_pipe = next(iter(pipes.values()))
     qs = test_questions(n)
     sq = shifted_questions(shifted_n)
     t0 = time.perf_counter()
     ev, ev_shifted = {}, {}
-    for name, pipe in pipes.items():
+    for name, pipe in evaluated.items():
         ev[name] = evaluate(pipe, qs, None, batch_size, max_new_tokens, threshold)
         ev_shifted[name] = evaluate(pipe, sq, None, batch_size, max_new_tokens, threshold)
     routed = next((n for n, p in pipes.items() if p.spec.routed), None)
@@ -163,7 +176,7 @@ def run(model: str = "embedded", roe: str | None = None, n: int = 1008, quick: b
     # speed: the first timing_n questions, one at a time and in batches of 16 (RoE: mixed routes)
     tq = qs[:timing_n]
     items = [(q.image, q.question, q.history) for q in tq]
-    paths = timing_paths(pipes, threshold)
+    paths = timing_paths(evaluated, threshold)
     bs1 = time_rounds(paths, [any_pipe.batch([it]) for it in items], repeats, max_new_tokens)
     bs16 = time_rounds(paths, [any_pipe.batch(c) for c in _batches(items, 16)], repeats, max_new_tokens)
     med = {k: {p: statistics.median(v) for p, v in d.items()} for k, d in (("bs1", bs1), ("bs16", bs16))}
@@ -180,7 +193,7 @@ def run(model: str = "embedded", roe: str | None = None, n: int = 1008, quick: b
         "systems": {},
         "paper": {n: registry.get(n).paper for n in pipes if registry.get(n).paper},
     }
-    for name, pipe in pipes.items():
+    for name, pipe in evaluated.items():
         preds, ok, traces = ev[name]
         _, s_ok, _ = ev_shifted[name]
         by_type = defaultdict(list)
@@ -188,7 +201,7 @@ def run(model: str = "embedded", roe: str | None = None, n: int = 1008, quick: b
             by_type[q.qtype].append(k)
         layers = statistics.mean(t.layers_executed for t in traces)
         counts = pipe.parameter_counts(layers)
-        row = {"label": pipe.label, "parts": pipe.info.get("parts"), "accuracy": statistics.mean(ok),
+        row = {"label": fitted_label(name, pipe), "parts": pipe.info.get("parts"), "accuracy": statistics.mean(ok),
                "layers_executed": layers,
                "by_type": {k: statistics.mean(v) for k, v in sorted(by_type.items())},
                "shifted_accuracy": statistics.mean(s_ok) if sq else None,
@@ -205,6 +218,10 @@ def run(model: str = "embedded", roe: str | None = None, n: int = 1008, quick: b
         if fixed and curve_n:
             results["fixed_curve"] = fixed_curve(roe_pipe, qs[:curve_n], fixed[0], fixed[1], threshold,
                                                  batch_size, max_new_tokens)
+    if fit_pipes or wide_n:
+        wq = wide_questions(wide_n, "val") if wide_n else []
+        results["fitted"] = fitted_table(evaluated, ev, ev_shifted, qs, sq, wq, batch_size, max_new_tokens, threshold,
+                                         fit_summary, Path(oracle) if oracle else None)
     sy = results["systems"]
     for a, b in paper_pairs(pipes):
             results[f"accuracy_{a}_minus_{b}"] = sy[a]["accuracy"] - sy[b]["accuracy"]
@@ -252,7 +269,8 @@ def fixed_curve(pipe: Pipeline, qs: list[Question], name: str, order: list[int],
 
 def paper_pairs(systems) -> list[tuple[str, str]]:
     """(system, other) pairs that a system's paper compares and that both ran here (registry `paper`)."""
-    return [(a, b) for a in systems for b in registry.get(a).paper.get("versus", {}) if b in systems]
+    return [(a, b) for a in systems if a in registry.SYSTEMS for b in registry.get(a).paper.get("versus", {})
+            if b in systems]
 
 
 def roe_results(pipe: Pipeline, name: str, qs, sq, ev, ev_shifted, eps, med, threshold, n_timed: int) -> dict:
@@ -392,6 +410,8 @@ def markdown(r: dict) -> str:
                          f"| {m['expert_similarity_per_layer'][i]:.3f} | {m['l_aux_per_layer'][i]:.3f} |")
     if "roe" in r:
         lines += ["", roe_markdown(r)]
+    if "fitted" in r:
+        lines += ["", fitted_markdown(r["fitted"], r["num_layers"])]
     if "fixed_curve" in r:
         lines += ["", fixed_curve_markdown(r["fixed_curve"], sy[r["fixed_curve"]["order_from"]]["label"], r["num_layers"])]
     return "\n".join(lines) + "\n"
@@ -480,6 +500,11 @@ def main(argv=None) -> None:
     ap.add_argument("--shifted-n", type=int, default=400, help="questions of the shifted split (0: none)")
     ap.add_argument("--threshold", type=float, default=None,
                     help="run a layer iff p_run > this (default: the RoE parts' own, roe_config.json)")
+    ap.add_argument("--fitted", default=None,
+                    help="a roe_core.fit folder whose systems run as <system>_fit, 'auto' to fit on the fly (the "
+                         "default with --quick), 'none' (the default otherwise)")
+    ap.add_argument("--wide-n", type=int, default=None,
+                    help="the fitted table's reworded val questions (default 240 with fitted systems, else 0: no table)")
     ap.add_argument("--curve-n", type=int, default=240,
                     help="test questions of the fixed-path curve (RoE's thresholds vs a fixed path at each k; 0: none)")
     args = ap.parse_args(argv)
@@ -489,6 +514,7 @@ def main(argv=None) -> None:
             args.repeats, args.timing_n, threshold=args.threshold, shifted_n=args.shifted_n,
             systems=[x.strip() for x in args.systems.split(",") if x.strip()] if args.systems else None,
             parts=parts, uniformity_n=args.uniformity_n, curve_n=args.curve_n,
+            fitted=args.fitted or ("auto" if args.quick else "none"), wide_n=args.wide_n,
             command=" ".join(["python -m roe_core.bench", *(argv if argv is not None else sys.argv[1:])]))
     print(markdown(r))
 

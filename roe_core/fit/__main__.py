@@ -40,6 +40,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--target-agreement", type=float, default=0.9,
                     help="the threshold: the most skipping at which routed answers equal dense on this share of "
                          "the held-out inputs")
+    ap.add_argument("--target-layers", type=float, default=0.0,
+                    help="instead of --target-agreement: the threshold whose mean layers run on the held-out inputs "
+                         "is nearest this (e.g. another system's, for a comparison at equal cost)")
+    ap.add_argument("--calib-steps", type=int, default=6, help="bisection steps of the threshold search")
     ap.add_argument("--evidence", choices=EVIDENCE, default="taylor", help="what the routers learn to predict")
     ap.add_argument("--compare", default="", help="also calibrate routers on these evidence kinds (and 'fixed'), "
                                                   "comma-separated: the evidence study in fit.json")
@@ -88,7 +92,8 @@ def main(argv=None) -> dict:
         bar.refresh()
 
     cfg = FitConfig(n_val=args.n_val, n_evidence=args.n_evidence, target_agreement=args.target_agreement,
-                    evidence=args.evidence, rank=args.rank, ridge=args.ridge, batch_size=args.batch_size,
+                    evidence=args.evidence, rank=args.rank, target_layers=args.target_layers,
+                    calib_steps=args.calib_steps, ridge=args.ridge, batch_size=args.batch_size,
                     max_new_tokens=args.max_new_tokens, seed=args.seed, cache=not args.no_cache,
                     compare=tuple(x.strip() for x in args.compare.split(",") if x.strip()), base_model=args.model)
     summary = fit_parts(loaded, inputs, args.out, cfg, progress)
@@ -99,7 +104,8 @@ def main(argv=None) -> dict:
     from .core import SUMMARY
     Path(args.out, SUMMARY).write_text(json.dumps(summary, indent=1))
     print(json.dumps({k: summary[k] for k in ("n_inputs", "n_fit", "n_val", "evidence", "threshold", "val_agreement",
-                                              "val_mean_layers", "val_std_layers", "static_k", "seconds")}, indent=1))
+                                              "val_mean_layers", "val_std_layers", "static_k", "seconds",
+                                              "cpu_seconds")}, indent=1))
     return summary
 
 

@@ -27,6 +27,7 @@ class FitConfig:
     n_val: int = 96                  # held-out inputs: the threshold is calibrated on them (never fitted on)
     n_evidence: int = 384            # fit inputs the per-layer evidence is measured on (routers fit on these)
     target_agreement: float = 0.9    # the most skipping at which routed answers equal dense on this share of val
+    target_layers: float = 0.0       # > 0: instead, the threshold whose mean layers run on val is nearest this
     evidence: str = "taylor"         # what routers learn to predict (EVIDENCE)
     rank: int = 0                    # stand-in rank r (adapter rank 2r); 0: hidden // 8 (adapters of d/4, as RoE's)
     ridge: float = 1e-4              # stand-ins' ridge, a fraction of the normal equations' mean diagonal
@@ -94,15 +95,16 @@ def routed_agreement(model: RoEModel, encoder, items, dense: list[str], route, t
             "std_layers": statistics.pstdev(layers), "threshold": threshold}
 
 
-def bisect(evaluate: Callable[[float], dict], target: float, steps: int, lo: float = 0.0, hi: float = 1.0) -> tuple[float, list[dict]]:
-    """The largest q in [lo, hi] (more skipping as q grows) with evaluate(q)["agreement"] >= target, by
-    bisection (agreement taken as falling with q). Returns (q, every point evaluated)."""
+def bisect(evaluate: Callable[[float], dict], ok: Callable[[dict], bool], steps: int, lo: float = 0.0,
+           hi: float = 1.0) -> tuple[float, list[dict]]:
+    """The largest q in [lo, hi] (more skipping as q grows) with ok(evaluate(q)), by bisection (ok taken
+    as true below some q and false above). Returns (q, every point evaluated)."""
     points = []
     for _ in range(steps):
         mid = (lo + hi) / 2
         r = evaluate(mid)
         points.append({"q": mid, **r})
-        if r["agreement"] >= target:
+        if ok(r):
             lo = mid
         else:
             hi = mid
@@ -115,7 +117,7 @@ def fit_parts(loaded, inputs: Sequence, out_dir: str | Path, cfg: FitConfig | No
     """Fits RoE's parts and the fixed path's on `inputs` [(PIL image, question)] (see the package docstring).
     Writes out_dir/roe/, out_dir/<static>/ and out_dir/fit.json; returns the summary."""
     cfg = cfg or FitConfig()
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     base = loaded.base
@@ -192,13 +194,15 @@ def fit_parts(loaded, inputs: Sequence, out_dir: str | Path, cfg: FitConfig | No
 
     summary = {
         "n_inputs": len(items), "n_fit": len(fit_items), "n_val": len(val_items), "n_evidence": n_ev,
-        "evidence": cfg.evidence, "target_agreement": cfg.target_agreement, "threshold": main["threshold"],
+        "evidence": cfg.evidence, "target_agreement": cfg.target_agreement, "target_layers": cfg.target_layers,
+        "threshold": main["threshold"],
         "val_agreement": main["agreement"], "val_mean_layers": main["mean_layers"], "val_std_layers": main["std_layers"],
         "num_layers": L, "stand_in_rank": rank, "adapter_rank": 2 * rank,
         "stand_in_explained": explained, "router_r2_gcv": main["fit"]["r2"],
         "static_k": k, "static_skipped": skipped,
         "studies": {kk: {x: v for x, v in s.items() if x != "fit"} for kk, s in studies.items()},
-        "seconds": time.perf_counter() - t_start, **times,
+        "seconds": time.perf_counter() - t_start, **times, "cpu_seconds": time.process_time() - cpu_start,
+        "cpu_threads": torch.get_num_threads(),
         "config": {**asdict(cfg), "compare": list(cfg.compare)},
         "device": str(next(base.parameters()).device), "dtype": str(next(base.parameters()).dtype).replace("torch.", ""),
     }
@@ -214,6 +218,7 @@ def fit_parts(loaded, inputs: Sequence, out_dir: str | Path, cfg: FitConfig | No
     model.save_roe(out / ROE_DIR)
     static.save_static(out / STATIC_DIR)
     summary["seconds"] = time.perf_counter() - t_start
+    summary["cpu_seconds"] = time.process_time() - cpu_start
     (out / SUMMARY).write_text(json.dumps(summary, indent=1))
     if progress is not None:
         progress("done", 1, 1)
@@ -235,7 +240,8 @@ def _route_study(model, encoder, kind, evidence, feats, val_feats, val_items, va
     c = float(routers.predict(fit, feats[:n]).median())
     routers.write_routers(model, fit, a, c)
     p_val = torch.sigmoid(a * (routers.predict(fit, val_feats) - c)).flatten().sort().values
-    memo_path = cache / f"calibrate_{kind}.json" if cache is not None else None
+    tag = hashlib.sha1(fit["weight"].numpy().tobytes() + fit["bias"].numpy().tobytes()).hexdigest()[:12]
+    memo_path = cache / f"calibrate_{kind}_{tag}.json" if cache is not None else None     # these routers' points
     memo = json.loads(memo_path.read_text()) if memo_path is not None and memo_path.is_file() else {}
     done = [0]
 
@@ -257,7 +263,11 @@ def _route_study(model, encoder, kind, evidence, feats, val_feats, val_items, va
             progress(f"threshold ({kind})", min(done[0], cfg.calib_steps + 1), cfg.calib_steps + 1)
         return memo[tag]
 
-    q, points = bisect(evaluate, cfg.target_agreement, cfg.calib_steps, 0.0, 0.95)
+    if cfg.target_layers > 0:               # mean layers on val nearest the target
+        q, points = bisect(evaluate, lambda r: r["mean_layers"] >= cfg.target_layers, cfg.calib_steps, 0.0, 0.95)
+        q = min(points, key=lambda p: (abs(p["mean_layers"] - cfg.target_layers), -p["q"]))["q"]
+    else:                                   # the most skipping that keeps the agreement
+        q, points = bisect(evaluate, lambda r: r["agreement"] >= cfg.target_agreement, cfg.calib_steps, 0.0, 0.95)
     best = evaluate(q)                      # q = 0: threshold 0, every layer runs
     return {"fit": fit, "a": a, "c": c, "threshold": theta(q), "skip_quantile": q, "agreement": best["agreement"],
             "mean_layers": best["mean_layers"], "std_layers": best["std_layers"], "points": points,
