@@ -5,6 +5,7 @@
     handlers_chat.py     the Chat tab's events (ask, retry, undo, stop, images, speed, export)
     handlers_compare.py  What if and Side by side
     handlers_explore.py  Explore: route atlas, adapter fidelity, trade-off sweep, batch composition, image edits
+    handlers_fit.py      Fit: RoE and the fixed path fitted to the loaded model (roe_core.fit), live on the page
     api.py               the endpoints for programs (/answer, the MCP tools) and their list
     background.py        AppContext and the one helper for background work on the shared model
     views.py             what the page shows about a conversation's last turn, by output name

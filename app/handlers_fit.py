@@ -6,6 +6,7 @@ anyone waiting (a plain question, another user's speed measurement) goes first, 
 Stop or Cancel ends it at its next batch."""
 from __future__ import annotations
 
+import tempfile
 import threading
 import time
 import zipfile
@@ -20,7 +21,6 @@ from . import texts as T
 from .background import AppContext, background_task, owner_of
 from .handlers_explore import uploaded_json
 from .inputs import default_thresholds
-
 
 
 def fit_config(n: int, max_new_tokens: int):
@@ -48,7 +48,7 @@ class FitHandlers:
     def inputs(self, source: str, n: int, files) -> list:
         """(image, question) pairs: questions about generated scenes of the train split (never the test
         split the atlas and the sweep score on), or the uploaded LLaVA JSON's (its answers unused)."""
-        from roe_core.fit.inputs import llava_inputs, scene_inputs
+        from roe_core.fit import llava_inputs, scene_inputs
 
         n = max(2, int(n))
         if source == "upload":
@@ -84,8 +84,8 @@ class FitHandlers:
             raise InputError(T.FIT_RUNNING)
         try:
             inputs = self.inputs(source, n, files)
-            out = ctx.workdir / "fits" / time.strftime("%Y%m%d-%H%M%S")
-            out.mkdir(parents=True, exist_ok=True)
+            (ctx.workdir / "fits").mkdir(exist_ok=True)
+            out = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=ctx.workdir / "fits"))
             t0 = time.perf_counter()
             with ctx.job(request) as job:
                 progress((0, len(inputs)), desc="starting", unit="steps")
