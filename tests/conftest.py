@@ -206,3 +206,26 @@ def within():
 def decoding(request):
     """The decoding path of a concurrency test: "eager" (the decode engine, on CUDA the graphs' code) or "off"."""
     return request.param
+
+
+# --- scripts/gpu_check.sh's hook: the concurrency tests on the CUDA-graph engine ---
+# ROE_TEST_ENGINE="graphs" (a comma list: "graphs", "graphs,eager,off") replaces the decoding paths of every
+# test that takes `decoding`; unset, nothing here changes anything. "graphs" needs CUDA: the module's
+# tiny_roe is moved there (its tests skip without a GPU).
+
+ENGINE_OVERRIDE = tuple(x.strip() for x in __import__("os").environ.get("ROE_TEST_ENGINE", "").split(",") if x.strip())
+
+if ENGINE_OVERRIDE:
+    @pytest.fixture(params=ENGINE_OVERRIDE)
+    def decoding(request):                                    # noqa: F811  (the override of the one above)
+        """The decoding path, from ROE_TEST_ENGINE; "graphs" puts tiny_roe on CUDA first."""
+        if request.param == "graphs":
+            if not torch.cuda.is_available():
+                pytest.skip("decoding 'graphs' needs a CUDA GPU")
+            if "tiny_roe" in request.fixturenames:
+                pipe = request.getfixturevalue("tiny_roe")
+                if pipe.device.type != "cuda":
+                    pipe.use_engine("off")
+                    pipe.model.to("cuda")
+                    pipe.device = torch.device("cuda")
+        return request.param
