@@ -78,7 +78,10 @@ class ApiHandlers:
                 options = {}
             ans = ctx.server.answer(pipe, path, question, history, owner=owner_of(request),
                                     max_new_tokens=ctx.max_new_tokens, **options)
-            return json.dumps({"answer": ans.text, "trace": ans.trace.to_dict(), "num_layers": ctx.num_layers,
+            trace = ans.trace.to_dict()
+            if ans.image_check is not None:        # how familiar the image looked to the base, and the note
+                trace["image_check"] = ans.image_check.to_dict()
+            return json.dumps({"answer": ans.text, "trace": trace, "num_layers": ctx.num_layers,
                                "model": public_name(pipe.info.get("model")), "system": pipe.system,
                                "seconds": ans.timing.total_s if ans.timing else None,
                                "engine": pipe.engine_stats()})

@@ -78,7 +78,8 @@ class ChatHandlers:
                 yield {"status": "", "chat": here.chat_messages(pending=(question, item))}
             else:
                 answer = item
-        new = here.with_turn(Turn(question, answer.text, answer.trace))
+        check = answer.image_check
+        new = here.with_turn(Turn(question, answer.text, answer.trace, note=check.note if check else None))
         yield {"conv": new, "status": status, **self.views(new), "question": ""}
 
     def retry(self, conv: Conversation, request: gr.Request = None):

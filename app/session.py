@@ -30,6 +30,7 @@ class Turn:
     answer: str
     trace: RouteTrace
     speed: SpeedComparison | None = None     # measured on demand (dense baseline, interleaved repeats)
+    note: str | None = None                   # e.g. the image looks unlike the model's training images
 
 
 @dataclass
@@ -92,6 +93,8 @@ class Conversation:
         for t in self.turns:
             messages.append({"role": "user", "content": t.question})
             messages.append({"role": "assistant", "content": t.answer if t.answer else "…"})
+            if t.note:
+                messages.append({"role": "assistant", "content": f"*{t.note}*"})
             messages.append(route_note(t.trace))
         if pending:
             messages.append({"role": "user", "content": pending[0]})

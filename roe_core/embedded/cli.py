@@ -28,6 +28,7 @@ assets/embedded/logs/<stage>.jsonl):
     python -m roe_core.embedded evomoe-router --steps 225   # EvoMoE: the DTRs alone, experts frozen
     python -m roe_core.embedded calibrate               # the router threshold, chosen on val
     python -m roe_core.embedded guard --wide-n 240      # the route guard's tau (or none), chosen on val
+    python -m roe_core.embedded familiarity             # when an image is unlike the scenes (a note on the answer)
     python -m roe_core.embedded eval     --n 200        # exact match on a split, dense route
     python -m roe_core.embedded skip-probe [--per-layer]    # what skipping layers costs
     (add --resume to continue a stage from its last checkpoint, or from the shipped weights)
@@ -84,6 +85,11 @@ def _guard(args) -> None:
     print(json.dumps(calibrate_guard(args.calibrate_n, args.wide_n, args.quantiles, min_skip=args.min_skip), indent=1))
 
 
+def _familiarity(args) -> None:
+    from .familiarity import main_familiarity
+    main_familiarity(args)
+
+
 def _skip_probe(args) -> None:
     from .probes import layer_skip_probe, skip_probe
     print(json.dumps(layer_skip_probe() if args.per_layer else skip_probe(), indent=1))
@@ -103,7 +109,8 @@ def _eval(args) -> None:
 COMMANDS = {"convert": _convert, "vision": _vision, "align": _lm, "finetune": _lm, "roe": _routing,
             "refine": _routing, "moe-llava": _routing, "evomoe-evolve": _routing, "evomoe-router": _routing,
             "static": _routing,
-            "calibrate": _calibrate, "guard": _guard, "eval": _eval, "skip-probe": _skip_probe}
+            "calibrate": _calibrate, "guard": _guard, "familiarity": _familiarity, "eval": _eval,
+            "skip-probe": _skip_probe}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -128,7 +135,13 @@ def parser() -> argparse.ArgumentParser:
                     help="refine: first train-split scene of its data (default 0: the scenes finetune "
                          "also trained on; 12000 or more: scenes the dense model never saw)")
     ap.add_argument("--wide-data", action="store_true",
-                    help="routing stages: the same scenes with questions reworded and images restyled (scenes.grammar)")
+                    help="routing stages and finetune: the same scenes with questions reworded and images restyled (scenes.grammar)")
+    ap.add_argument("--n-wide", type=int, default=0,
+                    help="finetune --wide-data: reworded/restyled train samples beside the plain ones (default --n-train)")
+    ap.add_argument("--count-boost", type=int, default=0,
+                    help="finetune: samples with a counting question appear this many extra times")
+    ap.add_argument("--fit-n", type=int, default=1000,
+                    help="familiarity: train scenes (plain, and as many restyled) its statistics are fitted on")
     ap.add_argument("--rho", type=float, default=0.4, help="roe: target skip ratio of the hinge")
     ap.add_argument("--rho-max", type=float, default=-1.0,
                     help="roe/refine: > rho lets easy (low-CE) samples' hinge target rise towards it "

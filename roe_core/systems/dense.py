@@ -129,7 +129,9 @@ class DensePipeline(Pipeline):
 
     @classmethod
     def from_base(cls, loaded: LoadedBase, parts: str | None = None, seed: int = 0) -> "DensePipeline":
-        return cls(DenseModel(loaded.base), cls.make_encoder(loaded), cls.base_info(loaded))
+        pipe = cls(DenseModel(loaded.base), cls.make_encoder(loaded), cls.base_info(loaded))
+        pipe.loaded = loaded
+        return pipe
 
     def generate(self, batch, max_new_tokens: int, callback=None):
         return self.model.generate(batch, max_new_tokens, self.encoder.stop_ids, callback, self.engine)

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..runtime.conversation import ConversationEncoder, InputError
 from ..runtime.engine import MODES as ENGINE_MODES, DecodeEngine
+from ..runtime.familiarity import Familiarity, ImageCheck
 from ..runtime.generation import Timing
 from ..runtime.images import load_image
 from ..runtime.loading import ModelLoadError, NotFittedError
@@ -41,6 +42,7 @@ class Answer:
     question: str = ""
     system: str = "roe"
     timing: Timing | None = None  # the batch's prefill + decode time (shared by a batch's answers)
+    image_check: ImageCheck | None = None   # how familiar the image looks to the base (None: the base has no check)
 
 
 @dataclass(frozen=True)
@@ -290,17 +292,33 @@ class Pipeline:
         reuses the batch after generating."""
         tokens, traces, timing = self.generate(batch, max_new_tokens, self.step_callback(on_token, on_step),
                                                **options)
-        return self.answers(items, tokens, traces, timing)
+        return self.answers(items, tokens, traces, timing, self.image_checks(batch))
 
-    def answers(self, items, tokens, traces, timing) -> list[Answer]:
+    def answers(self, items, tokens, traces, timing, checks=None) -> list[Answer]:
         """Answers from generated ids; each trace gets the parameters its answer touched per token."""
         tok = self.encoder.tokenizer
         out = []
-        for ids, trace, item in zip(tokens, traces, items):
+        checks = checks or [None] * len(items)
+        for ids, trace, item, check in zip(tokens, traces, items, checks):
             trace.active_params = self.parameter_counts(trace.layers_executed).active
             out.append(Answer(tok.decode(ids, skip_special_tokens=True).strip(), trace, question_of(item),
-                              self.system, timing))
+                              self.system, timing, check))
         return out
+
+    @property
+    def familiarity(self) -> Familiarity | None:
+        """The base's image-familiarity statistics (runtime.familiarity) from its parts root, if it has them."""
+        if not hasattr(self, "_familiarity"):
+            root = self.loaded.parts_root if self.loaded is not None else self.info.get("parts_root")
+            self._familiarity = Familiarity.load(root)
+        return self._familiarity
+
+    def image_checks(self, batch) -> list[ImageCheck] | None:
+        """Per example, how familiar its image looks to the base (None without statistics or images)."""
+        fam = self.familiarity
+        if fam is None or getattr(batch, "pixel_values", None) is None:
+            return None
+        return fam.check(self.model.base, batch.pixel_values)
 
     def step_callback(self, on_token, on_step=None):
         """callback(step, tokens) for generate: streams example 0's text to on_token until example 0 emits a
