@@ -2,6 +2,7 @@
 
     python -m roe_core.train.memory --preset llava-1.5-7b              # the plan (CPU, nothing downloaded)
     python -m roe_core.train.memory --preset llava-1.5-7b --time       # on a GPU: one step per stage, timed
+    python -m roe_core.train.memory --preset llava-1.5-7b --fit        # + the fit's plan (roe_core.fit), one GPU
 
 The model is built on the meta device from its config (LlavaConfig: Llama decoder, CLIP vision tower,
 2-layer projector), RoE's parts added as train/roe.py adds them, and every number is counted from it:
@@ -267,6 +268,67 @@ def format_plan(r: dict) -> str:
     return "\n".join(lines)
 
 
+# --- the fit (roe_core.fit): no training, three inference passes -------------------------------------------
+
+def fit_plan(preset: str, n_inputs: int = 1000, n_val: int = 96, n_evidence: int = 384, seq: int = 641,
+             batch: int = 16, evidence_batch: int = 4, answer_tokens: int = 8, calib_steps: int = 6,
+             rank: int = 0, tflops: float = 300.0, measure: bool = True) -> dict:
+    """Memory and time of `python -m roe_core.fit` on one GPU at a preset's geometry, from parameter counts:
+    bf16 weights; the normal equations (fp32, 2 x L x d^2, on the GPU); the routers' inputs (bf16, on the
+    host); the dense pass's KV cache; the evidence pass's activations (its backward reaches the activations,
+    no weight gradients: bounded by the plain layer's measured training activations) and its stand-in
+    errors (fp32, every layer). Time: multiply-adds at `tflops` effective bf16 TFLOP/s, plus decoding as a
+    launch-bound ~20 ms per step (FACTS: H200 eager decode) and the per-layer solves (fp64 eigh, ~1.5 s)."""
+    p = PRESETS[preset]
+    c = count(build_roe(p), 0)
+    L, d = p["layers"], p["hidden"]
+    r = rank or d // 8
+    n_fit = n_inputs - n_val
+    kv = 2 * L * d * 2                                              # bytes per token of K and V (MHA), bf16
+    act = probe(p)["dense"] if measure else (0.0, 34.0 * d, 0.0)    # per layer: c0 + a x tokens
+    mem = {"weights (bf16)": 2 * c.total,
+           "normal equations (fp32, GPU)": 2 * L * d * d * 4,
+           "dense pass: KV cache + hook rows": batch * (seq + answer_tokens) * kv + 2 * batch * seq * d * 4,
+           "evidence pass: activations (bound)": L * (act[0] + evidence_batch * seq * act[1]),
+           "evidence pass: stand-in errors (fp32)": L * evidence_batch * seq * d * 4,
+           "stand-ins (fp32 while solving, one layer)": 3 * d * d * 8}
+    gpu = mem["weights (bf16)"] + mem["normal equations (fp32, GPU)"] + max(
+        mem["dense pass: KV cache + hook rows"], mem["evidence pass: activations (bound)"] +
+        mem["evidence pass: stand-in errors (fp32)"])
+    host = n_inputs * L * 2 * d * 2 + mem["normal equations (fp32, GPU)"]      # router inputs + the cache's copy
+    layers = c.lm - p["vocab"] * d                                 # the decoder's matmuls (embeddings are a lookup)
+    per_token = 2 * layers + 4 * L * d * d                         # forward + the normal equations' rank updates
+    vision = 2 * (c.vision + c.projector) * (p["image"] // p["patch"]) ** 2
+    flops = {"dense pass (fit + held out)": n_inputs * (seq * per_token + vision),
+             "evidence pass (forward + backward)": 3 * n_evidence * (seq * 2 * layers + vision),
+             "threshold search (routed, ~2/3 of layers)": (calib_steps + 1) * n_val * (seq * 2 * layers * 2 / 3 + vision)}
+    secs = {k: v / (tflops * 1e12) for k, v in flops.items()}
+    steps = (n_inputs + (calib_steps + 1) * n_val) / batch * answer_tokens
+    secs["decoding (~20 ms a step)"] = 0.020 * steps
+    secs["solves (fp64 eigh per layer)"] = 1.5 * L
+    return dict(preset=preset, n_inputs=n_inputs, n_val=n_val, n_evidence=n_evidence, seq=seq, batch=batch,
+                evidence_batch=evidence_batch, rank=r, tflops=tflops, memory=mem, gpu_bytes=gpu, host_bytes=host,
+                flops=flops, seconds=secs, total_seconds=sum(secs.values()),
+                parts_bytes_bf16={"roe": 2 * (L * (2 * 2 * d + 2 * 2 * r * d + d + 2) + 2 * d),
+                                  "stand-ins per layer": 2 * 2 * 2 * r * d})
+
+
+def format_fit_plan(r: dict) -> str:
+    g = lambda b: f"{b / GiB:.2f} GiB"   # noqa: E731
+    lines = [f"Fit plan, {r['preset']}: {r['n_inputs']} inputs ({r['n_val']} held out, evidence on {r['n_evidence']}), "
+             f"{r['seq']} tokens each, batch {r['batch']} (evidence {r['evidence_batch']}), stand-ins of rank {r['rank']} "
+             f"(adapters {2 * r['rank']}), one GPU", "", "| memory | |", "|---|---|"]
+    lines += [f"| {k} | {g(v)} |" for k, v in r["memory"].items()]
+    lines += [f"| **GPU peak (weights + normal equations + the larger pass)** | **{g(r['gpu_bytes'])}** |",
+              f"| host (router inputs + the cache's normal equations) | {g(r['host_bytes'])} |", "",
+              f"| time at {r['tflops']:.0f} TFLOP/s effective | s |", "|---|---|"]
+    lines += [f"| {k} | {v:.0f} |" for k, v in r["seconds"].items()]
+    lines += [f"| **total** | **{r['total_seconds']:.0f} s = {r['total_seconds'] / 60:.1f} min** |", "",
+              f"Fitted RoE parts, bf16: {r['parts_bytes_bf16']['roe'] / 2**20:.0f} MiB. A plan, not a measurement: "
+              "no GPU has run it."]
+    return "\n".join(lines)
+
+
 # --- on a GPU: one training step per stage, timed ---------------------------------------------------------
 
 def fake_batch(model, batch: int, text: int = 100, answer: int = 40):
@@ -352,7 +414,11 @@ def main(argv=None) -> None:
     ap.add_argument("--no-measure", action="store_true", help="parameter counts only (no activation probe)")
     ap.add_argument("--time", action="store_true", help="time one training step per stage here (a GPU: random "
                                                         "weights at the preset's geometry)")
+    ap.add_argument("--fit", action="store_true", help="also the plan of python -m roe_core.fit (one GPU)")
+    ap.add_argument("--fit-inputs", type=int, default=1000)
     args = ap.parse_args(argv)
+    if args.fit:
+        print(format_fit_plan(fit_plan(args.preset, args.fit_inputs, measure=not args.no_measure)) + "\n")
     if args.time:
         time_steps(args.preset, batch=1)
         return
