@@ -130,3 +130,46 @@ def test_cuda_graphs_of_compiled_kernels_equal_the_unfused_engine(images, divers
         same(replayed, plain, system)
     L = pipe.num_layers
     assert 0 < engine.graph_count <= DecodeEngine.graph_bound(L, 1) + DecodeEngine.graph_bound(L, len(items))
+
+
+def test_geometry_bench_measures_the_fused_engine_beside_the_plain_one(tmp_path):
+    """`--fuse both`: each engine variant beside its fused twin (decoding `eager+fuse` on the CPU), the
+    large-batch mode (RoE alone, engine only), per batch a memory plan, the summary's fused ratios, the
+    crossover and every target (None where not measured: nothing is made up)."""
+    from roe_core.bench import geometry
+    res = geometry.main(["--preset", "tiny", "--device", "cpu", "--batch-sizes", "1,4", "--large-batch", "4",
+                         "--new-tokens", "3", "--rounds", "1", "--large-rounds", "1", "--skip", "1",
+                         "--systems", "dense,roe", "--fuse", "both", "--fuse-backend", "aot_eager",
+                         "--out", str(tmp_path)])
+    rows = res["rows"]
+    assert {(r["system"], r["engine"]) for r in rows if r["batch"] == 1} == {
+        ("dense", "eager"), ("dense", "eager+fuse"), ("dense", "off"), ("roe", "eager"), ("roe", "eager+fuse"),
+        ("roe", "off"), ("transformers", "hf")}
+    big = {(r["variant"].split(":")[0], r["engine"]) for r in rows if r["batch"] == 4}
+    assert {r["system"] for r in rows if r["batch"] == 4} == {"roe"}
+    assert big == {("every layer", "eager"), ("every layer", "eager+fuse"), ("fixed", "eager"), ("mixed", "eager"),
+                   ("mixed", "eager+fuse"), ("union rule on the mixed routes", "eager")}
+    s = res["summary"]
+    assert s["bs1"]["fused"]["every_layer_engine_ms"] > 0 and s["bs4"]["fused"]["mixed_vs_every_layer"] > 0
+    assert set(s["crossover"]) == {"engine", "fused"} and 4 in s["crossover"]["engine"]["mixed_vs_every_layer_by_batch"]
+    from roe_core.bench.geometry_plan import TARGETS
+    assert set(s["targets"]) == set(TARGETS)
+    assert s["targets"]["roe_fixed_vs_hf_static"]["measured"] is None        # no static-cache generate on the CPU
+    assert s["targets"]["mixed_vs_every_layer"]["measured"] is None          # batch 128 was not run
+    assert [p["batch"] for p in res["memory_plans"]] == [1, 4] and all(p["arena_GB"] > 0 for p in res["memory_plans"])
+
+
+def test_memory_plan_measures_in_groups_what_does_not_fit_at_once():
+    from roe_core.bench.geometry import build_config
+    from roe_core.bench.geometry_plan import group_fit, memory_plan
+    cfg = build_config("llava-1.5-7b")
+    groups = {"roe/graphs": "roe", "roe/graphs+fuse": "roe", "roe/off": "roe"}
+    plan = memory_plan(cfg, 128, 641, 32, 64, 14.1e9, {}, groups, 2)
+    # 32 layers x 2 x 128 rows x 32 heads x 704 keys x 128 x 2 bytes
+    assert plan["key_capacity"] == 704 and abs(plan["arena_GB"] - 47.24) < 0.01
+    assert group_fit(plan, None) == (None, [])                            # no limit: all at once
+    assert group_fit(plan, 200e9) == (None, [])
+    packs, dropped = group_fit(plan, 80e9)                                # an H100's worth
+    assert dropped == [] and packs == [["roe/graphs"], ["roe/graphs+fuse"], ["roe/off"]]
+    packs, dropped = group_fit(plan, 40e9)                                # nothing fits: all left out
+    assert packs == [] and sorted(dropped) == sorted(groups)

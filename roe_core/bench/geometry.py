@@ -153,6 +153,7 @@ class Variant:
     layers_run: float
     group: str = ""                      # the memory group: its engines are freed after it (see measure)
     engine_obj: DecodeEngine | None = None
+    error: str | None = None             # a fused variant whose compile failed: left out, said so
 
 
 def moe_step_bytes(layer_bytes: float, ffn_bytes: float, n_moe: int, E: int, k: int, B: int) -> float:
@@ -307,7 +308,8 @@ def measure(vs: list[Variant], max_new: int, rounds: int, device: torch.device,
     rows = {}
     for names in groups:
         part = [v for v in vs if v.group in names]
-        for v, r in zip(part, _measure(part, max_new, rounds, device)):
+        got = _measure(part, max_new, rounds, device)
+        for v, r in zip([v for v in part if v.error is None], got):
             rows[id(v)] = r
         for v in part:
             if v.engine_obj is not None:
@@ -322,9 +324,19 @@ def _measure(vs: list[Variant], max_new: int, rounds: int, device: torch.device)
     for v in vs:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        v.run(max_new)
+        try:
+            v.run(max_new)
+        except Exception as e:                 # noqa: BLE001  (a fused variant's compile: reported, not fatal)
+            if not v.engine.endswith(FUSED) or isinstance(e, torch.OutOfMemoryError):
+                raise
+            v.error = f"{type(e).__name__}: {str(e)[:300]}"
+            print(f"  {v.system} {v.name} {v.engine}: failed at its warm-up, left out ({v.error})", flush=True)
+            if v.engine_obj is not None:
+                v.engine_obj.release_idle()
+            continue
         if device.type == "cuda":
             peaks[id(v)] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    vs = [v for v in vs if v.error is None]
     times = {id(v): [] for v in vs}
     for _ in range(rounds):
         for v in vs:
@@ -523,6 +535,8 @@ def main(argv=None) -> dict:
             vs = [v for v in vs if v.group not in dropped]
             t0 = time.perf_counter()
             got = measure(vs, args.new_tokens, rounds, device, groups)
+            notes += [f"batch {B}: {v.system} {v.name} {v.engine} left out: {v.error}" for v in vs if v.error]
+            vs = [v for v in vs if v.error is None]
         except torch.OutOfMemoryError as e:
             notes.append(f"batch {B}: out of memory ({str(e)[:80]}); skipped")
             print(notes[-1], flush=True)
