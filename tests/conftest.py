@@ -167,7 +167,8 @@ def routed(tiny_roe, images, diversify_routers):
 
 # --- concurrency tests: both decoding paths, and a deadline so a hang fails in seconds ---
 
-DECODING_PATHS = ("eager", "off")      # the decode engine uncaptured (CUDA graphs' code) and the eager loop
+# the decode engine uncaptured (the CUDA graphs' code) and the eager loop; on a GPU the graphs themselves too
+DECODING_PATHS = ("eager", "off") + (("graphs",) if torch.cuda.is_available() else ())
 
 
 def run_within(seconds: float, fn, *args, **kwargs):
@@ -204,8 +205,16 @@ def within():
 
 @pytest.fixture(params=DECODING_PATHS)
 def decoding(request):
-    """The decoding path of a concurrency test: "eager" (the decode engine, on CUDA the graphs' code) or "off"."""
+    """The decoding path of a concurrency test: "eager" (the decode engine, on CUDA the graphs' code), "off"
+    (the eager loop), and on a GPU "graphs"."""
     return request.param
+
+
+def use_path(pipe, decoding: str):
+    """pipe on a fresh decoder of path `decoding`; skips "graphs" for a pipe on the CPU."""
+    if decoding == "graphs" and pipe.device.type != "cuda":
+        pytest.skip("the graphs path needs the pipe on CUDA")
+    return pipe.use_engine("off").use_engine(decoding)
 
 
 # --- scripts/gpu_check.sh's hook: the concurrency tests on the CUDA-graph engine ---

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import app  # noqa: F401  (environment before gradio)
+from conftest import use_path
 from roe_core.serving import Limits, Server
 
 REPO = Path(__file__).resolve().parent.parent
@@ -55,7 +56,7 @@ CONTEXT: dict = {}          # the served page's AppContext
 def on_path(served, decoding):
     """The served app with its model decoding on `decoding` (a fresh engine for "eager")."""
     pipe = served[1]
-    pipe.use_engine("off").use_engine(decoding)
+    use_path(pipe, decoding)
     yield served
     pipe.use_engine("off")
 
@@ -321,3 +322,21 @@ def test_side_by_side_hands_the_model_over_inside_every_systems_prefill(monkeypa
     static = pipes["static"].answer(IMAGES[0], QUESTIONS[0], max_new_tokens=1).trace.layers_executed
     assert len(calls) == L + L + static                 # after every layer each system's prefill ran
     assert set(calls) == {threading.get_ident()}        # only this job's own forwards were hooked
+
+
+def test_app_py_serves_either_decoding_path(capsys):
+    """--engine picks how every system decodes; graphs on a CPU is refused with a message."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("app_main", REPO / "app.py")     # the script (app/ is the package)
+    main = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(main)
+    for mode in ("auto", "graphs", "eager", "off"):
+        assert main.parse_args(["--engine", mode]).engine == mode
+    with pytest.raises(SystemExit):
+        main.parse_args(["--engine", "fast"])
+    if not torch.cuda.is_available():
+        assert main.main(["--model", "tiny", "--device", "cpu", "--engine", "graphs"]) == 2
+        assert "--engine graphs needs a CUDA device" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from conftest import QUESTIONS
+from conftest import QUESTIONS, use_path
 from roe_core.serving import Cancelled, Gate, LimitError, Limits, Server
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -19,7 +19,7 @@ DEADLINE = 60          # seconds a concurrency test may take before it counts as
 @pytest.fixture
 def on_path(tiny_roe, decoding):
     """tiny_roe decoding on `decoding` ("eager": a fresh decode engine, "off": the eager loop)."""
-    tiny_roe.use_engine("off").use_engine(decoding)
+    use_path(tiny_roe, decoding)
     yield tiny_roe
     tiny_roe.use_engine("off")
 
