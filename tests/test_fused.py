@@ -12,7 +12,7 @@ import torch
 
 from roe_core.runtime.engine import ArenaCache, DecodeEngine
 from roe_core.runtime.fused import DecodeKV, FuseOptions, fuse_program, options_of
-from roe_core.systems import SYSTEMS, load_base
+from roe_core.systems import SYSTEMS, load_base, registry
 from test_engine import same
 from test_systems import differentiate, items_of
 
@@ -173,3 +173,21 @@ def test_memory_plan_measures_in_groups_what_does_not_fit_at_once():
     assert dropped == [] and packs == [["roe/graphs"], ["roe/graphs+fuse"], ["roe/off"]]
     packs, dropped = group_fit(plan, 40e9)                                # nothing fits: all left out
     assert packs == [] and sorted(dropped) == sorted(groups)
+
+
+@pytest.mark.parametrize("system", registry.moe_systems())
+def test_fused_moe_layers_with_the_grouped_dispatch_are_one_graph_each(loaded, images, diversify_routers, system):
+    """The dispatch CUDA runs (grouped matmuls over stacked experts, no host sync), in bf16 as on the GPU:
+    the fused step answers as the unfused one, and Dynamo traces each MoE layer whole (no graph break:
+    the expert stack's pointer check is skipped under compile)."""
+    from torch._dynamo.utils import counters
+    from roe_core.systems.dispatch import set_sync_free
+    pipe = differentiate(loaded, system, images, diversify_routers)
+    set_sync_free(pipe.model, True)
+    pipe.model.to(torch.bfloat16)
+    items = items_of(images, [(), [("Is it big?", "Yes.")], ()])
+    plain = answers_with(pipe, items, DecodeEngine("eager"))
+    breaks = sum(counters["graph_break"].values())
+    fused = answers_with(pipe, items, DecodeEngine("eager", fuse=TRACE_ONLY))
+    same(fused, plain, system)
+    assert sum(counters["graph_break"].values()) == breaks

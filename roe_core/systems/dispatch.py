@@ -80,8 +80,12 @@ def stackable(experts: nn.ModuleList) -> bool:
 
 def current_stack(experts: nn.ModuleList) -> ExpertStack | None:
     """The cached stack, if the experts' weights still are views into it (not after `.to()` moved or
-    converted them, nor after a weight was replaced)."""
+    converted them, nor after a weight was replaced). Inside torch.compile (the decode engine's fused
+    step) the pointers are not compared, a graph break per MoE layer otherwise: the stack there was built
+    or checked by the eager prefill before it, and `.to()` drops a stale one (GroupedExperts._apply)."""
     st = getattr(experts, "_expert_stack", None)
+    if st is not None and torch.compiler.is_compiling():
+        return st
     return st if st is not None and st.ptrs == _ptrs(experts) else None
 
 
