@@ -124,6 +124,7 @@ class Job:
         self.server = server
         self.owner = owner
         self.cancelled = threading.Event()
+        self.holder: int | None = None          # the thread that holds the model for it, while it does
         self.pauses = 0
         self.paused_s = 0.0
 
@@ -279,7 +280,7 @@ class Server:
         """submit(...).result(): blocks until this question is answered (or raises its own error). Called
         by background work holding the model (in this thread), it lends the model while it waits."""
         future = self.submit(pipe, image, question, history, **kw)
-        job = getattr(self._local, "job", None)
+        job = self._held()
         if job is None:
             return future.result()
         self.gate.release()
@@ -309,7 +310,7 @@ class Server:
         """Holds the model at background priority; the work inside calls job.checkpoint() between tokens
         (or passes job.step as generate's callback) and job.turn() between model calls. Inside a job held
         by the same thread this is that job (the gate is not taken twice)."""
-        outer = getattr(self._local, "job", None)
+        outer = self._held()
         if outer is not None:
             outer._check()
             yield outer
@@ -319,16 +320,21 @@ class Server:
             self._jobs.add(job)
         try:
             self.gate.acquire(Gate.BACKGROUND)
-            self._local.job = job
+            self._local.job, job.holder = job, threading.get_ident()
             try:
                 job._check()
                 yield job
             finally:
-                self._local.job = None
+                self._local.job, job.holder = None, None
                 self.gate.release()
         finally:
             with self._cv:
                 self._jobs.discard(job)
+
+    def _held(self) -> Job | None:
+        """The job this thread holds the model for (None: none, or it ended on another thread)."""
+        job = getattr(self._local, "job", None)
+        return job if job is not None and job.holder == threading.get_ident() else None
 
     # --- the worker ---
     def _start_worker(self) -> None:
