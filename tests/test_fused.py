@@ -120,14 +120,18 @@ def test_cuda_graphs_of_compiled_kernels_equal_the_unfused_engine(images, divers
     pipe = differentiate(load_base("tiny", device="cpu"), system, images, diversify_routers)
     pipe.model.to("cuda", torch.float32)
     pipe.device = torch.device("cuda")
+    from torch._dynamo.utils import counters
     items = items_of(images, [(), [("Is it big?", "Yes.")], ()])
     engine = DecodeEngine("graphs", fuse=FuseOptions(mode="default"))
+    breaks = sum(counters["graph_break"].values())
     for batch in (items[:1], items):
         plain = answers_with(pipe, batch, DecodeEngine("eager"))
         fused = answers_with(pipe, batch, engine)
         replayed = answers_with(pipe, batch, engine)
         same(fused, plain, system)
         same(replayed, plain, system)
+    assert engine.fallback is None                               # the graphs' guard found nothing
+    assert sum(counters["graph_break"].values()) == breaks       # each layer one compiled graph
     L = pipe.num_layers
     assert 0 < engine.graph_count <= DecodeEngine.graph_bound(L, 1) + DecodeEngine.graph_bound(L, len(items))
 
@@ -191,3 +195,22 @@ def test_fused_moe_layers_with_the_grouped_dispatch_are_one_graph_each(loaded, i
     fused = answers_with(pipe, items, DecodeEngine("eager", fuse=TRACE_ONLY))
     same(fused, plain, system)
     assert sum(counters["graph_break"].values()) == breaks
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="Inductor's CPU kernels need a C++ compiler")
+def test_the_compiled_kv_write_touches_the_slot_only():
+    """Inductor's code for a decode step's KV write on the first b of 4 rows: the buffer is written in
+    place, no copy of the rows' capacity (2 x 3 heads x 256 keys x 8 = 12288 elements) is made."""
+    from torch._inductor.utils import run_and_get_code
+    buf = [torch.zeros(4, 3, 256, 8)]
+    slot = torch.tensor([7])
+    key = torch.randn(2, 3, 1, 8)
+
+    def write(keys, slot, key):
+        k, _ = DecodeKV(ArenaCache(keys, [torch.zeros_like(keys[0])], slot)).update(key, key, 0)
+        return k[:, :, 7] * 2                              # reads the slot only
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        _, code = run_and_get_code(torch.compile(write, dynamic=False), buf, slot, key)
+    assert torch.equal(buf[0][:2, :, 7], key[:, :, 0]) and buf[0][2:].eq(0).all() and buf[0][:, :, :7].eq(0).all()
+    assert not any(n in src for src in code for n in ("12288L", "24576L"))

@@ -87,18 +87,22 @@ def options_of(fuse: bool | FuseOptions | None) -> FuseOptions | None:
 class DecodeKV:
     """ArenaCache as a decode step writes it: key/value (b, heads, 1, hd) of layer i into slot `slot` of
     its first b buffer rows; attention reads the whole capacity (the arena's mask hides unwritten slots).
-    Exactly ArenaCache.update's one-token branch (a decode step never takes the prompt branch: a layer
+    The same values as ArenaCache.update's one-token branch (a decode step never takes the prompt branch: a layer
     that runs in decoding ran at prefill), with no Python state for a compiled block to guard on."""
 
     def __init__(self, cache):
         self.keys, self.values, self.slot = cache.keys, cache.values, cache.slot
 
     def update(self, key: Tensor, value: Tensor, layer_idx: int, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        b = key.shape[0]
-        k_buf, v_buf = self.keys[layer_idx][:b], self.values[layer_idx][:b]
-        k_buf.index_copy_(2, self.slot, key)
-        v_buf.index_copy_(2, self.slot, value)
-        return k_buf, v_buf
+        b, heads = key.shape[0], key.shape[1]
+        k_buf, v_buf = self.keys[layer_idx], self.values[layer_idx]
+        # one index_put_ on the whole buffer (rows [0, b), every head, the slot): an in-place write of a
+        # *view* ([:b].index_copy_) is functionalised by compile into a copy of the view and a copy back,
+        # the rows' whole capacity read and written twice per layer per step
+        idx = (torch.arange(b, device=key.device)[:, None], torch.arange(heads, device=key.device)[None, :], self.slot)
+        k_buf.index_put_(idx, key[:, :, 0])
+        v_buf.index_put_(idx, value[:, :, 0])
+        return k_buf[:b], v_buf[:b]
 
     def batch_size(self, layer_idx: int) -> int:
         return self.keys[layer_idx].shape[0]
