@@ -85,7 +85,8 @@ fi
 STEPS=${STEPS:-tests,serving,geometry,embedded}
 BATCHES=${BATCHES:-1,128,16,64}
 FUSE_MODE=${FUSE_MODE:-default}
-T_TESTS=${T_TESTS:-140}; T_SERVING=${T_SERVING:-60}; T_GEOMETRY=${T_GEOMETRY:-260}; T_EMBEDDED=${T_EMBEDDED:-75}
+T_TESTS=${T_TESTS:-80}; T_FUSED=${T_FUSED:-60}; T_SERVING=${T_SERVING:-60}; T_GEOMETRY=${T_GEOMETRY:-250}
+T_EMBEDDED=${T_EMBEDDED:-75}     # + at most 60 s converting the carried decoder before it
 REPORT=${REPORT:-bench/gpu_check}
 export GRADIO_ANALYTICS_ENABLED=False PYTHONUNBUFFERED=1 ROE_GPU_REPORT=$REPORT
 mkdir -p "$REPORT" bench
@@ -124,10 +125,11 @@ step() {  # step NAME BUDGET_S COMMAND...: runs it under its time budget, record
 }
 rm -f "$REPORT/steps.txt" "$REPORT"/*.xml
 
-if [[ $STEPS == *tests* ]]; then
-  step tests "$T_TESTS" $PY -m pytest -q -p no:cacheprovider -m gpu -k "not seven_examples" \
-    tests/test_engine_gpu.py tests/test_core_gpu.py tests/test_fused.py tests/test_embedded_gpu.py \
+if [[ $STEPS == *tests* ]]; then          # the graph tests (item 1) first, on their own: their counts
+  step tests "$T_TESTS" $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_engine_gpu.py tests/test_core_gpu.py \
     --junitxml "$REPORT/tests.xml"
+  step fused_tests "$T_FUSED" $PY -m pytest -q -p no:cacheprovider -m gpu -k "not seven_examples" \
+    tests/test_fused.py tests/test_embedded_gpu.py --junitxml "$REPORT/fused_tests.xml"
 fi
 if [[ $STEPS == *serving* ]]; then
   ROE_TEST_ENGINE=graphs step serving "$T_SERVING" $PY -m pytest -q -p no:cacheprovider -k graphs \
@@ -171,6 +173,7 @@ if (report / "steps.txt").is_file():
 path = Path("bench/results_gpu.json")
 res = json.loads(path.read_text()) if path.is_file() else {}
 res["graph_tests"], res["serving_tests"] = counts("tests"), counts("serving")
+res["fused_tests"] = counts("fused_tests")
 emb = report / "embedded.json"
 res["embedded_check"] = {"tests": counts("embedded"), **(json.loads(emb.read_text()) if emb.is_file() else {})}
 import torch
@@ -181,6 +184,7 @@ print(f"\n== summary ({total} s on {dev}; figures from this run only)")
 for k, v in steps.items():
     print(f"  step {k}: exit {v['exit']}, {v['seconds']} s{' (out of time)' if v['timed_out'] else ''}")
 print(f"  graph tests: {res['graph_tests']}  (target: all pass)")
+print(f"  fused-kernel and live-speedup GPU tests: {res['fused_tests']}")
 print(f"  serving tests on graphs: {res['serving_tests']}")
 e = res["embedded_check"]
 print(f"  embedded, seven examples: {e.get('same_text', 'not run')} of 7 answered as on the CPU; tests {e['tests']}")
