@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 36 on one H100/H200, in one call of under 10 minutes (each step has its own time budget):
 #   tests     the CUDA tests (engine graphs, parity, fused kernels in the graphs, live speedup on the engine)
-#             -> bench/results_gpu.json "graph_tests": {passed, failed, ...}
+#             -> bench/results_gpu.json "graph_tests": {passed, failed, ...} (bench/gpu_check/results.json
+#             when the geometry step is not run in the same call)
 #   serving   the server's concurrency tests on the engine in "graphs" mode (ROE_TEST_ENGINE=graphs;
 #             the app's own need gradio: skipped where it is missing)
 #   geometry  LLaVA-1.5-7B geometry (random weights), the engine with and without fusion, batches
@@ -170,7 +171,8 @@ if (report / "steps.txt").is_file():
         if line.strip():
             name, rc, secs = line.split()
             steps[name] = {"exit": int(rc), "seconds": int(secs), "timed_out": rc == "124"}
-path = Path("bench/results_gpu.json")
+# beside this run's figures; without a geometry run, apart (never beside an earlier run's figures)
+path = Path("bench/results_gpu.json") if "geometry" in steps else report / "results.json"
 res = json.loads(path.read_text()) if path.is_file() else {}
 res["graph_tests"], res["serving_tests"] = counts("tests"), counts("serving")
 res["fused_tests"] = counts("fused_tests")
