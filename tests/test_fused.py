@@ -214,3 +214,17 @@ def test_the_compiled_kv_write_touches_the_slot_only():
         _, code = run_and_get_code(torch.compile(write, dynamic=False), buf, slot, key)
     assert torch.equal(buf[0][:2, :, 7], key[:, :, 0]) and buf[0][2:].eq(0).all() and buf[0][:, :, :7].eq(0).all()
     assert not any(n in src for src in code for n in ("12288L", "24576L"))
+
+
+def test_a_fused_owner_is_freed_with_its_last_reference(loaded, images, diversify_routers):
+    """The compiled parts live on their owner: once it has decoded through the fused engine, dropping the
+    pipeline and the engine frees the system model (a 7B MoE model's expert copies are gigabytes)."""
+    import gc
+    import weakref
+    pipe = differentiate(loaded, "roe", images, diversify_routers)
+    engine = DecodeEngine("eager", fuse=TRACE_ONLY)
+    answers_with(pipe, items_of(images), engine)
+    gone = weakref.ref(pipe.model)
+    del pipe, engine
+    gc.collect()
+    assert gone() is None

@@ -24,8 +24,8 @@ with `dynamic=False`, on each row bucket: one compile per (layer, bucket) in use
 engine's graphs, made at a graph's first use (its warm-up run, before capture). The per-code-object
 recompile limit is raised to cover them (`ensure_recompile_limit`). The Inductor kernels of layer 2..L
 are cache hits of layer 1's (same graph, other inputs), so the cost after the first layer is Dynamo's
-tracing. Fused programs are kept per owner (a system model), as the engine keeps its arenas: programs
-of one owner are interchangeable.
+tracing. Fused programs are kept on their owner (a system model), as the engine keeps its arenas per
+owner: programs of one owner are interchangeable.
 
 On the CPU the default engine (fuse=False) is untouched; `fuse=True` there compiles for the CPU
 (Inductor's C++ backend, needs a compiler) or, with `backend="aot_eager"`, traces the same graphs
@@ -33,7 +33,6 @@ without generating kernels: the test that fused tokens equal unfused ones runs t
 """
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
@@ -126,7 +125,7 @@ def ensure_recompile_limit(n: int) -> None:
             break
 
 
-_FUSED: "weakref.WeakKeyDictionary[Any, tuple[FuseOptions, LayerProgram]]" = weakref.WeakKeyDictionary()
+ATTR = "_fused_decode_program"       # on the owner: (options, fused program); it lives and dies with the owner
 
 
 def fuse_program(p: LayerProgram, options: FuseOptions | bool = True) -> LayerProgram:
@@ -137,13 +136,9 @@ def fuse_program(p: LayerProgram, options: FuseOptions | bool = True) -> LayerPr
     if opt is None:
         return p
     owner = p.owner
-    if owner is not None:
-        try:
-            hit = _FUSED.get(owner)
-        except TypeError:                    # an owner that cannot be weakly referenced: no reuse
-            hit = None
-        if hit is not None and hit[0] == opt:
-            return hit[1]
+    hit = getattr(owner, ATTR, None)
+    if hit is not None and hit[0] == opt:
+        return hit[1]
     # per layer: every row bucket up to 2^16 rows, plus "every row"; generous, and only an upper limit
     ensure_recompile_limit(p.num_layers * 18)
     fused = replace(p)
@@ -168,8 +163,10 @@ def fuse_program(p: LayerProgram, options: FuseOptions | bool = True) -> LayerPr
     if "final_logits" in opt.parts:
         fused.final_logits = opt.compile(p.final_logits)
     if owner is not None:
+        # kept on the owner itself, not in a table keyed by it: the compiled parts hold the owner (its
+        # bound methods), so a weak-keyed table would keep every owner alive for good
         try:
-            _FUSED[owner] = (opt, fused)
-        except TypeError:
+            object.__setattr__(owner, ATTR, (opt, fused))
+        except (AttributeError, TypeError):
             pass
     return fused
