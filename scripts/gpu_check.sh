@@ -28,7 +28,7 @@
 # given back 30 s after a call): call k carries only "cache/gpu/gguf.NN" (the first also "cache/gpu/site"
 # and "cache/gpu/gguf.sha256"), paths not named stay on the warm machine; the last call carries the last
 # part and runs this script, which joins the parts, checks the sha256 and converts the decoder once.
-# `--prepare` prints the exact calls. About a dozen calls: worth it only when the session's device time
+# `--prepare` prints the exact calls. About 14 calls (7 MiB each): worth it only when the session's device time
 # allows (15 minutes per session, the machine's start included); otherwise run STEPS=tests,serving,geometry.
 set -uo pipefail
 cd "$(dirname "$0")/.."
