@@ -100,9 +100,13 @@ class FitHandlers:
         finally:
             self.running.release()
         roe = live["roe"]
+        held = summary.get("val_mean_layers"), summary.get("val_agreement"), summary.get("n_val")
         md = (f"**Fitted on {len(inputs)} inputs in {seconds:.0f} s**: {', '.join(p.label for p in live.values())} "
-              f"now answer on every tab of this page (router threshold {roe.threshold:.2f}). Download the parts "
-              "below; `python app.py --model <this model> --roe <folder>/roe --static <folder>/static` loads them.")
+              f"now answer on every tab of this page (router threshold {roe.threshold:.2f}"
+              + (f"; on the {held[2]} held-out inputs RoE ran {held[0]:.1f} of {ctx.num_layers} layers on average "
+                 f"and answered as every layer on {held[1]:.0%} of them" if None not in held else "")
+              + "). Download the parts below; `python app.py --model <this model> --roe <folder>/roe --static "
+                "<folder>/static` loads them.")
         return {"fit_md": md, "fit_json": summary, "fit_zip": archive, **self.page_views()}
 
     def go_live(self, loaded, folders: dict[str, str], n: int) -> dict:

@@ -165,7 +165,8 @@ def test_fit_on_the_scenes_makes_routes_live_on_the_same_page(free_port, tmp_pat
     try:
         c = gradio_client.Client(url, verbose=False)
         out = fit_result(c, "scenes", 12, [])
-        assert "Fitted on 12 inputs" in out["fit_md"], out["fit_md"]
+        assert "Fitted on 12 inputs" in out["fit_md"] and "on the 3 held-out inputs" in out["fit_md"], out["fit_md"]
+        assert out["fit_json"]["n_inputs"] == 12 and out["threshold"] == out["fit_json"]["threshold"]
         assert "fitted here on 12 inputs" in out["header"] and "not fitted" not in out["header"]
         with zipfile.ZipFile(out["fit_zip"]) as z:
             names = set(z.namelist())
