@@ -54,6 +54,7 @@ MAX_COUNT = 5  # count heads classify 0..MAX_COUNT-1 (scenes have at most 4 obje
 
 VISION_FILE = "vision_tower.safetensors"
 PROJECTOR_FILE = "projector.safetensors"
+END_OF_ANSWER = "<|im_end|>"   # SmolLM2-Instruct's chat template closes each answer with it
 LORA_DIR = "lora"   # a peft adapter folder: adapter_config.json + adapter_model.safetensors
 STATE_FILE = "stages.json"
 
@@ -116,6 +117,10 @@ def load_tokenizer():
     tok = AutoTokenizer.from_pretrained(convert())
     if tok.convert_tokens_to_ids(IMAGE_TOKEN) in (None, tok.unk_token_id):
         raise ValueError(f"{IMAGE_TOKEN} is not in the tokenizer")
+    # SmolLM2-Instruct's answers end with <|im_end|>; transformers 5.17's GGUF conversion names <|im_start|>
+    # the EOS token instead (then the model never stops), 5.23's gets it right: said explicitly here
+    if tok.eos_token != END_OF_ANSWER and tok.convert_tokens_to_ids(END_OF_ANSWER) not in (None, tok.unk_token_id):
+        tok.eos_token = END_OF_ANSWER
     return tok
 
 
