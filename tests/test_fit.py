@@ -151,8 +151,10 @@ def test_a_llava_folder_written_by_save_pretrained_is_fitted_and_its_parts_reloa
     ins = folder_inputs(images, QS[:4])
     assert len(ins) == 24
     loaded = load_base(str(folder), "cpu")
-    s = fit_parts(loaded, ins, tmp_path / "fit", FitConfig(**{**SMALL, "n_evidence": 8}))
+    s = fit_parts(loaded, ins, tmp_path / "fit", FitConfig(**{**SMALL, "n_evidence": 8}, export_answers=True))
     assert s["n_inputs"] == 24
+    own = json.loads((tmp_path / "fit/own_answers/data.json").read_text())
+    assert len(own) == s["n_fit"] and (tmp_path / "fit/own_answers/images" / own[0]["image"]).is_file()
     again = load_base(str(folder), "cpu")
     pipe = RoEPipeline.from_base(again, parts=str(tmp_path / "fit/roe"))
     assert pipe.model.config.base_model == str(folder)

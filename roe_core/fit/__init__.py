@@ -29,7 +29,8 @@ Signatures:
         progress(stage, done, total) as work proceeds; checkpoint() between batches (it may raise to
         cancel, or block to lend the model to someone else).
     FitConfig(n_val=96, n_evidence=384, target_agreement=0.9, target_layers=0.0, evidence="taylor", rank=0, ridge=1e-4,
-              batch_size=16, max_new_tokens=24, calib_steps=6, seed=0, compare=(), cache=True, base_model="")
+              batch_size=16, max_new_tokens=24, calib_steps=6, seed=0, compare=(), cache=True, base_model="",
+              export_answers=False)
     fitted_folders(out_dir) -> {system name: parts folder} of a finished fit ({} when none): pass each as
         load_systems(..., parts=fitted_folders(out)); ROE_DIR / STATIC_DIR name the subfolders, SUMMARY
         the summary file ("fit.json")

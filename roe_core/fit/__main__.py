@@ -54,6 +54,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
     ap.add_argument("--dtype", default=None, help="default: bf16 on CUDA, fp32 on the CPU")
+    ap.add_argument("--export-answers", action="store_true",
+                    help="also out/own_answers/ (data.json + images): the fit inputs with the dense answers, for a "
+                         "short refinement: python -m roe_core.train --system static|roe --data out/own_answers/data.json")
     ap.add_argument("--no-cache", action="store_true", help="start afresh (ignore and do not write out/cache)")
     return ap
 
@@ -95,7 +98,8 @@ def main(argv=None) -> dict:
                     evidence=args.evidence, rank=args.rank, target_layers=args.target_layers,
                     calib_steps=args.calib_steps, ridge=args.ridge, batch_size=args.batch_size,
                     max_new_tokens=args.max_new_tokens, seed=args.seed, cache=not args.no_cache,
-                    compare=tuple(x.strip() for x in args.compare.split(",") if x.strip()), base_model=args.model)
+                    compare=tuple(x.strip() for x in args.compare.split(",") if x.strip()), base_model=args.model,
+                    export_answers=args.export_answers)
     summary = fit_parts(loaded, inputs, args.out, cfg, progress)
     for b in bars.values():
         b.close()

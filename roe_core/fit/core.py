@@ -38,6 +38,7 @@ class FitConfig:
     compare: tuple[str, ...] = ()    # other evidence to calibrate beside (the evidence study), and "fixed"
     cache: bool = True               # out_dir/cache: a rerun continues where the last stopped
     base_model: str = ""             # recorded in the parts' configs
+    export_answers: bool = False     # also out_dir/own_answers/: the fit inputs with the dense answers, LLaVA JSON
 
     def __post_init__(self):
         if self.evidence not in EVIDENCE:
@@ -217,12 +218,27 @@ def fit_parts(loaded, inputs: Sequence, out_dir: str | Path, cfg: FitConfig | No
                                        main["mean_layers"]})
     model.save_roe(out / ROE_DIR)
     static.save_static(out / STATIC_DIR)
+    if cfg.export_answers:
+        export_answers(fit_items, dense.answers, out / "own_answers")
     summary["seconds"] = time.perf_counter() - t_start
     summary["cpu_seconds"] = time.process_time() - cpu_start
     (out / SUMMARY).write_text(json.dumps(summary, indent=1))
     if progress is not None:
         progress("done", 1, 1)
     return summary
+
+
+def export_answers(items, answers: list[str], folder: Path) -> Path:
+    """items [(image, question)] with the dense model's answers as a LLaVA JSON (folder/data.json, images in
+    folder/images): data for a short refinement on the model's own answers (python -m roe_core.train ...)."""
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for k, ((im, q), a) in enumerate(zip(items, answers)):
+        im.convert("RGB").save(folder / "images" / f"{k}.png")
+        records.append({"image": f"{k}.png", "conversations": [{"from": "human", "value": "<image>\n" + q},
+                                                                {"from": "gpt", "value": a}]})
+    (folder / "data.json").write_text(json.dumps(records))
+    return folder / "data.json"
 
 
 def _open(path):
