@@ -194,7 +194,8 @@ def fit_parts(loaded, inputs: Sequence, out_dir: str | Path, cfg: FitConfig | No
             static.adapters[str(i)].load_state_dict(model.adapters[i].state_dict())
 
     summary = {
-        "n_inputs": len(items), "n_fit": len(fit_items), "n_val": len(val_items), "n_evidence": n_ev,
+        "n_inputs": len(items), "n_fit": len(fit_items), "n_val": len(val_items),
+        "n_evidence": dense.n if cfg.evidence == "l1" else n_ev,          # l1 comes from the dense pass: every fit input
         "evidence": cfg.evidence, "target_agreement": cfg.target_agreement, "target_layers": cfg.target_layers,
         "threshold": main["threshold"],
         "val_agreement": main["agreement"], "val_mean_layers": main["mean_layers"], "val_std_layers": main["std_layers"],
