@@ -201,3 +201,24 @@ def test_bench_cli_quick_fits_on_the_fly_unless_told(monkeypatch):
     assert seen["fitted"] == "runs/fit"
     bench_run.main(["--model", "tiny"])
     assert seen["fitted"] == "none"
+
+
+def test_llava_inputs_read_a_json_with_its_image_folder(tmp_path):
+    """A LLaVA JSON's human turns, images from the folder given (one image object per record); a missing image
+    or folder says which."""
+    from roe_core.fit import llava_inputs
+    images = tmp_path / "imgs"
+    images.mkdir()
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(images / "a.png")
+    turns = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "Red."},
+             {"from": "human", "value": "How many?"}, {"from": "gpt", "value": "One."}]
+    js = tmp_path / "data.json"
+    js.write_text(json.dumps([{"image": "a.png", "conversations": turns}]))
+    got = llava_inputs(js, images)
+    assert [q for _, q in got] == ["What colour?", "How many?"] and got[0][0] is got[1][0]
+    assert got[0][0].getpixel((0, 0)) == (255, 0, 0)
+    assert [q for _, q in llava_inputs(js, images, limit=1)] == ["What colour?"]
+    with pytest.raises(InputError, match="not found in"):
+        llava_inputs(js, tmp_path)
+    with pytest.raises(InputError, match="does not exist"):
+        llava_inputs(js, tmp_path / "nowhere")

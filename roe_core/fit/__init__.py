@@ -7,7 +7,7 @@
     inputs = scene_inputs(1000, split="train")           # [(PIL image, question)]: no answers needed
     summary = fit_parts(loaded, inputs, "runs/fit", cfg=FitConfig(target_agreement=0.9), progress=None,
                         checkpoint=None)
-    RoEPipeline.from_base(loaded, parts="runs/fit/roe")  # or: python -m roe_core.demo --roe runs/fit/roe
+    RoEPipeline.from_base(loaded, parts="runs/fit/roe")  # or: python app.py --roe runs/fit/roe
     StaticPipeline.from_base(loaded, parts="runs/fit/static")
 
     python -m roe_core.fit --model embedded --scenes 1000 --out runs/fit

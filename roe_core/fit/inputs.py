@@ -34,43 +34,15 @@ def scene_inputs(n: int, split: str = "train", start: int = 0) -> Inputs:
 
 def llava_inputs(json_path: str | Path, image_folder: str | Path | None = None, limit: int | None = None) -> Inputs:
     """The questions of a LLaVA JSON ([{"image", "conversations": [{"from": "human", "value": ...}, ...]}]),
-    images under `image_folder` (default: next to the JSON, or its images/ folder). InputError says what
-    is wrong."""
+    images under `image_folder` (default: next to the JSON, or its images/ folder), read by
+    scenes.load_llava_questions. InputError says what is wrong."""
     from ..scenes.questions import load_llava_questions
-    if image_folder is None:
-        qs = load_llava_questions(json_path, limit)
-        return [(load_image(q.image), q.question) for q in qs]
-    import json
-    path = Path(json_path)
-    folder = Path(image_folder)
-    if not path.is_file():
-        raise InputError(f"{path} does not exist")
-    if not folder.is_dir():
-        raise InputError(f"image folder {folder} does not exist")
-    try:
-        records = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path.name} is not JSON ({e})") from None
-    if not isinstance(records, list):
-        raise InputError(f"{path.name} should be a JSON list of {{image, conversations}} records")
     out: Inputs = []
-    for k, rec in enumerate(records):
-        if not isinstance(rec, dict) or "image" not in rec or not isinstance(rec.get("conversations"), list):
-            raise InputError(f"record {k} of {path.name} has no image or no conversations list")
-        img = folder / rec["image"]
-        if not img.is_file():
-            raise InputError(f"record {k} of {path.name}: image {rec['image']!r} not found in {folder}")
-        image = None
-        for turn in rec["conversations"]:
-            if isinstance(turn, dict) and turn.get("from") == "human":
-                q = str(turn.get("value", "")).replace("<image>", "").strip()
-                if q:
-                    image = image or load_image(str(img))
-                    out.append((image, q))
-                    if limit is not None and len(out) >= limit:
-                        return out
-    if not out:
-        raise InputError(f"{path.name} holds no questions")
+    images: dict[str, Image.Image] = {}          # each record's image read once
+    for q in load_llava_questions(json_path, limit, image_folder):
+        if q.image not in images:
+            images[q.image] = load_image(q.image)
+        out.append((images[q.image], q.question))
     return out
 
 

@@ -69,10 +69,12 @@ def shifted_questions(n: int) -> list[Question]:
             for s in make_shifted_split(n)]
 
 
-def load_llava_questions(path: str | Path, limit: int | None = None) -> list[Question]:
+def load_llava_questions(path: str | Path, limit: int | None = None,
+                         image_folder: str | Path | None = None) -> list[Question]:
     """Questions from LLaVA-format JSON: [{"image": "a.png", "conversations": [{"from": "human",
-    "value": "<image>\\nQ"}, {"from": "gpt", "value": "A"}, ...]}, ...], images relative to the JSON's
-    folder (or an "image_folder" beside it). `path` is the file, or a folder holding one *.json file.
+    "value": "<image>\\nQ"}, {"from": "gpt", "value": "A"}, ...]}, ...], images relative to `image_folder`,
+    else to the JSON's folder (or an "images" folder beside it). `path` is the file, or a folder holding
+    one *.json file.
     Every human turn becomes a question (with the turns before it as history and the gpt turn as its
     reference). Raises InputError with what is wrong."""
     path = Path(path)
@@ -84,6 +86,8 @@ def load_llava_questions(path: str | Path, limit: int | None = None) -> list[Que
         path = found[0]
     if not path.is_file():
         raise InputError(f"{path} does not exist")
+    if image_folder is not None and not Path(image_folder).is_dir():
+        raise InputError(f"image folder {image_folder} does not exist")
     try:
         records = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -94,11 +98,16 @@ def load_llava_questions(path: str | Path, limit: int | None = None) -> list[Que
     for k, rec in enumerate(records):
         if not isinstance(rec, dict) or "image" not in rec or not isinstance(rec.get("conversations"), list):
             raise InputError(f"record {k} of {path.name} has no image or no conversations list")
-        image = path.parent / rec["image"]
-        if not image.is_file() and (path.parent / "images" / rec["image"]).is_file():
-            image = path.parent / "images" / rec["image"]
-        if not image.is_file():
-            raise InputError(f"record {k} of {path.name}: image {rec['image']!r} not found next to the JSON")
+        if image_folder is not None:
+            image = Path(image_folder) / rec["image"]
+            if not image.is_file():
+                raise InputError(f"record {k} of {path.name}: image {rec['image']!r} not found in {image_folder}")
+        else:
+            image = path.parent / rec["image"]
+            if not image.is_file() and (path.parent / "images" / rec["image"]).is_file():
+                image = path.parent / "images" / rec["image"]
+            if not image.is_file():
+                raise InputError(f"record {k} of {path.name}: image {rec['image']!r} not found next to the JSON")
         turns = rec["conversations"]
         history: list[tuple[str, str]] = []
         for t in range(0, len(turns) - 1, 2):
