@@ -201,16 +201,23 @@ def whatif_tab(ctx: AppContext) -> dict:
     return c
 
 
+def question_set(key: str, scenes: str, label: str, n: tuple[int, int, int, int],
+                 n_label: str = "Inputs (at most)") -> dict:
+    """A question set to work on: built-in scenes or an uploaded LLaVA JSON with its images (the Fit tab's and
+    the atlas's): <key>_source, <key>_n (min, max, value, step), <key>_files."""
+    lo, hi, value, step = n
+    return {f"{key}_source": gr.Radio([(scenes, "scenes"), ("my LLaVA JSON + its images (upload below)", "upload")],
+                                      value="scenes", label=label),
+            f"{key}_n": gr.Slider(lo, hi, value=value, step=step, label=n_label),
+            f"{key}_files": gr.File(label="LLaVA JSON file and its images", file_count="multiple",
+                                    file_types=[".json", "image"])}
+
+
 def fit_tab(ctx: AppContext) -> dict:
     c = {}
     with gr.Row(equal_height=False):
         with gr.Column(scale=3, min_width=300):
-            c["fit_source"] = gr.Radio([("generated scenes (train split)", "scenes"),
-                                        ("my LLaVA JSON + its images (upload below)", "upload")],
-                                       value="scenes", label="Inputs")
-            c["fit_n"] = gr.Slider(2, 2000, value=256, step=1, label="Inputs (at most)")
-            c["fit_files"] = gr.File(label="LLaVA JSON file and its images", file_count="multiple",
-                                     file_types=[".json", "image"])
+            c.update(question_set("fit", "generated scenes (train split)", "Inputs", (2, 2000, 256, 1)))
             with gr.Row():
                 c["fit_btn"] = gr.Button("Fit", variant="primary", elem_id="fit-go")
                 c["fit_cancel"] = gr.Button("Cancel", variant="stop", elem_id="fit-cancel")
@@ -239,12 +246,8 @@ def explore_tab(ctx: AppContext, examples: list[dict]) -> dict:
     with gr.Tabs():
         with gr.Tab("Route atlas", id="atlas-tab"):
             with controls_then_summary("atlas", "atlas", T.ATLAS_INTRO, "The route atlas appears here", 360):
-                c["atlas_source"] = gr.Radio([("scenes of the test split", "scenes"),
-                                              ("my LLaVA JSON + its images (upload below)", "upload")],
-                                             value="scenes", label="Question set")
-                c["atlas_n"] = gr.Slider(4, 256, value=48, step=4, label="Questions (at most)")
-                c["atlas_files"] = gr.File(label="LLaVA JSON file and its images", file_count="multiple",
-                                           file_types=[".json", "image"])
+                c.update(question_set("atlas", "scenes of the test split", "Question set", (4, 256, 48, 4),
+                                      "Questions (at most)"))
                 c["atlas_btn"] = gr.Button("Build the atlas", variant="primary", elem_id="atlas-go")
                 gr.Markdown(T.ATLAS_CAPTION, elem_classes="caption")
             with gr.Row():

@@ -238,3 +238,14 @@ if ENGINE_OVERRIDE:
                     pipe.model.to("cuda")
                     pipe.device = torch.device("cuda")
         return request.param
+
+
+@pytest.fixture(scope="module")
+def entry():
+    """app.py as a module (the name `app` is the package)."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("roe_app_main", Path(__file__).resolve().parent.parent / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

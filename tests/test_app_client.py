@@ -2,7 +2,6 @@
 never loses the conversation, several users at once, the stateless /answer endpoint, export."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import struct
 import threading
@@ -300,15 +299,6 @@ def test_stateless_answer_endpoint(url, L):
                                      ("[]", "[1, 0", "got '[1, 0'"), ("[]", '["yes"]', "booleans")):
         out = json.loads(c.predict(handle_file(str(IMAGE)), "q", history, route, None, api_name="/answer"))
         assert expected in out["error"]
-
-
-@pytest.fixture(scope="module")
-def entry():
-    """app.py as a module (the name `app` is the package)."""
-    spec = importlib.util.spec_from_file_location("roe_app_main", REPO / "app.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_a_missing_model_path_exits_with_a_clear_error(entry, capsys):

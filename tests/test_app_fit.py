@@ -42,15 +42,6 @@ def has_fit() -> bool:
 needs_fit_package = pytest.mark.skipif(not has_fit(), reason="roe_core.fit (the fit itself) is not in this checkout")
 
 
-@pytest.fixture(scope="module")
-def entry():
-    """app.py as a module (the name `app` is the package)."""
-    spec = importlib.util.spec_from_file_location("roe_app_main_fit", REPO / "app.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 # --- the library: untrained parts only when asked for -------------------------------------------------------
 
 def test_a_base_without_parts_is_not_fitted_and_refuses_every_routed_answer():
