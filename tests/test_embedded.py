@@ -352,3 +352,44 @@ def test_own_words_can_ask_the_examples_own_questions():
     got = examples_own_questions()
     assert [(img, q) for img, q, _ in got] == [(e["image"], e["question"]) for e in entries]
     assert [gold(None) for _, _, gold in got] == [e["answer"] for e in entries]
+
+
+def test_widen_adapter_is_small_and_merged_only_once_its_stage_is_done(loaded, tmp_path, monkeypatch):
+    """The widen stage's LoRA (LORA_WIDE, rank 4) on top of the merged finetune LoRA: saved in its own
+    folder, and build_base folds it in (W += alpha/r B @ A, after the finetune LoRA) only when stages.json
+    says the stage is done, so a half-trained one never changes the dense base."""
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    for p in embedded.ASSETS.iterdir():
+        if p.name not in (embedded.LORA_WIDE_DIR, embedded.STATE_FILE):
+            (assets / p.name).symlink_to(p.resolve())
+    state = json.loads((embedded.ASSETS / embedded.STATE_FILE).read_text())
+    state.pop("widen", None)
+    (assets / embedded.STATE_FILE).write_text(json.dumps(state))
+    monkeypatch.setattr(embedded, "ASSETS", assets)
+    q = lambda m: m.model.language_model.layers[0].self_attn.q_proj
+    before, _ = embedded.build_base(None)                 # the base the widen stage starts from
+    w0 = q(before).weight.detach().clone()
+    params = embedded.add_lora(before, spec=embedded.LORA_WIDE)
+    assert params and all(min(p.shape) == embedded.LORA_WIDE["r"] for p in params)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.02)
+    layer = before.model.language_model.get_base_model().layers[0].self_attn.q_proj
+    a, b = layer.lora_A["default"].weight.detach().clone(), layer.lora_B["default"].weight.detach().clone()
+    embedded.save_lora(before, name=embedded.LORA_WIDE_DIR)
+    del before
+    saved = json.loads((assets / embedded.LORA_WIDE_DIR / "adapter_config.json").read_text())
+    assert saved["r"] == 4 and set(saved["target_modules"]) == set(embedded.LORA["targets"])
+    embedded.write_state("widen", step=10, target_steps=600, done=False)
+    half, _ = embedded.build_base(None)
+    assert torch.equal(q(half).weight, w0)
+    del half
+    embedded.write_state("widen", done=True)
+    assert "widen" in embedded.shipped_stages()
+    widened, _ = embedded.build_base(None)
+    scale = embedded.LORA_WIDE["alpha"] / embedded.LORA_WIDE["r"]
+    expected = w0 + scale * b.to(torch.bfloat16).float() @ a.to(torch.bfloat16).float()   # shipped in bf16
+    torch.testing.assert_close(q(widened).weight, expected, atol=1e-6, rtol=1e-5)
+    assert not torch.equal(q(widened).weight, w0)

@@ -37,7 +37,7 @@ CACHE_NAME = "smollm2-135m-instruct"
 IMAGE_TOKEN = "<file_sep>"     # an atomic added token of SmolLM2's vocab (StarCoder heritage), id 5
 SYSTEM_PROMPT = "Answer briefly."
 TRAINED_ON = "procedurally generated scenes (shapes, colours, counts, positions) — not a photo model"
-STAGES = ("vision", "align", "finetune", "roe", "refine")
+STAGES = ("vision", "align", "finetune", "widen", "roe", "refine")
 # Vision towers, by name. The one in use is recorded in assets/embedded/vision_config.json (a file
 # without it, as before the 128 px tower, is "vit64"). Both give 8x8 = 64 image tokens.
 # pad_to_square: LLaVA's "pad" preprocessing (the long side kept, grey bars added) instead of a
@@ -56,6 +56,11 @@ VISION_FILE = "vision_tower.safetensors"
 PROJECTOR_FILE = "projector.safetensors"
 END_OF_ANSWER = "<|im_end|>"   # SmolLM2-Instruct's chat template closes each answer with it
 LORA_DIR = "lora"   # a peft adapter folder: adapter_config.json + adapter_model.safetensors
+# the widen stage (issue 35): a second, small LoRA trained on the wide data (reworded questions, restyled
+# images) on top of the merged finetune LoRA; merged after it at load, once the stage is done. Small so
+# that its resume state and the shipped base both fit the repository's 60 MB tree.
+LORA_WIDE = dict(r=4, alpha=8, targets=LORA["targets"])
+LORA_WIDE_DIR = "lora_wide"
 STATE_FILE = "stages.json"
 
 
@@ -236,14 +241,16 @@ def build_base(stages: tuple[str, ...] | None = None, dtype: torch.dtype = torch
             {k: v.float() for k, v in load_file(str(ASSETS / PROJECTOR_FILE)).items()})
     if merge_lora and have("finetune") and (ASSETS / LORA_DIR / "adapter_config.json").is_file():
         merge_lora_adapter(base, ASSETS / LORA_DIR)
+    if have("widen") and "widen" in shipped_stages() and (ASSETS / LORA_WIDE_DIR / "adapter_config.json").is_file():
+        merge_lora_adapter(base, ASSETS / LORA_WIDE_DIR)   # additive: independent of the LoRA above
     return base.to(dtype).eval(), tok
 
 
-def save_lora(base, folder: Path | None = None) -> None:
-    """Ships the decoder's peft LoRA into assets/embedded/lora/ (or `folder`/lora/) with its factors in bf16
-    (measured to change no val answer: assets/embedded/README.md); peft merges them in fp32 at load."""
+def save_lora(base, folder: Path | None = None, name: str = LORA_DIR) -> None:
+    """Ships the decoder's peft LoRA into assets/embedded/<name>/ (or `folder`/<name>/) with its factors in
+    bf16 (measured to change no val answer: assets/embedded/README.md); peft merges them in fp32 at load."""
     from ..runtime.weights import load_tensors, save_tensors
-    out = (folder or ASSETS) / LORA_DIR
+    out = (folder or ASSETS) / name
     base.model.language_model.save_pretrained(str(out))
     (out / "README.md").unlink(missing_ok=True)   # peft's blank model card
     weights = out / "adapter_model.safetensors"
@@ -289,20 +296,20 @@ _register()
 # ----------------------------------------------------------------------------- LoRA (peft; merged at load)
 
 
-def lora_config():
+def lora_config(spec: dict = LORA):
     from peft import LoraConfig
-    return LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0, target_modules=list(LORA["targets"]))
+    return LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=0.0, target_modules=list(spec["targets"]))
 
 
-def add_lora(base, resume_from: Path | None = None) -> list[torch.nn.Parameter]:
-    """Wraps the decoder in a peft LoRA model (fresh, or the adapter in `resume_from`); returns the LoRA
-    parameters. The decoder's own weights stay frozen."""
+def add_lora(base, resume_from: Path | None = None, spec: dict = LORA) -> list[torch.nn.Parameter]:
+    """Wraps the decoder in a peft LoRA model (fresh with `spec`'s rank, or the adapter in `resume_from`);
+    returns the LoRA parameters. The decoder's own weights stay frozen."""
     from peft import PeftModel, get_peft_model
     lm = base.model.language_model
     if resume_from is not None and (resume_from / "adapter_config.json").is_file():
         base.model.language_model = PeftModel.from_pretrained(lm, str(resume_from), is_trainable=True)
     else:
-        base.model.language_model = get_peft_model(lm, lora_config())
+        base.model.language_model = get_peft_model(lm, lora_config(spec))
     return [p for n, p in base.model.language_model.named_parameters() if "lora_" in n]
 
 

@@ -9,8 +9,8 @@ Parts (all offline):
   ~/.cache/roe_explorer/smollm2-135m-instruct/ (later loads < 1 s).
 - vision tower (a small CLIP ViT, 8x8 = 64 image tokens) and the projector, trained here on
   procedurally generated scenes (roe_core.scenes); shipped in assets/embedded/.
-- LoRA deltas of the decoder (finetune stage), merged into the decoder at load time, so inference
-  runs a plain Llama decoder.
+- LoRA deltas of the decoder (finetune stage; then widen's small second LoRA, once that stage is done),
+  merged into the decoder at load time, so inference runs a plain Llama decoder.
 - the routing systems' parts (assets/embedded/<parts folder>/), trained with roe_core.train.
 
 Training, one resumable command per stage, every one on roe_core.train.loop.fit (checkpoints in
@@ -21,6 +21,7 @@ assets/embedded/logs/<stage>.jsonl):
     python -m roe_core.embedded vision   --steps 800    # ViT alone on scene targets (no decoder)
     python -m roe_core.embedded align    --steps 60     # projector (+ViT, low LR) through the frozen decoder
     python -m roe_core.embedded finetune --steps 240    # LoRA on the decoder + projector + ViT
+    python -m roe_core.embedded widen    --steps 600    # a rank-4 LoRA on top, on reworded + restyled scenes
     python -m roe_core.embedded roe      --steps 900    # RoE routers + adapters + LoRA (roe_core.train)
     python -m roe_core.embedded refine   --steps 200    # stage 2 continued, T = 1, lambda 1: routes per example
     python -m roe_core.embedded moe-llava --steps 450   # MoE-LLaVA's MoE-tuning from the dense model
@@ -34,7 +35,7 @@ assets/embedded/logs/<stage>.jsonl):
     (add --resume to continue a stage from its last checkpoint, or from the shipped weights)
 
 Code: data.py (pixel caches, targets, datasets), vision.py, stages.py (align, finetune), routing.py
-(the routing systems' stages), calibrate.py, probes.py; this file parses and dispatches.
+(the routing systems' stages; scripts/refit_embedded.sh refits them all on a new dense base), calibrate.py, probes.py; this file parses and dispatches.
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ from .base import STAGES, VISION_PRESETS, build_base, convert, read_state, shipp
 from .calibrate import CALIBRATE_THRESHOLDS, _fraction, _thresholds
 
 # stage -> (default steps, default batch size); stages without an entry do not train
-TRAINING_DEFAULTS = {"vision": (800, 96), "align": (60, 12), "finetune": (240, 12), "roe": (900, 8), "refine": (200, 8),
+TRAINING_DEFAULTS = {"vision": (800, 96), "align": (60, 12), "finetune": (240, 12), "widen": (600, 12), "roe": (900, 8), "refine": (200, 8),
                      "moe-llava": (600, 8), "evomoe-evolve": (225, 8), "evomoe-router": (225, 8), "static": (500, 8)}
 
 
@@ -106,7 +107,7 @@ def _eval(args) -> None:
 
 
 # the one list of stages: name -> what runs it
-COMMANDS = {"convert": _convert, "vision": _vision, "align": _lm, "finetune": _lm, "roe": _routing,
+COMMANDS = {"convert": _convert, "vision": _vision, "align": _lm, "finetune": _lm, "widen": _lm, "roe": _routing,
             "refine": _routing, "moe-llava": _routing, "evomoe-evolve": _routing, "evomoe-router": _routing,
             "static": _routing,
             "calibrate": _calibrate, "guard": _guard, "familiarity": _familiarity, "eval": _eval,
@@ -200,6 +201,8 @@ def main(argv=None) -> None:
         args.sparsity_weight = 1.0 if args.stage == "refine" else 6.0
     if args.vit_lr is None:
         args.vit_lr = {"align": 1e-4, "finetune": 1e-4}.get(args.stage, 0.0)
+    if args.stage == "widen":
+        args.wide_data = True      # what the stage is for
     COMMANDS[args.stage](args)
 
 

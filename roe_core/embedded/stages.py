@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..runtime.loading import cpu_bf16_is_fast
 from ..train.loop import LoopConfig, fit
-from .base import ASSETS, LORA_DIR, RUNS, add_lora, build_base, make_encoder, save_lora, save_vision_parts, write_state
+from .base import ASSETS, LORA_DIR, LORA_WIDE, LORA_WIDE_DIR, RUNS, add_lora, build_base, make_encoder, save_lora, save_vision_parts, write_state
 from .data import LMCollator, PixelConversations, pixel_cache
 from .fitting import CurveMirror, log_row, resume_point
 
@@ -174,18 +174,24 @@ def stage_lm(stage: str, args) -> None:
     finetune: LoRA on the decoder + projector + ViT; --wide-data adds --n-wide train samples reworded and
     restyled (scenes.grammar) beside the plain ones and validates on plain and wide val (counting apart),
     keeping the best checkpoint's weights in runs/embedded/finetune/best/; --count-boost K repeats the
-    samples with a counting turn K more times."""
+    samples with a counting turn K more times.
+    widen: a second, small LoRA (base.LORA_WIDE, rank 4) on the finetune LoRA merged, always on the wide
+    data beside the plain; the vision side frozen. Saved to assets/embedded/lora_wide/, merged at load
+    once the stage is done."""
     from tqdm.auto import tqdm
     torch.manual_seed(args.seed)
     # align --with-lora: the projector learns to feed the decoder with the LoRA in assets/ merged
     # (frozen), e.g. a new vision tower fitted to an already finetuned decoder, which finetune
     # --resume then trains on from that LoRA
     with_lora = stage == "align" and args.with_lora
-    base, tok = build_base(("vision", "align", "finetune") if stage == "finetune" or with_lora else ("vision", "align"),
-                           merge_lora=with_lora)
+    # widen: a second, small LoRA (LORA_WIDE) on the wide data, on top of the merged finetune LoRA; the
+    # vision side stays as it is
+    widen = stage == "widen"
+    base, tok = build_base(("vision", "align", "finetune") if stage == "finetune" or with_lora or widen
+                           else ("vision", "align"), merge_lora=with_lora or widen)
     encoder = make_encoder(base, tok)
     pv, samples = pixel_cache(args.n_train, augment=args.augment)
-    wide = stage == "finetune" and args.wide_data
+    wide = stage in ("finetune", "widen") and args.wide_data
     if wide:   # the same kind of scenes reworded and restyled, beside the plain ones
         from .data import wide_pixel_cache
         wpv, wsamples = wide_pixel_cache(args.n_wide or args.n_train)
@@ -200,6 +206,9 @@ def stage_lm(stage: str, args) -> None:
                    warm_from=start if from_shipped else 0, eval_every=args.eval_every)
     if stage == "align":
         groups = [{"params": proj, "lr": cfg.lr, "name": "projector"}, {"params": vit, "lr": cfg.vit_lr, "name": "vit"}]
+    elif widen:
+        groups = [{"params": add_lora(base, ASSETS / LORA_WIDE_DIR if args.resume else None, spec=LORA_WIDE),
+                   "lr": cfg.lr, "name": "lora"}]
     else:
         lora = add_lora(base, ASSETS / LORA_DIR if args.resume else None)
         groups = [{"params": lora, "lr": cfg.lr, "name": "lora"},
@@ -208,7 +217,10 @@ def stage_lm(stage: str, args) -> None:
     curve = CurveMirror(stage, out, args.resume)
 
     def ship(step: int, done: bool = False, **info) -> None:
-        save_vision_parts(base)
+        if widen:
+            save_lora(base, name=LORA_WIDE_DIR)
+        else:
+            save_vision_parts(base)
         if stage == "finetune":
             save_lora(base)
         write_state(stage, step=step, target_steps=args.steps, done=done, **info)
@@ -223,8 +235,11 @@ def stage_lm(stage: str, args) -> None:
                        f"{ev['plain_counting']:.3f} / {ev['wide_counting']:.3f}")
             if ev["score"] > best["score"]:
                 best.update(ev, step=step)
-                save_vision_parts(base, folder=out / "best")
-                save_lora(base, folder=out / "best")
+                if widen:
+                    save_lora(base, folder=out / "best", name=LORA_WIDE_DIR)
+                else:
+                    save_vision_parts(base, folder=out / "best")
+                    save_lora(base, folder=out / "best")
                 (out / "best" / "val.json").write_text(json.dumps(best, indent=1))
             return {"val_exact_match": ev["score"], "val": {k: v for k, v in ev.items() if k != "score"}}
         ev = evaluate(base, tok, args.eval_n)

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Refits every system of the embedded model on a new dense base, with the commands that made the shipped
+# ones (issue 35), into a copy of the assets, so what ships is untouched until the whole chain is done:
+#
+#     scripts/refit_embedded.sh ASSETS_COPY RUNS_FOLDER
+#
+# ASSETS_COPY: a copy of assets/embedded whose dense base is the new one (e.g. the widen stage's run);
+# RUNS_FOLDER: where the checkpoints go. Every step runs with --resume and is recorded in
+# ASSETS_COPY/refit_done.txt when it ends, so the script can be stopped and run again at any time: it goes
+# on from the step (and the checkpoint) it reached. The first run resets the refit stages' entries in
+# ASSETS_COPY/stages.json (they describe the systems fitted on the previous base).
+#
+# Every trained system gets the same data (the train split's first 3,000 scenes, reworded and restyled as
+# well as plain: --wide-data) and its shipped step budget: RoE's refine 300 x 8 (from the shipped RoE
+# parts, as before), the fixed path 300 x 8, MoE-LLaVA 450 x 8, EvoMoE 225 + 225 x 8. Then RoE's threshold
+# and route guard are chosen again on val. The familiarity check reads only the vision tower, which the
+# widen stage leaves as it is.
+set -euo pipefail
+A=${1:?usage: scripts/refit_embedded.sh ASSETS_COPY RUNS_FOLDER}
+R=${2:?usage: scripts/refit_embedded.sh ASSETS_COPY RUNS_FOLDER}
+PY=${PY:-.venv/bin/python}
+export ROE_EMBEDDED_ASSETS=$A ROE_EMBEDDED_RUNS=$R
+DONE=$A/refit_done.txt
+DATA=(--wide-data --n-roe-data 3000 --save-every 25 --log-every 5)
+
+if [ ! -f "$DONE" ]; then
+  $PY - "$A/stages.json" <<'EOF'
+import json, sys
+p = sys.argv[1]
+state = json.load(open(p))
+for stage in ("refine", "static", "moe_llava", "evomoe_evolve", "evomoe_router", "calibrate", "guard"):
+    state[stage] = {"step": 0, "target_steps": state.get(stage, {}).get("target_steps", 0), "done": False,
+                    "refit": "on the new dense base: scripts/refit_embedded.sh"}
+json.dump(state, open(p, "w"), indent=1)
+EOF
+  touch "$DONE"
+fi
+
+step() {
+  local name=$1; shift
+  if grep -qx "$name" "$DONE"; then echo "== $name: done before"; return; fi
+  echo "== $name: $* ($(date -u +%H:%M))"
+  "$@"
+  echo "$name" >> "$DONE"
+}
+
+step refine    $PY -m roe_core.embedded refine --resume --steps 300 --batch-size 8 --distill 1.0 --backbone none \
+                   --per-turn-sparsity --rho-max 0.55 --final-eval-n 50 "${DATA[@]}"
+step calibrate $PY -m roe_core.embedded calibrate --calibrate-n 240 --wide-n 240 --thresholds 0.5,0.48,0.46,0.44,0.42,0.4 --min-skip 0.35
+step guard     $PY -m roe_core.embedded guard --calibrate-n 240 --wide-n 240 --quantiles 0.9,0.97,0.99 --min-skip 0.35
+step static    $PY -m roe_core.embedded static --resume --steps 300 --batch-size 8 --distill 1.0 "${DATA[@]}"
+step moe_llava $PY -m roe_core.embedded moe-llava --resume --steps 450 --batch-size 8 "${DATA[@]}"
+step evomoe_evolve $PY -m roe_core.embedded evomoe-evolve --resume --steps 225 --batch-size 8 "${DATA[@]}"
+step evomoe_router $PY -m roe_core.embedded evomoe-router --resume --steps 225 --batch-size 8 "${DATA[@]}"
+echo "== every system refit on the base in $A"
