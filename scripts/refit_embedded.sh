@@ -4,7 +4,9 @@
 #
 #     scripts/refit_embedded.sh ASSETS_COPY RUNS_FOLDER
 #
-# ASSETS_COPY: a copy of assets/embedded whose dense base is the new one (e.g. the widen stage's run);
+# ASSETS_COPY: a copy of assets/embedded whose dense base is the new one (e.g. the widen stage's run); when
+# it does not exist yet, it is made from assets/embedded and the widen stage's result committed in
+# resume/embedded/ (its LoRA as it ships, its stages.json entry and its curve);
 # RUNS_FOLDER: where the checkpoints go. Every step runs with --resume and is recorded in
 # ASSETS_COPY/refit_done.txt when it ends, so the script can be stopped and run again at any time: it goes
 # on from the step (and the checkpoint) it reached. The first run resets the refit stages' entries in
@@ -22,6 +24,22 @@ PY=${PY:-.venv/bin/python}
 export ROE_EMBEDDED_ASSETS=$A ROE_EMBEDDED_RUNS=$R
 DONE=$A/refit_done.txt
 DATA=(--wide-data --n-roe-data 3000 --save-every 25 --log-every 5)
+
+if [ ! -d "$A" ]; then
+  [ -d resume/embedded ] || { echo "no $A and no resume/embedded/ to make it from" >&2; exit 2; }
+  cp -r assets/embedded "$A"
+  $PY - "$A" <<'EOF'
+import json, shutil, sys
+from pathlib import Path
+a, src = Path(sys.argv[1]), Path("resume/embedded")
+shutil.copytree(src / "lora_wide", a / "lora_wide")     # as it ships: its weights xz-packed
+state = json.loads((a / "stages.json").read_text())
+state["widen"] = json.loads((src / "widen.json").read_text())
+(a / "stages.json").write_text(json.dumps(state, indent=1))
+shutil.copy(src / "widen.jsonl", a / "logs" / "widen.jsonl")
+print(f"{a}: assets/embedded + the widen stage from {src}")
+EOF
+fi
 
 if [ ! -f "$DONE" ]; then
   $PY - "$A/stages.json" <<'EOF'

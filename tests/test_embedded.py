@@ -380,8 +380,16 @@ def test_widen_adapter_is_small_and_merged_only_once_its_stage_is_done(loaded, t
     a, b = layer.lora_A["default"].weight.detach().clone(), layer.lora_B["default"].weight.detach().clone()
     embedded.save_lora(before, name=embedded.LORA_WIDE_DIR)
     del before
-    saved = json.loads((assets / embedded.LORA_WIDE_DIR / "adapter_config.json").read_text())
+    folder = assets / embedded.LORA_WIDE_DIR
+    saved = json.loads((folder / "adapter_config.json").read_text())
     assert saved["r"] == 4 and set(saved["target_modules"]) == set(embedded.LORA["targets"])
+    # its weights are stored packed (xz), and unpacked, once, into the cache: the same tensors
+    assert {p.name for p in folder.iterdir()} == {"adapter_config.json", "adapter_model.safetensors.xz"}
+    unpacked = embedded.unpacked_adapter(folder)
+    assert unpacked.parent == embedded.cache_dir().parent / "adapters" and embedded.unpacked_adapter(folder) == unpacked
+    from safetensors.torch import load_file
+    factors = load_file(str(unpacked / "adapter_model.safetensors"))
+    assert len(factors) == len(params) and all(t.dtype == torch.bfloat16 for t in factors.values())
     embedded.write_state("widen", step=10, target_steps=600, done=False)
     half, _ = embedded.build_base(None)
     assert torch.equal(q(half).weight, w0)

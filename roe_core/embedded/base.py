@@ -57,8 +57,8 @@ PROJECTOR_FILE = "projector.safetensors"
 END_OF_ANSWER = "<|im_end|>"   # SmolLM2-Instruct's chat template closes each answer with it
 LORA_DIR = "lora"   # a peft adapter folder: adapter_config.json + adapter_model.safetensors
 # the widen stage (issue 35): a second, small LoRA trained on the wide data (reworded questions, restyled
-# images) on top of the merged finetune LoRA; merged after it at load, once the stage is done. Small so
-# that its resume state and the shipped base both fit the repository's 60 MB tree.
+# images) on top of the merged finetune LoRA; merged after it at load, once the stage is done. Small, and
+# its weights stored xz-compressed (lossless; see packed_adapter), so that the base fits the 60 MB tree.
 LORA_WIDE = dict(r=4, alpha=8, targets=LORA["targets"])
 LORA_WIDE_DIR = "lora_wide"
 STATE_FILE = "stages.json"
@@ -242,19 +242,57 @@ def build_base(stages: tuple[str, ...] | None = None, dtype: torch.dtype = torch
     if merge_lora and have("finetune") and (ASSETS / LORA_DIR / "adapter_config.json").is_file():
         merge_lora_adapter(base, ASSETS / LORA_DIR)
     if have("widen") and "widen" in shipped_stages() and (ASSETS / LORA_WIDE_DIR / "adapter_config.json").is_file():
-        merge_lora_adapter(base, ASSETS / LORA_WIDE_DIR)   # additive: independent of the LoRA above
+        merge_lora_adapter(base, unpacked_adapter(ASSETS / LORA_WIDE_DIR))   # additive: in any order
     return base.to(dtype).eval(), tok
 
 
-def save_lora(base, folder: Path | None = None, name: str = LORA_DIR) -> None:
+def save_lora(base, folder: Path | None = None, name: str = LORA_DIR, pack: bool | None = None) -> None:
     """Ships the decoder's peft LoRA into assets/embedded/<name>/ (or `folder`/<name>/) with its factors in
-    bf16 (measured to change no val answer: assets/embedded/README.md); peft merges them in fp32 at load."""
+    bf16 (measured to change no val answer: assets/embedded/README.md); peft merges them in fp32 at load.
+    pack (default: the widen LoRA's folder): the weights xz-compressed (pack_adapter)."""
     from ..runtime.weights import load_tensors, save_tensors
     out = (folder or ASSETS) / name
     base.model.language_model.save_pretrained(str(out))
     (out / "README.md").unlink(missing_ok=True)   # peft's blank model card
     weights = out / "adapter_model.safetensors"
     save_tensors(load_tensors(weights), weights)
+    if pack if pack is not None else name == LORA_WIDE_DIR:
+        pack_adapter(out)
+
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def pack_adapter(folder: Path) -> Path:
+    """Replaces a peft adapter folder's adapter_model.safetensors by adapter_model.safetensors.xz: the same
+    bytes, xz-compressed (bf16 factors shrink to ~70%: their exponent bytes repeat). Returns the file."""
+    import lzma
+    plain, packed = folder / ADAPTER_WEIGHTS, folder / (ADAPTER_WEIGHTS + ".xz")
+    tmp = packed.with_suffix(".tmp")
+    tmp.write_bytes(lzma.compress(plain.read_bytes(), preset=9))
+    tmp.replace(packed)
+    plain.unlink()
+    return packed
+
+
+def unpacked_adapter(folder: Path) -> Path:
+    """A peft adapter folder peft can read: `folder` itself, or, where its weights are packed
+    (pack_adapter), a copy unpacked once into the cache (cache_dir()/../adapters/<sha256 of the packed
+    file>/); the unpacked file is safetensors, read by peft as any adapter."""
+    import hashlib
+    import lzma
+    packed = folder / (ADAPTER_WEIGHTS + ".xz")
+    if (folder / ADAPTER_WEIGHTS).is_file() or not packed.is_file():
+        return folder
+    data = packed.read_bytes()
+    out = cache_dir().parent / "adapters" / hashlib.sha256(data).hexdigest()[:20]
+    if not (out / ADAPTER_WEIGHTS).is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(folder / "adapter_config.json", out / "adapter_config.json")
+        tmp = out / (ADAPTER_WEIGHTS + ".tmp")
+        tmp.write_bytes(lzma.decompress(data))
+        tmp.replace(out / ADAPTER_WEIGHTS)
+    return out
 
 
 def merge_lora_adapter(base, folder: Path) -> None:
@@ -307,7 +345,7 @@ def add_lora(base, resume_from: Path | None = None, spec: dict = LORA) -> list[t
     from peft import PeftModel, get_peft_model
     lm = base.model.language_model
     if resume_from is not None and (resume_from / "adapter_config.json").is_file():
-        base.model.language_model = PeftModel.from_pretrained(lm, str(resume_from), is_trainable=True)
+        base.model.language_model = PeftModel.from_pretrained(lm, str(unpacked_adapter(resume_from)), is_trainable=True)
     else:
         base.model.language_model = get_peft_model(lm, lora_config(spec))
     return [p for n, p in base.model.language_model.named_parameters() if "lora_" in n]
