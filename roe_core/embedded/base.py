@@ -57,8 +57,8 @@ PROJECTOR_FILE = "projector.safetensors"
 END_OF_ANSWER = "<|im_end|>"   # SmolLM2-Instruct's chat template closes each answer with it
 LORA_DIR = "lora"   # a peft adapter folder: adapter_config.json + adapter_model.safetensors
 # the widen stage (issue 35): a second, small LoRA trained on the wide data (reworded questions, restyled
-# images) on top of the merged finetune LoRA; merged after it at load, once the stage is done. Small, and
-# its weights stored xz-compressed (lossless; see packed_adapter), so that the base fits the 60 MB tree.
+# images) on top of the merged finetune LoRA; merged after it at load, once the stage is done. Small so that
+# the base fits the 60 MB tree (every shipped LoRA's weights are also stored xz-packed: pack_adapter).
 LORA_WIDE = dict(r=4, alpha=8, targets=LORA["targets"])
 LORA_WIDE_DIR = "lora_wide"
 STATE_FILE = "stages.json"
@@ -240,23 +240,23 @@ def build_base(stages: tuple[str, ...] | None = None, dtype: torch.dtype = torch
         base.model.multi_modal_projector.load_state_dict(
             {k: v.float() for k, v in load_file(str(ASSETS / PROJECTOR_FILE)).items()})
     if merge_lora and have("finetune") and (ASSETS / LORA_DIR / "adapter_config.json").is_file():
-        merge_lora_adapter(base, ASSETS / LORA_DIR)
+        merge_lora_adapter(base, unpacked_adapter(ASSETS / LORA_DIR))
     if have("widen") and "widen" in shipped_stages() and (ASSETS / LORA_WIDE_DIR / "adapter_config.json").is_file():
         merge_lora_adapter(base, unpacked_adapter(ASSETS / LORA_WIDE_DIR))   # additive: in any order
     return base.to(dtype).eval(), tok
 
 
-def save_lora(base, folder: Path | None = None, name: str = LORA_DIR, pack: bool | None = None) -> None:
+def save_lora(base, folder: Path | None = None, name: str = LORA_DIR, pack: bool = True) -> None:
     """Ships the decoder's peft LoRA into assets/embedded/<name>/ (or `folder`/<name>/) with its factors in
     bf16 (measured to change no val answer: assets/embedded/README.md); peft merges them in fp32 at load.
-    pack (default: the widen LoRA's folder): the weights xz-compressed (pack_adapter)."""
+    pack: the weights stored xz-compressed (pack_adapter; lossless), as every shipped LoRA is."""
     from ..runtime.weights import load_tensors, save_tensors
     out = (folder or ASSETS) / name
     base.model.language_model.save_pretrained(str(out))
     (out / "README.md").unlink(missing_ok=True)   # peft's blank model card
     weights = out / "adapter_model.safetensors"
     save_tensors(load_tensors(weights), weights)
-    if pack if pack is not None else name == LORA_WIDE_DIR:
+    if pack:
         pack_adapter(out)
 
 
