@@ -184,8 +184,6 @@ def stage_lm(stage: str, args) -> None:
     # (frozen), e.g. a new vision tower fitted to an already finetuned decoder, which finetune
     # --resume then trains on from that LoRA
     with_lora = stage == "align" and args.with_lora
-    # widen: a second, small LoRA (LORA_WIDE) on the wide data, on top of the merged finetune LoRA; the
-    # vision side stays as it is
     widen = stage == "widen"
     base, tok = build_base(("vision", "align", "finetune") if stage == "finetune" or with_lora or widen
                            else ("vision", "align"), merge_lora=with_lora or widen)
