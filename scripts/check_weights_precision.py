@@ -40,7 +40,7 @@ SYSTEMS = ("dense", "roe", "moe_llava", "evomoe")
 def convert(src: Path, dst: Path, lora: str, evomoe_routers: str, deltas: str) -> dict:
     sys.path.insert(0, str(REPO))
     import torch
-    from roe_core.runtime.weights import load_tensors, save_tensors, stored_dtypes
+    from roe_core.runtime.weights import load_tensors, save_tensors, stored_dtypes, weights_exist
 
     if dst.resolve() == src.resolve():
         raise SystemExit("convert: the destination must differ from the source")
@@ -49,8 +49,9 @@ def convert(src: Path, dst: Path, lora: str, evomoe_routers: str, deltas: str) -
     shutil.copytree(src, dst)
 
     def restore(path: Path, to_bf16, to_fp8) -> None:
-        """Re-stores one file: names matched by to_fp8 -> fp8, by to_bf16 -> bf16, others as stored."""
-        if not path.is_file():
+        """Re-stores one file (plain, or packed: runtime.weights): names matched by to_fp8 -> fp8, by
+        to_bf16 -> bf16, others as stored."""
+        if not weights_exist(path):
             return
         state = load_tensors(path)
         save_tensors(state, path, keep_fp32=lambda n: state[n].dtype == torch.float32 and not to_bf16(n) and not to_fp8(n),
@@ -61,9 +62,9 @@ def convert(src: Path, dst: Path, lora: str, evomoe_routers: str, deltas: str) -
     restore(dst / "moe_llava" / "moe.safetensors", lambda n: False, fp8)
     restore(dst / "evomoe" / "evomoe.safetensors", lambda n: evomoe_routers == "bf16" and ".router." in n, fp8)
     out = {}
-    for p in sorted(dst.rglob("*.safetensors")):
+    for p in sorted([*dst.rglob("*.safetensors"), *dst.rglob("*.safetensors.xz")]):
         kinds: dict[str, int] = {}
-        for dt in stored_dtypes(p).values():
+        for dt in stored_dtypes(p.with_name(p.name.removesuffix(".xz"))).values():
             kinds[dt] = kinds.get(dt, 0) + 1
         out[str(p.relative_to(dst))] = {"bytes": p.stat().st_size, "dtypes": kinds}
     print(json.dumps(out, indent=1))

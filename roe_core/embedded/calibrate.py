@@ -14,6 +14,7 @@ import json
 
 from ..analysis.evaluate import evaluate
 from ..systems import registry
+from ..runtime.weights import packed_path
 from .base import ASSETS, write_state
 from .fitting import log_row
 
@@ -157,7 +158,8 @@ def calibrate_guard(n: int = 240, wide_n: int = 240, quantiles=(0.9, 0.97, 0.99)
     if guard.tau is not None:
         guard.save(folder)
     else:                                   # no guard helps on val: ship none
-        (folder / "guard.safetensors").unlink(missing_ok=True)
+        for f in (folder / "guard.safetensors", packed_path(folder / "guard.safetensors")):
+            f.unlink(missing_ok=True)
     out = {"n": len(qs), "wide_n": wide_n, "fit_n": fit_n, "threshold": model.config.threshold, "rows": rows,
            "chosen": best}
     write_state("guard", **out)

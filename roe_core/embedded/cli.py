@@ -32,6 +32,7 @@ assets/embedded/logs/<stage>.jsonl):
     python -m roe_core.embedded familiarity             # when an image is unlike the scenes (a note on the answer)
     python -m roe_core.embedded eval     --n 200        # exact match on a split, dense route
     python -m roe_core.embedded skip-probe [--per-layer]    # what skipping layers costs
+    python -m roe_core.embedded pack                    # store the shipped weights xz-packed (lossless)
     (add --resume to continue a stage from its last checkpoint, or from the shipped weights)
 
 Code: data.py (pixel caches, targets, datasets), vision.py, stages.py (align, finetune), routing.py
@@ -96,6 +97,12 @@ def _skip_probe(args) -> None:
     print(json.dumps(layer_skip_probe() if args.per_layer else skip_probe(), indent=1))
 
 
+def _pack(args) -> None:
+    from .base import pack_assets
+    for name, before, after in pack_assets():
+        print(f"{name}: {before / 1e6:.2f} -> {after / 1e6:.2f} MB")
+
+
 def _eval(args) -> None:
     from .fitting import log_row
     from .stages import evaluate
@@ -111,7 +118,7 @@ COMMANDS = {"convert": _convert, "vision": _vision, "align": _lm, "finetune": _l
             "refine": _routing, "moe-llava": _routing, "evomoe-evolve": _routing, "evomoe-router": _routing,
             "static": _routing,
             "calibrate": _calibrate, "guard": _guard, "familiarity": _familiarity, "eval": _eval,
-            "skip-probe": _skip_probe}
+            "skip-probe": _skip_probe, "pack": _pack}
 
 
 def parser() -> argparse.ArgumentParser:

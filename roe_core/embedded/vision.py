@@ -14,10 +14,10 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ..runtime.loading import cpu_bf16_is_fast, train_autocast
+from ..runtime.weights import read_raw, weights_exist
 from ..train.loop import LoopConfig, fit
 from .base import (ASSETS, MAX_COUNT, RUNS, VISION_FILE, _save_half, vision_config, vision_spec, write_state,
                    write_vision_spec)
@@ -146,8 +146,8 @@ def stage_vision(args) -> None:
     model = VisionPretrainer()
     out = RUNS / "vision"
     start, from_shipped = resume_point(out, "vision") if args.resume else (0, False)
-    if from_shipped and (ASSETS / VISION_FILE).is_file():   # no checkpoint: the shipped tower, fresh heads
-        model.vit.load_state_dict({k: v.float() for k, v in load_file(str(ASSETS / VISION_FILE)).items()}, strict=False)
+    if from_shipped and weights_exist(ASSETS / VISION_FILE):   # no checkpoint: the shipped tower, fresh heads
+        model.vit.load_state_dict({k: v.float() for k, v in read_raw(ASSETS / VISION_FILE).items()}, strict=False)
     cfg = VisionConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr or 1e-3, seed=args.seed,
                        save_every=args.save_every, log_every=args.log_every, bf16=cpu_bf16_is_fast())
     curve = CurveMirror("vision", out, args.resume)

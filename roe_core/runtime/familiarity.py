@@ -26,7 +26,7 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
-from .weights import load_tensors, save_tensors
+from .weights import load_tensors, save_tensors, weights_exist
 
 FILE = "familiarity.safetensors"
 META = "familiarity.json"
@@ -120,7 +120,7 @@ class Familiarity:
     @classmethod
     def load(cls, folder: str | Path | None) -> "Familiarity | None":
         """The statistics in folder/familiarity.safetensors, or None when there are none."""
-        if folder is None or not (Path(folder) / FILE).is_file():
+        if folder is None or not weights_exist(Path(folder) / FILE):
             return None
         folder = Path(folder)
         meta = json.loads((folder / META).read_text()) if (folder / META).is_file() else {}

@@ -15,19 +15,29 @@
 load_tensors returns a plain safetensors file's tensors unchanged (in their stored dtypes), and fp8
 entries dequantised (q * scale in fp32, then bf16) under their own names; the scale entries are consumed.
 Loaders copy the result into their parameters (load_state_dict casts to the parameters' dtype).
+
+Shipped files may be stored packed: `pack_file(path)` replaces `x.safetensors` by `x.safetensors.xz`, the
+same bytes xz-compressed (bf16 weights shrink to ~70%: their sign and exponent bytes repeat). Every reader
+here takes the plain name and reads whichever of the two exists (`stored(path)`, `weights_exist(path)`):
+the packed bytes are decompressed in memory and parsed by safetensors (`safetensors.torch.load`), never
+unpickled.
 """
 from __future__ import annotations
 
+import json
+import lzma
+import struct
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes, load_file, save_file
 from torch import Tensor
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0                 # torch.finfo(torch.float8_e4m3fn).max
 SCALE_SUFFIX = ".fp8_scale"
+PACKED_SUFFIX = ".xz"           # pack_file: the same safetensors bytes, xz-compressed
 
 
 def _never(name: str) -> bool:
@@ -70,11 +80,66 @@ def save_tensors(tensors: dict[str, Tensor], path: str | Path, keep_fp32: Callab
     tmp = path.with_name(path.name + ".tmp")
     save_file(out, str(tmp))
     tmp.replace(path)
+    packed_path(path).unlink(missing_ok=True)     # a packed copy of the old tensors (pack_file) is stale now
+
+
+def packed_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + PACKED_SUFFIX)
+
+
+def stored(path: str | Path) -> Path:
+    """The file that holds `path`'s tensors: `path` itself, or its packed twin (`<path>.xz`) where only that
+    exists (`path` again when neither does, for the caller's error message)."""
+    path = Path(path)
+    return packed_path(path) if not path.is_file() and packed_path(path).is_file() else path
+
+
+def weights_exist(path: str | Path) -> bool:
+    """Whether `path` or its packed twin exists."""
+    return stored(path).is_file()
+
+
+def pack_file(path: str | Path) -> Path:
+    """Replaces the safetensors file `path` by `<path>.xz` (lossless: xz of the same bytes). Returns it."""
+    path = Path(path)
+    packed = packed_path(path)
+    tmp = packed.with_name(packed.name + ".tmp")
+    tmp.write_bytes(lzma.compress(path.read_bytes(), preset=9))
+    tmp.replace(packed)
+    path.unlink()
+    return packed
+
+
+def read_raw(path: str | Path) -> dict[str, Tensor]:
+    """A safetensors file's tensors as stored (safetensors' load_file), from `path` or its packed twin."""
+    f = stored(path)
+    if f.name.endswith(PACKED_SUFFIX):
+        return load_bytes(lzma.decompress(f.read_bytes()))
+    return load_file(str(f))
+
+
+def _packed_header(f: Path) -> dict:
+    """The JSON header of a packed safetensors file (8 bytes of little-endian length, then the JSON)."""
+    data = lzma.decompress(f.read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8:8 + n])
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file's header (from `path` or its packed twin), {} when none."""
+    f = stored(path)
+    if f.name.endswith(PACKED_SUFFIX):
+        return _packed_header(f).get("__metadata__") or {}
+    from safetensors import safe_open
+    with safe_open(str(f), framework="pt") as h:
+        return h.metadata() or {}
 
 
 def load_tensors(path: str | Path) -> dict[str, Tensor]:
-    """The tensors of a safetensors file as stored, fp8 entries dequantised to bf16 (their scales consumed)."""
-    raw = load_file(str(path))
+    """The tensors of a safetensors file (or its packed twin) as stored, fp8 entries dequantised to bf16
+    (their scales consumed)."""
+    raw = read_raw(path)
     out = {}
     for name, t in raw.items():
         if name.endswith(SCALE_SUFFIX) and raw.get(name[: -len(SCALE_SUFFIX)], t).dtype == FP8:
@@ -89,7 +154,11 @@ def load_tensors(path: str | Path) -> dict[str, Tensor]:
 
 
 def stored_dtypes(path: str | Path) -> dict[str, str]:
-    """{name: safetensors dtype as stored ("F32", "BF16", "F8_E4M3", ...)} of a file, scales included."""
+    """{name: safetensors dtype as stored ("F32", "BF16", "F8_E4M3", ...)} of a file (or its packed twin),
+    scales included."""
+    f = stored(path)
+    if f.name.endswith(PACKED_SUFFIX):
+        return {k: v["dtype"] for k, v in _packed_header(f).items() if k != "__metadata__"}
     from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    with safe_open(str(f), framework="pt") as h:
+        return {k: h.get_slice(k).get_dtype() for k in h.keys()}

@@ -31,7 +31,7 @@ from ..runtime.conversation import Batch
 from ..runtime.decoder import DecoderInputs, OverBase, RoutedKVCache, additive_mask, causal_layout, parts_config
 from ..runtime.engine import DecodeEngine, LayerProgram, Prefilled
 from ..runtime.generation import Timing, greedy
-from ..runtime.weights import load_tensors, save_tensors
+from ..runtime.weights import load_tensors, save_tensors, weights_exist
 from .dispatch import GroupedExperts, dispatch, grouped_dispatch, set_sync_free  # noqa: F401  (re-exported)
 from .pipeline import LoadedBase, ParamCounts, Pipeline, numel
 
@@ -436,7 +436,7 @@ class MoELlavaModel(OverBase):
                              f"not {expected_base!r}")
         model = cls(base, config)
         weights = Path(folder, config.WEIGHTS)
-        if not weights.is_file():
+        if not weights_exist(weights):
             raise FileNotFoundError(f"no {config.WEIGHTS} in {folder!s}")
         state = load_tensors(weights)
         expected = model.moe_state_dict()

@@ -40,7 +40,7 @@ from ..runtime.conversation import Batch, InputError
 from ..runtime.decoder import DecoderInputs, OverBase, RoutedKVCache, additive_mask, embed_inputs, parts_config
 from ..runtime.engine import DecodeEngine, LayerProgram, Prefilled
 from ..runtime.generation import Timing, greedy
-from ..runtime.weights import load_tensors, save_tensors
+from ..runtime.weights import load_tensors, save_tensors, weights_exist
 from .route_guard import RouteGuard
 from .trace import LayerRoute
 from .pipeline import Answer, History, LoadedBase, ParamCounts, Pipeline, numel
@@ -159,7 +159,7 @@ class RoEModel(OverBase):
         config = RoEConfig.load(folder)
         model = cls(base, config)
         weights = Path(folder, WEIGHTS_NAME)
-        if not weights.is_file():
+        if not weights_exist(weights):
             raise FileNotFoundError(f"no {WEIGHTS_NAME} in {folder!s}")
         state = load_tensors(weights)
         expected = set(model.roe_state_dict())

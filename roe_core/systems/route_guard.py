@@ -17,8 +17,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
+
+from ..runtime.weights import packed_path, read_metadata, read_raw, weights_exist
 
 GUARD_NAME = "guard.safetensors"
 
@@ -80,15 +82,14 @@ class RouteGuard:
         save_file({"mean": self.mean.cpu().contiguous(), "var": self.var.cpu().contiguous(),
                    "train_dist": self.train_dist.cpu().contiguous()},
                   str(Path(folder, GUARD_NAME)), metadata={"tau": json.dumps(self.tau)})
+        packed_path(Path(folder, GUARD_NAME)).unlink(missing_ok=True)    # a packed copy of an older guard: stale
 
     @classmethod
     def load(cls, folder: str | Path) -> "RouteGuard | None":
         """The folder's guard, or None when it has none."""
         path = Path(folder, GUARD_NAME)
-        if not path.is_file():
+        if not weights_exist(path):
             return None
-        from safetensors import safe_open
-        with safe_open(str(path), "pt") as f:
-            tau = json.loads((f.metadata() or {}).get("tau", "null"))
-        t = load_file(str(path))
+        tau = json.loads(read_metadata(path).get("tau", "null"))
+        t = read_raw(path)
         return cls(t["mean"], t["var"], t["train_dist"], tau)

@@ -20,13 +20,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..runtime.conversation import Batch
 from ..runtime.decoder import DecoderInputs, OverBase, RoutedKVCache, additive_mask, causal_layout, parts_config
 from ..runtime.engine import DecodeEngine, LayerProgram, Prefilled
 from ..runtime.generation import Timing, greedy
+from ..runtime.weights import packed_path, read_raw, weights_exist
 from .trace import LayerRoute
 from .pipeline import LoadedBase, ParamCounts, Pipeline, numel
 from .roe import SkipAdapter
@@ -169,14 +170,15 @@ class StaticModel(OverBase):
         self.config.save(folder)
         save_file({k: v.detach().to(torch.bfloat16).contiguous().cpu() for k, v in self.static_state_dict().items()},
                   str(folder / WEIGHTS_NAME))
+        packed_path(folder / WEIGHTS_NAME).unlink(missing_ok=True)    # a packed copy of older weights: stale
 
     @classmethod
     def from_static_folder(cls, base: nn.Module, folder: str | Path) -> "StaticModel":
         model = cls(base, StaticConfig.load(folder))
         weights = Path(folder, WEIGHTS_NAME)
-        if not weights.is_file():
+        if not weights_exist(weights):
             raise FileNotFoundError(f"no {WEIGHTS_NAME} in {folder!s}")
-        state = load_file(str(weights))
+        state = read_raw(weights)
         expected = set(model.static_state_dict())
         if set(state) != expected:
             raise ValueError(f"{weights} does not match its config: missing {sorted(expected - set(state))[:5]}, "
