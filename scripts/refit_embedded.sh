@@ -17,15 +17,49 @@
 # parts, as before), the fixed path 300 x 8, MoE-LLaVA 450 x 8, EvoMoE 225 + 225 x 8. Then RoE's threshold
 # and route guard are chosen again on val. The familiarity check reads only the vision tower, which the
 # widen stage leaves as it is.
+#
+# What a finished step made is committed between sessions (running processes end when a session does):
+#
+#     scripts/refit_embedded.sh --save ASSETS_COPY RUNS_FOLDER
+#
+# packs the copy's weights (python -m roe_core.embedded pack) and copies what the finished steps made into
+# resume/embedded/refit/ (their parts folders, stages.json, the curves, refit_done.txt; EvoMoE's evolve
+# checkpoint while its router step has not run). A copy made afresh from resume/embedded/ starts from them.
+# A step not finished restarts from its own checkpoint in RUNS_FOLDER when that is there, else from step 0.
 set -euo pipefail
-A=${1:?usage: scripts/refit_embedded.sh ASSETS_COPY RUNS_FOLDER}
-R=${2:?usage: scripts/refit_embedded.sh ASSETS_COPY RUNS_FOLDER}
+SAVE=0
+if [ "${1:-}" = "--save" ]; then SAVE=1; shift; fi
+A=${1:?usage: scripts/refit_embedded.sh [--save] ASSETS_COPY RUNS_FOLDER}
+R=${2:?usage: scripts/refit_embedded.sh [--save] ASSETS_COPY RUNS_FOLDER}
 PY=${PY:-.venv/bin/python}
+S=resume/embedded/refit
 export ROE_EMBEDDED_ASSETS=$A ROE_EMBEDDED_RUNS=$R
 DONE=$A/refit_done.txt
 DATA=(--wide-data --n-roe-data 3000 --save-every 25 --log-every 5)
 
+if [ "$SAVE" = 1 ]; then
+  [ -f "$A/refit_done.txt" ] || { echo "no $A/refit_done.txt: nothing refit yet" >&2; exit 2; }
+  ROE_EMBEDDED_ASSETS=$A $PY -m roe_core.embedded pack
+  rm -rf "$S"; mkdir -p "$S"
+  cp "$A/stages.json" "$A/refit_done.txt" "$S/"
+  cp -r "$A/logs" "$S/logs"
+  done_() { grep -qx "$1" "$A/refit_done.txt"; }
+  if done_ refine; then cp -r "$A/roe" "$S/roe"; fi
+  if done_ static; then cp -r "$A/static" "$S/static"; fi
+  if done_ moe_llava; then cp -r "$A/moe_llava" "$S/moe_llava"; fi
+  if done_ evomoe_router; then cp -r "$A/evomoe" "$S/evomoe"
+  elif done_ evomoe_evolve; then
+    mkdir -p "$S/runs/evomoe/evolve"
+    cp "$R/evomoe/evolve/evomoe_config.json" "$R/evomoe/evolve/evomoe.safetensors" "$S/runs/evomoe/evolve/"
+    ROE_EMBEDDED_ASSETS=$S/runs $PY -m roe_core.embedded pack
+  fi
+  echo "== saved into $S: $(tr '\n' ' ' < "$A/refit_done.txt")($(du -sh "$S" | cut -f1))"
+  exit 0
+fi
+
+FRESH=0
 if [ ! -d "$A" ]; then
+  FRESH=1
   [ -d resume/embedded ] || { echo "no $A and no resume/embedded/ to make it from" >&2; exit 2; }
   cp -r assets/embedded "$A"
   $PY - "$A" <<'EOF'
@@ -55,6 +89,11 @@ EOF
   # route (30 of 30 layers), calibrate included; the guard step fits it again
   rm -f "$A"/roe/guard.safetensors "$A"/roe/guard.safetensors.xz
   touch "$DONE"
+fi
+if [ "$FRESH" = 1 ] && [ -d "$S" ]; then     # the steps finished in an earlier session (--save)
+  cp -r "$S/." "$A/"
+  if [ -d "$A/runs" ]; then mkdir -p "$R"; cp -r "$A/runs/." "$R/"; rm -rf "$A/runs"; fi
+  echo "$A: the refit steps saved in $S: $(tr '\n' ' ' < "$DONE")"
 fi
 
 step() {

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..runtime.loading import cpu_bf16_is_fast
+from ..runtime.weights import weights_exist
 from ..systems import registry
 from .base import ASSETS, LOGS, LORA_DIR, RUNS, TRAINED_ON, add_lora, build_base, make_encoder, save_lora, write_state
 from .calibrate import evaluate_routes
@@ -191,7 +192,7 @@ def stage_evomoe(stage: str, args) -> None:
                                   dense_base="assets/embedded (vision, align, finetune)")
     else:
         src = RUNS / folder / "evolve"
-        if not (src / registry.get("evomoe").config_class().WEIGHTS).is_file():
+        if not weights_exist(src / registry.get("evomoe").config_class().WEIGHTS):
             raise FileNotFoundError(f"no evolve-stage checkpoint in {src}: run `evomoe-evolve` first")
         model = EvoMoEModel.from_moe_folder(base, src)     # experts frozen from here: deltas merged
     cfg = EvoTrainConfig(stage=which, steps=args.steps, batch_size=args.batch_size,

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..runtime.conversation import ConversationEncoder
+from ..runtime.weights import load_tensors
 from ..systems.static import METRICS, WEIGHTS_NAME, StaticModel, layer_scores, lowest, static_lm_loss
 from .loop import (LlavaJsonDataset, LoopConfig, TrainableParts, add_config_args, config_from_args, fit, make_collate,
                    train_device)
@@ -73,7 +74,7 @@ def init_from_roe(model: StaticModel, roe_folder: str | Path) -> list[int]:
     roe_cfg = json.loads(Path(roe_folder, ROE_CONFIG).read_text())
     if roe_cfg["adapter_rank"] != model.config.adapter_rank:
         raise ValueError(f"RoE's adapters have rank {roe_cfg['adapter_rank']}, these {model.config.adapter_rank}")
-    state = load_file(str(Path(roe_folder, ROE_WEIGHTS)))
+    state = load_tensors(Path(roe_folder, ROE_WEIGHTS))          # plain or packed (runtime.weights)
     done = []
     for i in model.config.skipped:
         own = {k.split(".", 2)[2]: v for k, v in state.items() if k.startswith(f"adapters.{i}.")}
