@@ -26,11 +26,18 @@
 # resume/embedded/refit/ (their parts folders, stages.json, the curves, refit_done.txt; EvoMoE's evolve
 # checkpoint while its router step has not run). A copy made afresh from resume/embedded/ starts from them.
 # A step not finished restarts from its own checkpoint in RUNS_FOLDER when that is there, else from step 0.
+#
+# When every step is done, the new base and every system on it ship together (the old parts leave):
+#
+#     scripts/refit_embedded.sh --ship ASSETS_COPY RUNS_FOLDER
+#
+# packs the copy and makes assets/embedded/ what it holds (refit_done.txt aside), and removes resume/embedded/.
 set -euo pipefail
-SAVE=0
+SAVE=0; SHIP=0
 if [ "${1:-}" = "--save" ]; then SAVE=1; shift; fi
-A=${1:?usage: scripts/refit_embedded.sh [--save] ASSETS_COPY RUNS_FOLDER}
-R=${2:?usage: scripts/refit_embedded.sh [--save] ASSETS_COPY RUNS_FOLDER}
+if [ "${1:-}" = "--ship" ]; then SHIP=1; shift; fi
+A=${1:?usage: scripts/refit_embedded.sh [--save|--ship] ASSETS_COPY RUNS_FOLDER}
+R=${2:?usage: scripts/refit_embedded.sh [--save|--ship] ASSETS_COPY RUNS_FOLDER}
 PY=${PY:-.venv/bin/python}
 S=resume/embedded/refit
 export ROE_EMBEDDED_ASSETS=$A ROE_EMBEDDED_RUNS=$R
@@ -54,6 +61,17 @@ if [ "$SAVE" = 1 ]; then
     ROE_EMBEDDED_ASSETS=$S/runs $PY -m roe_core.embedded pack
   fi
   echo "== saved into $S: $(tr '\n' ' ' < "$A/refit_done.txt")($(du -sh "$S" | cut -f1))"
+  exit 0
+fi
+
+STEPS="refine calibrate guard static moe_llava evomoe_evolve evomoe_router"
+if [ "$SHIP" = 1 ]; then
+  for s in $STEPS; do grep -qx "$s" "$A/refit_done.txt" || { echo "$s is not done in $A: nothing ships" >&2; exit 2; }; done
+  ROE_EMBEDDED_ASSETS=$A $PY -m roe_core.embedded pack
+  rm -rf assets/embedded.new && cp -r "$A" assets/embedded.new && rm -f assets/embedded.new/refit_done.txt
+  rm -rf assets/embedded && mv assets/embedded.new assets/embedded
+  rm -rf resume/embedded
+  echo "== assets/embedded is the refit base and its systems; resume/embedded/ removed (commit both)"
   exit 0
 fi
 
