@@ -60,6 +60,35 @@ if [ "$SAVE" = 1 ]; then
     cp "$R/evomoe/evolve/evomoe_config.json" "$R/evomoe/evolve/evomoe.safetensors" "$S/runs/evomoe/evolve/"
     ROE_EMBEDDED_ASSETS=$S/runs $PY -m roe_core.embedded pack
   fi
+  # the step that was running: its checkpoint's weights in bf16 (packed), its curve and where it stood;
+  # AdamW's moments are not kept (it restarts from them, at that step of the schedule)
+  for s in $STEPS; do
+    done_ "$s" && continue
+    run=$(case $s in static) echo static;; moe_llava) echo moe_llava;; evomoe_evolve) echo evomoe/evolve;;
+                     evomoe_router) echo evomoe/router;; refine) echo refine;; esac)
+    if [ -n "$run" ] && [ -f "$R/$run/trainer_state.json" ]; then
+      $PY - "$R/$run" "$S/runs/$run" <<'EOF'
+import json, shutil, sys
+from pathlib import Path
+from safetensors.torch import save_file
+from roe_core.runtime.weights import load_tensors, pack_file, save_tensors
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+dst.mkdir(parents=True, exist_ok=True)
+for f in src.iterdir():
+    if f.suffix in (".json", ".jsonl") and f.name != "trainer_state.json":
+        shutil.copy(f, dst / f.name)
+    elif f.name.endswith(".safetensors") and not f.name.startswith("optimizer"):
+        save_tensors(load_tensors(f), dst / f.name)          # bf16
+        pack_file(dst / f.name)
+state = json.loads((src / "trainer_state.json").read_text())
+state.update(optimizer="optimizer.safetensors", **{"from": "resume/embedded/refit: the weights in bf16, AdamW afresh"})
+(dst / "trainer_state.json").write_text(json.dumps(state, indent=1))
+save_file({}, str(dst / "optimizer.safetensors"), metadata={"steps": "{}"})
+print(f"{src} at step {state['step']} -> {dst}")
+EOF
+    fi
+    break
+  done
   echo "== saved into $S: $(tr '\n' ' ' < "$A/refit_done.txt")($(du -sh "$S" | cut -f1))"
   exit 0
 fi
@@ -110,7 +139,12 @@ EOF
 fi
 if [ "$FRESH" = 1 ] && [ -d "$S" ]; then     # the steps finished in an earlier session (--save)
   cp -r "$S/." "$A/"
-  if [ -d "$A/runs" ]; then mkdir -p "$R"; cp -r "$A/runs/." "$R/"; rm -rf "$A/runs"; fi
+  if [ -d "$A/runs" ]; then        # saved checkpoints, where RUNS has none of its own
+    for d in $(cd "$A/runs" && find . -name '*.json' -printf '%h\n' | sort -u); do
+      [ -f "$R/$d/trainer_state.json" ] || [ -f "$R/$d/evomoe_config.json" ] || { mkdir -p "$R/$d"; cp -r "$A/runs/$d/." "$R/$d/"; }
+    done
+    rm -rf "$A/runs"
+  fi
   echo "$A: the refit steps saved in $S: $(tr '\n' ' ' < "$DONE")"
 fi
 

@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..runtime.conversation import ConversationEncoder
+from ..runtime.weights import load_tensors
 from ..systems.roe import RoEModel, layout_batch
 from .loop import (LlavaJsonDataset, LoopConfig, add_config_args, config_from_args, fit, layer_modules,
                    named_params, train_device)
@@ -228,7 +228,7 @@ class RoEObjective:
         model.save_roe(out)
 
     def load_parts(self, model: RoEModel, out: Path) -> None:
-        model.load_state_dict(load_file(str(out / "roe.safetensors")), strict=False)
+        model.load_state_dict(load_tensors(out / "roe.safetensors"), strict=False)    # plain or packed
 
     def part_names(self, model: RoEModel) -> list[str]:
         return list(model.roe_state_dict())

@@ -15,7 +15,6 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -47,7 +46,7 @@ class StaticObjective(TrainableParts):
         model.save_static(out)
 
     def load_parts(self, model: StaticModel, out: Path) -> None:
-        model.load_state_dict(load_file(str(out / WEIGHTS_NAME)), strict=False)
+        model.load_state_dict(load_tensors(out / WEIGHTS_NAME), strict=False)    # plain or packed
 
     def part_names(self, model: StaticModel) -> list[str]:
         return list(model.static_state_dict())
