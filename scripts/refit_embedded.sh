@@ -43,6 +43,7 @@ S=resume/embedded/refit
 export ROE_EMBEDDED_ASSETS=$A ROE_EMBEDDED_RUNS=$R
 DONE=$A/refit_done.txt
 DATA=(--wide-data --n-roe-data 3000 --save-every 25 --log-every 5)
+STEPS="refine calibrate guard static moe_llava evomoe_evolve evomoe_router"
 
 if [ "$SAVE" = 1 ]; then
   [ -f "$A/refit_done.txt" ] || { echo "no $A/refit_done.txt: nothing refit yet" >&2; exit 2; }
@@ -93,7 +94,6 @@ EOF
   exit 0
 fi
 
-STEPS="refine calibrate guard static moe_llava evomoe_evolve evomoe_router"
 if [ "$SHIP" = 1 ]; then
   for s in $STEPS; do grep -qx "$s" "$A/refit_done.txt" || { echo "$s is not done in $A: nothing ships" >&2; exit 2; }; done
   ROE_EMBEDDED_ASSETS=$A $PY -m roe_core.embedded pack
