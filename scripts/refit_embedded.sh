@@ -97,6 +97,15 @@ fi
 if [ "$SHIP" = 1 ]; then
   for s in $STEPS; do grep -qx "$s" "$A/refit_done.txt" || { echo "$s is not done in $A: nothing ships" >&2; exit 2; }; done
   ROE_EMBEDDED_ASSETS=$A $PY -m roe_core.embedded pack
+  $PY - "$A/stages.json" <<'EOF'
+import json, sys
+p = sys.argv[1]
+state = json.load(open(p))
+for stage in ("calibrate", "guard"):        # an earlier reset gave these (no steps) a step count: not theirs
+    for k in ("step", "target_steps", "done"):
+        state.get(stage, {}).pop(k, None)
+json.dump(state, open(p, "w"), indent=1)
+EOF
   rm -rf assets/embedded.new && cp -r "$A" assets/embedded.new && rm -f assets/embedded.new/refit_done.txt
   rm -rf assets/embedded && mv assets/embedded.new assets/embedded
   rm -rf resume/embedded
@@ -127,9 +136,11 @@ if [ ! -f "$DONE" ]; then
 import json, sys
 p = sys.argv[1]
 state = json.load(open(p))
-for stage in ("refine", "static", "moe_llava", "evomoe_evolve", "evomoe_router", "calibrate", "guard"):
+for stage in ("refine", "static", "moe_llava", "evomoe_evolve", "evomoe_router"):
     state[stage] = {"step": 0, "target_steps": state.get(stage, {}).get("target_steps", 0), "done": False,
                     "refit": "on the new dense base: scripts/refit_embedded.sh"}
+for stage in ("calibrate", "guard"):        # no steps: chosen on val
+    state[stage] = {"refit": "on the new dense base: scripts/refit_embedded.sh"}
 json.dump(state, open(p, "w"), indent=1)
 EOF
   # the route guard's statistics describe the old base's router inputs: on the new one it would stop every
