@@ -31,7 +31,8 @@
 #
 #     scripts/refit_embedded.sh --ship ASSETS_COPY RUNS_FOLDER
 #
-# packs the copy and makes assets/embedded/ what it holds (refit_done.txt aside), and removes resume/embedded/.
+# packs the copy and makes assets/embedded/ what it holds (refit_done.txt aside; the model card, README.md,
+# stays the repository's), and removes resume/embedded/.
 set -euo pipefail
 SAVE=0; SHIP=0
 if [ "${1:-}" = "--save" ]; then SAVE=1; shift; fi
@@ -107,6 +108,7 @@ for stage in ("calibrate", "guard"):        # an earlier reset gave these (no st
 json.dump(state, open(p, "w"), indent=1)
 EOF
   rm -rf assets/embedded.new && cp -r "$A" assets/embedded.new && rm -f assets/embedded.new/refit_done.txt
+  cp assets/embedded/README.md assets/embedded.new/README.md     # the model card is kept in the repository
   rm -rf assets/embedded && mv assets/embedded.new assets/embedded
   rm -rf resume/embedded
   echo "== assets/embedded is the refit base and its systems; resume/embedded/ removed (commit both)"
