@@ -23,7 +23,7 @@ from . import figures as F
 from . import texts as T
 from .api import ApiHandlers, api_components, only_mcp_tools
 from .background import AppContext
-from .examples import load_examples
+from .examples import load_examples, opening_example
 from .handlers_chat import ChatHandlers
 from .handlers_compare import CompareHandlers
 from .handlers_explore import ExploreHandlers
@@ -89,7 +89,7 @@ def build_demo(pipe: Pipeline, max_new_tokens: int = 48, speed_repeats: int = 3,
 # ---- the tabs, each returning its components by name --------------------------------------------------
 
 def chat_tab(ctx: AppContext, examples: list[dict]) -> dict:
-    first = next((e for e in examples if e["qtype"] == "count"), examples[0] if examples else None)
+    first = opening_example(examples)
     c = {}
     with gr.Row(equal_height=False):
         with gr.Column(scale=5, min_width=330):

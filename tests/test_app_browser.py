@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 
 import app  # noqa: F401  (environment before gradio)
-from app.examples import load_examples
+from app.examples import OPENING_KIND, load_examples
 from roe_core import RoEPipeline
 
 CHROMIUM = "/usr/bin/chromium"
 REPO = Path(__file__).resolve().parent.parent
-IMAGE = REPO / "assets" / "examples" / "3-count.png"
+OPENING = next(e for e in load_examples() if e["qtype"] == OPENING_KIND)   # the first screen's example
+IMAGE = Path(OPENING["image"])
 SCREENSHOT = Path(os.environ.get("ROE_SCREENSHOT") or REPO / "tests" / "artifacts" / "screenshot.png")
 SCREEN = {"width": 1280, "height": 800}      # a laptop: the Chat tab's first screen must hold the demo
 
@@ -61,8 +62,7 @@ def page(url):
 
 
 def test_the_page_opens_with_an_example_ready_and_no_server_path(page):
-    example = next(e for e in load_examples() if e["qtype"] == "count")
-    assert page.locator("#question textarea").input_value() == example["question"]
+    assert page.locator("#question textarea").input_value() == OPENING["question"]
     page.locator("#image img").first.wait_for()                           # the picture is there
     assert "example is loaded" in page.locator("#status").inner_text()
     header = page.locator("#header").inner_text()
@@ -84,16 +84,18 @@ def test_upload_ask_and_see_the_route(page):
     page.locator("#image input[type=file]").set_input_files(str(IMAGE))
     page.locator("#status").get_by_text(f"New conversation about {IMAGE.name}").wait_for()
 
-    page.locator("#question textarea").fill("How many blue objects are there?")
+    page.locator("#question textarea").fill(OPENING["question"])
     page.locator("#ask").click()
 
     # the answer, then the four figures of this turn (their titles are drawn once data arrives)
-    page.locator("#chat").get_by_text("How many blue objects are there?").wait_for()
+    page.locator("#chat").get_by_text(OPENING["question"]).wait_for()
     for plot, title in (("#l1-plot", "Fig. 1"), ("#route-plot", "Expert path"),
                         ("#usage-plot", "Adapter usage"), ("#speed-plot", "Speed")):
         page.locator(plot).locator(".gtitle").filter(has_text=title).wait_for()
     page.locator("#speed-summary").get_by_text("the speed of every layer").wait_for()
     assert page.locator("#chat .message").count() >= 2
+    if os.environ.get("ROE_APP_TEST_MODEL") == "embedded":   # the screenshot shows a right answer
+        page.locator("#chat").get_by_text(OPENING["answer"]).first.wait_for(timeout=5_000)
     assert page.locator("#status").inner_text().strip() == ""
 
     # the first screen holds the demo: the picture, the conversation, the route strip, Fig. 1, the speedup
