@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 
 import app  # noqa: F401  (environment before gradio)
-from app.examples import OPENING_KIND, load_examples
+from app.examples import load_examples, opening_example
 from roe_core import RoEPipeline
 
 CHROMIUM = "/usr/bin/chromium"
 REPO = Path(__file__).resolve().parent.parent
-OPENING = next(e for e in load_examples() if e["qtype"] == OPENING_KIND)   # the first screen's example
+OPENING = opening_example(load_examples())   # the example the page opens with
 IMAGE = Path(OPENING["image"])
 SCREENSHOT = Path(os.environ.get("ROE_SCREENSHOT") or REPO / "tests" / "artifacts" / "screenshot.png")
 SCREEN = {"width": 1280, "height": 800}      # a laptop: the Chat tab's first screen must hold the demo
